@@ -1,0 +1,178 @@
+"""mlc_spec compile: checkpoints -> a model library folder, written atomically.
+
+Stages, each announced through `log`: load, convert, lower, build, write. The folder is assembled in a
+hidden temporary sibling and renamed into place only when complete, so a failed or interrupted compile
+leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+from safetensors.numpy import save_file
+
+from .checkpoint import Checkpoint, convert_weights, load_checkpoint
+from .config import CompileError, ModelConfig
+from .model import CausalLM
+from .pipeline import pipeline_for
+from .targets import resolve_target
+from .tokenizer import check_same_tokenizer, special_tokens
+
+CONFIG_FILE = "mlc_spec_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_seq_len: int = 2048
+    page_size: int = 16
+    prefill_chunk_size: int = 512
+    cuda_arch: str = "sm_90"
+
+
+def compile_artifact(target: str | Path, draft: str | Path | None = None, output: str | Path | None = None,
+                     options: CompileOptions | None = None, log: Callable[[str], None] = print) -> Path:
+    opts = options or CompileOptions()
+    _check_options(opts)
+    tvm_target = resolve_target(opts.device, opts.cuda_arch)
+    log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
+    checkpoints = {"target": load_checkpoint(target)}
+    if draft is not None:
+        checkpoints["draft"] = load_checkpoint(draft)
+    configs = {role: ck.config for role, ck in checkpoints.items()}
+    vocab = configs["target"].vocab_size
+    if draft is not None:
+        check_same_tokenizer(checkpoints["target"], checkpoints["draft"])
+    out = Path(output) if output else Path("dist") / _default_name(target, draft, opts)
+    staging = _staging_dir(out)
+    try:
+        models = {role: _build_model(role, checkpoints[role], configs[role], vocab, tvm_target, opts, staging, log)
+                  for role in checkpoints}
+        log(f"write: {out}")
+        _write_config(staging, checkpoints["target"], configs, models, tvm_target, opts, draft is not None)
+        (staging / "tokenizer.json").write_text(checkpoints["target"].tokenizer_json)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _check_options(opts: CompileOptions) -> None:
+    if opts.dtype not in ("float32", "float16"):
+        raise CompileError(f"unsupported dtype {opts.dtype!r}; choose float32 or float16")
+    if opts.page_size not in (8, 16, 32, 64):
+        raise CompileError(f"page size {opts.page_size} is not supported; choose 8, 16, 32 or 64")
+    if opts.max_seq_len < opts.page_size:
+        raise CompileError(f"max_seq_len {opts.max_seq_len} is smaller than one page ({opts.page_size}); raise it")
+
+
+def _default_name(target: str | Path, draft: str | Path | None, opts: CompileOptions) -> str:
+    stem = lambda p: Path(p).name.removesuffix(".gguf")  # noqa: E731
+    name = stem(target) + (f"+{stem(draft)}" if draft else "")
+    return f"{name}-{opts.dtype}-{opts.device}"
+
+
+def _staging_dir(out: Path) -> Path:
+    parent = out.parent.resolve()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as err:
+        raise CompileError(f"cannot write to {parent} ({err.strerror}); choose a writable --output") from None
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished folder into place; an older artifact of that name is swapped out only then."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
+                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> dict:
+    log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) to {opts.dtype}")
+    params = convert_weights(cfg, ck.tensors, opts.dtype, output_vocab_size)
+    log(f"lower: {role} for {target.kind.name}")
+    model = CausalLM(cfg, target, output_vocab_size)
+    model.to(opts.dtype)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    param_names = [name for name, _ in named_params]
+    _check_shapes(params, named_params, role)
+    log(f"build: {role} library (TVM {tvm.__version__})")
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    library = f"{role}-{opts.device}.so"
+    executable.export_library(str(staging / library))
+    build_seconds = time.perf_counter() - start
+    save_file(params, str(staging / f"{role}.safetensors"))
+    return {
+        "library": library,
+        "params": f"{role}.safetensors",
+        "param_names": param_names,
+        "config": cfg.to_json(),
+        "output_vocab_size": output_vocab_size,
+        "source": ck.source,
+        "build_seconds": round(build_seconds, 1),
+        "param_bytes": int(sum(p.nbytes for p in params.values())),
+    }
+
+
+def _check_shapes(params: dict[str, np.ndarray], named_params, role: str) -> None:
+    for name, param in named_params:
+        want = tuple(int(s) for s in param.shape)
+        if name not in params or params[name].shape != want:
+            got = params[name].shape if name in params else "missing"
+            raise CompileError(f"{role} weight {name}: shape {got}, model expects {want}; the checkpoint does not match its config.json")
+
+
+def _write_config(staging: Path, target_ck: Checkpoint, configs: dict, models: dict, target: tvm.target.Target,
+                  opts: CompileOptions, has_draft: bool) -> None:
+    config = {
+        "format": FORMAT_VERSION,
+        "device": opts.device,
+        "target": json.loads(json.dumps(_target_dict(target))),
+        "dtype": opts.dtype,
+        "vocab_size": configs["target"].vocab_size,
+        "shared_vocab_size": min(c.vocab_size for c in configs.values()),
+        "special_tokens": special_tokens(target_ck, configs["target"]),
+        "chat_template": target_ck.tokenizer_config.get("chat_template"),
+        "build": {"max_seq_len": opts.max_seq_len, "page_size": opts.page_size,
+                  "prefill_chunk_size": opts.prefill_chunk_size, "cuda_arch": opts.cuda_arch if opts.device == "cuda" else None},
+        "models": models,
+        "speculative": has_draft,
+        "versions": {"mlc_spec": _version(), "tvm": tvm.__version__, "python": platform.python_version()},
+    }
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def _target_dict(target: tvm.target.Target) -> dict:
+    d = {"kind": target.kind.name}
+    for key in ("mcpu", "arch"):
+        if key in target.attrs:
+            d[key] = str(target.attrs[key])
+    return d
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlc_spec")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,267 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) in tvm.relax.frontend.nn over the nn.llm paged KV cache.
+
+Every forward works on a ragged batch flattened to [1, total_tokens]: the KV cache's begin_forward
+(called by the runtime) says which sequence owns which tokens and, for token trees, their parents.
+Linear weights are stored input-major ([in, out]) so a CPU matmul streams each weight row once for
+all the rows of a verify forward; the compiler's weight conversion transposes Hugging Face's [out, in].
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from . import kernels
+from .config import ModelConfig
+
+KV_CACHE_SPEC = {
+    "max_batch_size": int,
+    "max_total_seq_len": int,
+    "prefill_chunk_size": int,
+    "page_size": int,
+    "support_sliding_window": int,
+}
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b) with W stored [in_features, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        self.weight = nn.Parameter((in_features, out_features))
+        self.bias = nn.Parameter((out_features,)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        self.c = c
+        qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        self.qkv_proj = Linear(c.hidden_size, qkv_out, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        c = self.c
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_attention_heads + 2 * c.num_key_value_heads, c.head_dim))
+        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_attention_heads, sm_scale=c.head_dim**-0.5)
+        return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
+
+    def forward(self, h: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), kv, layer_id)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        # Untied models keep the usual [vocab, hidden] table; tied ones read rows out of the
+        # transposed lm_head so the shared matrix is stored once.
+        self.embed_tokens = None if c.tie_word_embeddings else nn.Parameter((c.vocab_size, c.hidden_size))
+        self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_hidden_layers)])
+        self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
+
+    def forward(self, h: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, kv, layer_id)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """The exported functions of one model library (MLC-LLM's naming, token ids in)."""
+
+    def __init__(self, c: ModelConfig, target: tvm.target.Target, output_vocab_size: int | None = None):
+        """output_vocab_size aligns a draft's logits to its target's vocabulary: extra padding rows
+        of the draft's head are dropped, missing ones come out as -inf (the draft never proposes them)."""
+        self.c = c
+        self.target = target
+        self.output_vocab_size = output_vocab_size or c.vocab_size
+        self.model = Decoder(c)
+        self.lm_head = Linear(c.hidden_size, min(c.vocab_size, self.output_vocab_size))
+        self.dtype = "float32"
+
+    def to(self, dtype=None):
+        super().to(dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    # -- model forwards ---------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:
+        if self.model.embed_tokens is not None:
+            return op.take(self.model.embed_tokens, input_ids, axis=0)
+        return op.permute_dims(op.take(self.lm_head.weight, input_ids, axis=1))
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(h)
+        logits = logits.astype("float32") if logits.dtype != "float32" else logits
+        missing = self.output_vocab_size - self.c.vocab_size
+        if missing > 0:
+            logits = op.pad(logits, [0, 0, 0, missing], value=float("-inf"))
+        return logits
+
+    def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
+        h = self.embed(input_ids)
+        return self.model(op.reshape(h, (1, input_ids.shape[0], self.c.hidden_size)), kv)
+
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        """Ragged prefill of several sequences; logits only at logit_positions (each one's last token)."""
+        h = self._hidden(input_ids, paged_kv_cache)
+        h = op.take(op.reshape(h, (input_ids.shape[0], self.c.hidden_size)), logit_positions, axis=0)
+        return self._logits(h), paged_kv_cache
+
+    def decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        return self._all_logits(input_ids, paged_kv_cache)
+
+    def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        return self._all_logits(input_ids, paged_kv_cache)
+
+    def verify(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        """Logits at every token given: a chain [last, d1..dk] per sequence, or a token tree."""
+        return self._all_logits(input_ids, paged_kv_cache)
+
+    def _all_logits(self, input_ids: Tensor, kv: PagedKVCache):
+        h = self._hidden(input_ids, kv)
+        return self._logits(op.reshape(h, (input_ids.shape[0], self.c.hidden_size))), kv
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.c
+        cache_class = CPUPagedKVCache if self.target.kind.name == "llvm" else TIRPagedKVCache
+        return cache_class(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling or {}),
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    # -- sampling and verification kernels (compile/kernels.py) -----------------------------------
+    def sampling_probs(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+        return self._kernel("sampling_probs", [logits, temperature, top_k, top_p], [(logits.shape, "float32")])
+
+    def sample_from_probs(self, probs: Tensor, uniforms: Tensor) -> Tensor:
+        return self._kernel("sample_from_probs", [probs, uniforms], [((probs.shape[0],), "int32")])
+
+    def argmax(self, logits: Tensor) -> Tensor:
+        return self._kernel("argmax", [logits], [((logits.shape[0],), "int32")])
+
+    def verify_greedy(self, logits: Tensor, draft_tokens: Tensor, indptr: Tensor):
+        batch = (indptr.shape[0] - 1,)
+        return self._kernel("verify_greedy", [logits, draft_tokens, indptr], [(batch, "int32"), (batch, "int32")])
+
+    def verify_sampling(self, p: Tensor, q: Tensor, draft_tokens: Tensor, indptr: Tensor,
+                        u_accept: Tensor, u_sample: Tensor):
+        batch = (indptr.shape[0] - 1,)
+        return self._kernel("verify_sampling", [p, q, draft_tokens, indptr, u_accept, u_sample],
+                            [(batch, "int32"), (batch, "int32")])
+
+    def _kernel(self, name: str, args: list[Tensor], outs: list[tuple]):
+        placeholders = [Tensor.placeholder(shape, dtype) for shape, dtype in outs]
+        result = op.tensor_ir_op(
+            kernels.scheduled_kernels(self.target)[name], name, args,
+            placeholders[0] if len(placeholders) == 1 else placeholders,
+        )
+        return result if len(placeholders) == 1 else tuple(result)
+
+    # -- export spec --------------------------------------------------------------------------------
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        v = self.output_vocab_size
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        plain = {"param_mode": "none", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        ids = lambda n: nn.spec.Tensor([n], "int32")  # noqa: E731
+        f32 = lambda *shape: nn.spec.Tensor(list(shape), "float32")  # noqa: E731
+        spec = {
+            "embed": {"input_ids": ids("seq_len"), "$": packed},
+            "prefill": {"input_ids": ids("seq_len"), "logit_positions": ids("batch_size"),
+                        "paged_kv_cache": kv, "$": packed},
+            "decode": {"input_ids": ids(1), "paged_kv_cache": kv, "$": packed},
+            "batch_decode": {"input_ids": ids("batch_size"), "paged_kv_cache": kv, "$": packed},
+            "verify": {"input_ids": ids("seq_len"), "paged_kv_cache": kv, "$": packed},
+            "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
+            "sampling_probs": {"logits": f32("n", v), "temperature": f32("n"),
+                               "top_k": nn.spec.Tensor(["n"], "int32"), "top_p": f32("n"), "$": plain},
+            "sample_from_probs": {"probs": f32("n", v), "uniforms": f32("n"), "$": plain},
+            "argmax": {"logits": f32("n", v), "$": plain},
+            "verify_greedy": {"logits": f32("n", v), "draft_tokens": ids("m"), "indptr": ids("b"), "$": plain},
+            "verify_sampling": {"p": f32("n", v), "q": f32("m", v), "draft_tokens": ids("m"),
+                                "indptr": ids("b"), "u_accept": f32("m"), "u_sample": f32("bs"), "$": plain},
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+_TREE_KERNELS = (
+    "tir_attention_prefill_with_tree_mask_cpu",
+    "tir_attention_prefill_with_tree_mask_with_paged_kv_cache_cpu",
+)
+
+
+class _SwapCPUTreeKernels(PagedKVCache):
+    """TVM 0.27's llvm branch of TIRPagedKVCache passes the ragged and paged tree-attention kernels
+    in swapped slots (the CUDA branch is right), so any non-chain token tree fails on CPU with
+    "Expected 16 arguments ... tree_attn_paged_kv_cpu". Placed after TIRPagedKVCache in the MRO, this
+    receives the create call before it is emitted and swaps the two back."""
+
+    def __init__(self, _expr: relax.Call, _name: str):
+        args = list(_expr.args)
+        slots = [i for i, a in enumerate(args) if _tuple_func_name(a) in _TREE_KERNELS]
+        if [_tuple_func_name(args[i]) for i in slots] != list(_TREE_KERNELS):
+            raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU tree-attention workaround")
+        args[slots[0]], args[slots[1]] = args[slots[1]], args[slots[0]]
+        super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
+
+
+class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels):
+    pass
+
+
+def _tuple_func_name(expr) -> str | None:
+    if isinstance(expr, relax.Tuple) and len(expr.fields) == 2 and isinstance(expr.fields[1], relax.GlobalVar):
+        return expr.fields[1].name_hint
+    return None

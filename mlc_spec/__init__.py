@@ -1,0 +1,1 @@
+"""mlc_spec: exact speculative decoding over TVM-compiled Llama-family models."""

@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="mlc_spec",
+    version="0.1.0",
+    description="Exact speculative decoding over TVM-compiled Llama-family models",
+    python_requires=">=3.10",
+    # compile/ and runtime/ live at the top of the repository but install under mlc_spec,
+    # so nothing called `compile` or `runtime` lands in site-packages.
+    package_dir={
+        "mlc_spec": "mlc_spec",
+        "mlc_spec.compile": "compile",
+        "mlc_spec.runtime": "runtime",
+    },
+    packages=["mlc_spec", "mlc_spec.compile", "mlc_spec.runtime"],
+    package_data={"mlc_spec": ["default/*"]},
+    install_requires=[
+        "apache-tvm==0.27.0.post1",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+        "gguf",
+        "jinja2",
+        "ml_dtypes",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "transformers", "scipy"],
+    },
+    entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},
+)
