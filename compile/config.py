@@ -40,6 +40,10 @@ class ModelConfig:
                 f"{where}: unsupported architecture {archs or hf.get('model_type')!r}; "
                 f"mlc_spec compiles {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if hf.get("mlp_bias"):
+            raise CompileError(f"{where}: MLP biases (mlp_bias) are not supported")
+        # transformers 5 writes rope_theta and the scaling into one rope_parameters dict.
+        rope = hf.get("rope_parameters") or {}
         try:
             heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
@@ -53,8 +57,8 @@ class ModelConfig:
                 num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
                 head_dim=int(hf.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling(hf.get("rope_scaling"), where),
+                rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rope_scaling=_rope_scaling(hf.get("rope_scaling") or rope, where),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias; Llama and Mistral only when attention_bias says so.
                 attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),

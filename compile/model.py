@@ -197,7 +197,7 @@ class CausalLM(nn.Module):
 
     def verify_sampling(self, p: Tensor, q: Tensor, draft_tokens: Tensor, indptr: Tensor,
                         u_accept: Tensor, u_sample: Tensor):
-        batch = (indptr.shape[0] - 1,)
+        batch = (u_sample.shape[0],)
         return self._kernel("verify_sampling", [p, q, draft_tokens, indptr, u_accept, u_sample],
                             [(batch, "int32"), (batch, "int32")])
 

@@ -1,0 +1,52 @@
+"""The mlc_spec command: compile, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlc_spec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a target (and draft) checkpoint into a model library folder")
+    p.add_argument("target", help="Hugging Face model folder or .gguf file")
+    p.add_argument("--draft", help="draft model folder or .gguf file (same tokenizer as the target)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, vulkan, metal, opencl or webgpu (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 or float16 (default float32)")
+    p.add_argument("--output", help="artifact folder (default dist/<name>-<dtype>-<device>)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence in the KV cache (default 2048)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+    p.add_argument("--cuda-arch", default="sm_90", help="CUDA architecture for --device cuda (default sm_90)")
+    p.set_defaults(run=_run_compile)
+
+
+def _run_compile(args) -> int:
+    import time
+
+    from .compile.build import CompileOptions, compile_artifact
+
+    start = time.perf_counter()
+    opts = CompileOptions(device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                          page_size=args.page_size, cuda_arch=args.cuda_arch)
+    out = compile_artifact(args.target, args.draft, args.output, opts, log=lambda m: print(m, flush=True))
+    print(f"done in {time.perf_counter() - start:.1f}s: {out}")
+    print(f"run it:  mlc_spec chat --model {out} --device {args.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

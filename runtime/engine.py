@@ -1,0 +1,410 @@
+"""The Python API: Engine, Session, generate and stream.
+
+An Engine loads an artifact's target (and draft) library and owns one KV cache per model. A Session
+is one conversation: its tokens stay in both caches between calls, and a new call reuses the longest
+common prefix with what is cached, so a chat turn prefills only what is new. Sessions free their
+cache pages when closed or garbage-collected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .kv_cache import CacheFullError
+from .library import ModelLibrary, tvm_device
+from .speculative import Model, RoundStats, SamplingParams, Sequence, SpeculativeDecoder
+
+CONFIG_FILE = "mlc_spec_config.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that cannot be loaded, reported as one line with the fix."""
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    stats: dict
+
+
+class Stats:
+    """Acceptance and timing over the rounds of one or more generations."""
+
+    def __init__(self, max_draft: int):
+        self.drafted_at = np.zeros(max_draft, np.int64)
+        self.accepted_at = np.zeros(max_draft, np.int64)
+        self.rounds = 0
+        self.target_calls_tokens = 0
+        self.tokens = 0
+        self.draft_seconds = 0.0
+        self.verify_seconds = 0.0
+        self.total_seconds = 0.0
+
+    def add_round(self, r: RoundStats) -> None:
+        for n in r.accepted:
+            self.drafted_at[:r.drafted] += 1
+            self.accepted_at[:n] += 1
+            self.rounds += 1
+            self.target_calls_tokens += n + 1
+        self.draft_seconds += r.draft_seconds
+        self.verify_seconds += r.verify_seconds
+
+    def as_dict(self) -> dict:
+        drafted = int(self.drafted_at.sum())
+        return {
+            "acceptance_rate": float(self.accepted_at.sum() / drafted) if drafted else 0.0,
+            "mean_accepted_length": self.target_calls_tokens / self.rounds if self.rounds else 0.0,
+            "tokens_per_second": self.tokens / self.total_seconds if self.total_seconds else 0.0,
+            "drafted_per_position": self.drafted_at.tolist(),
+            "accepted_per_position": self.accepted_at.tolist(),
+            "acceptance_per_position": [float(a / d) if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)],
+            "rounds": self.rounds,
+            "tokens": self.tokens,
+            "draft_seconds": self.draft_seconds,
+            "verify_seconds": self.verify_seconds,
+            "total_seconds": self.total_seconds,
+        }
+
+
+class Engine:
+    def __init__(self, artifact: str | Path, device: str = "cpu", *, max_batch_size: int = 8,
+                 max_seq_len: int | None = None):
+        self.folder = Path(artifact)
+        self.config = _read_config(self.folder)
+        if device != self.config["device"]:
+            raise ArtifactError(f"{self.folder} was compiled for {self.config['device']}, not {device}; "
+                                f"recompile with --device {device}")
+        self.dev = tvm_device(device)
+        build = self.config["build"]
+        self.max_seq_len = max_seq_len or build["max_seq_len"]
+        self.page_size = build["page_size"]
+        self.prefill_chunk = build["prefill_chunk_size"]
+        self.max_batch_size = max_batch_size
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.eos_ids = frozenset(self.config["special_tokens"]["eos_token_ids"])
+        self.chat_template = self.config.get("chat_template")
+        self.target = self._load("target")
+        self.draft = self._load("draft") if "draft" in self.config["models"] else None
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def _load(self, role: str) -> Model:
+        lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)
+        # One page of slack per sequence for the k drafted tokens beyond max_seq_len.
+        pages = -(-self.max_seq_len // self.page_size) + 1
+        kv = lib.create_kv_cache(max_batch_size=self.max_batch_size,
+                                 max_total_seq_len=pages * self.page_size * self.max_batch_size,
+                                 prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
+        return Model(lib, kv)
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft is not None
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def session(self) -> "Session":
+        return Session(self)
+
+    def _models(self) -> list[Model]:
+        return [self.target] + ([self.draft] if self.draft is not None else [])
+
+    def _add_sequence(self) -> int:
+        seq_id = next(self._seq_ids)
+        added = []
+        try:
+            for m in self._models():
+                m.kv.add_sequence(seq_id)
+                added.append(m)
+        except CacheFullError:
+            for m in added:
+                m.kv.remove_sequence(seq_id)
+            raise
+        return seq_id
+
+    def _remove_sequence(self, seq_id: int) -> None:
+        for m in self._models():
+            if seq_id in m.kv.sequences:
+                m.kv.remove_sequence(seq_id)
+
+    # -- one-shot generation ----------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str] | None = None, *, token_ids: list[int] | list[list[int]] | None = None,
+                 **options) -> GenerationOutput | list[GenerationOutput]:
+        """Generate for one prompt or a batch (a list): a batch shares one ragged verify forward per round."""
+        prompts, single = self._prompts(prompt, token_ids)
+        sessions = [self.session() for _ in prompts]
+        try:
+            outs = _run(self, sessions, prompts, GenerateOptions.make(**options))
+        finally:
+            for s in sessions:
+                s.close()
+        return outs[0] if single else outs
+
+    def stream(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> Iterator[str]:
+        """Text deltas as tokens are committed. Closing the iterator early stops generation cleanly."""
+        session = self.session()
+        try:
+            yield from session.stream(prompt, token_ids=token_ids, **options)
+        finally:
+            session.close()
+
+    def _prompts(self, prompt, token_ids) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (token_ids is None):
+            raise ValueError("give either a prompt (text) or token_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if single else list(prompt)
+            return [self.encode(t) for t in texts], single
+        single = not token_ids or isinstance(token_ids[0], (int, np.integer))
+        lists = [token_ids] if single else token_ids
+        return [[int(t) for t in ids] for ids in lists], single
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def cache_usage(self) -> dict:
+        return {role: {"sequences": len(m.kv.sequences), "free_pages": m.kv.available_pages(),
+                       "total_pages": m.kv.total_pages}
+                for role, m in zip(("target", "draft"), self._models())}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    max_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    speculative: bool = True
+    draft_length: int = 4
+    stop_at_eos: bool = True
+
+    @classmethod
+    def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop: str | list[str] | None = None, speculative: bool = True,
+             draft_length: int = 4, stop_at_eos: bool = True) -> "GenerateOptions":
+        sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
+        sampling.validate()
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not 0 <= draft_length <= 32:
+            raise ValueError(f"draft_length must be between 0 and 32, got {draft_length}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(int(max_tokens), sampling, seed, stops, bool(speculative), int(draft_length), stop_at_eos)
+
+
+class Session:
+    """One conversation: its tokens stay cached between calls."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.seq_id = engine._add_sequence()
+        self.tokens: list[int] = []
+        self._finalizer = weakref.finalize(self, engine._remove_sequence, self.seq_id)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> GenerationOutput:
+        """prompt / token_ids is the whole conversation so far: its common prefix with the cache is reused."""
+        prompts, _ = self.engine._prompts(prompt, token_ids)
+        return _run(self.engine, [self], prompts, GenerateOptions.make(**options))[0]
+
+    def stream(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> Iterator[str]:
+        prompts, _ = self.engine._prompts(prompt, token_ids)
+        yield from _Generation(self.engine, [self], prompts, GenerateOptions.make(**options)).deltas()
+
+    def reset(self) -> None:
+        self.tokens = []
+        for m in self.engine._models():
+            m.kv.popn(self.seq_id, m.kv.length(self.seq_id))
+
+
+def _run(engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions) -> list[GenerationOutput]:
+    gen = _Generation(engine, sessions, prompts, opts)
+    for _ in gen.deltas():
+        pass
+    return gen.outputs()
+
+
+class _Request:
+    """One sequence's progress in a generation: its new tokens, text and stop state."""
+
+    def __init__(self, session: Session, seq: Sequence, prompt_len: int, opts: GenerateOptions,
+                 tokenizer: Tokenizer, eos_ids):
+        self.session = session
+        self.seq = seq
+        self.prompt_len = prompt_len
+        self.opts = opts
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.eos_ids = eos_ids if opts.stop_at_eos else frozenset()
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    @property
+    def generated(self) -> list[int]:
+        return self.session.tokens[self.prompt_len:]
+
+    def accept(self, new_tokens: list[int], max_seq_len: int) -> tuple[str, int]:
+        """Take committed tokens one by one until a stop; returns the text delta and how many were kept."""
+        delta = ""
+        for i, token in enumerate(new_tokens):
+            n_generated = len(self.generated) - len(new_tokens) + i + 1
+            if token in self.eos_ids:
+                self.finish_reason = "stop"
+                return delta, i + 1
+            piece = self.detok.add(token)
+            text = self.text + delta + piece
+            cut = _find_stop(text, self.opts.stop, len(self.text + delta))
+            if cut is not None:
+                self.finish_reason = "stop"
+                return text[:cut][len(self.text):], i + 1
+            delta += piece
+            if n_generated >= self.opts.max_tokens or self.prompt_len + n_generated >= max_seq_len:
+                self.finish_reason = "length"
+                return delta, i + 1
+        return delta, len(new_tokens)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Where the first stop string ending in the new part of the text begins."""
+    best = None
+    for stop in stops:
+        at = text.find(stop, max(0, new_from - len(stop) + 1))
+        if at >= 0 and (best is None or at < best):
+            best = at
+    return best
+
+
+class _Generation:
+    def __init__(self, engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions):
+        if len(sessions) > engine.max_batch_size:
+            raise ValueError(f"a batch of {len(sessions)} exceeds the engine's max_batch_size {engine.max_batch_size}")
+        self.engine = engine
+        self.opts = opts
+        self.decoder = SpeculativeDecoder(engine.target, engine.draft if opts.speculative else None)
+        self.stats = Stats(32)
+        self.requests = []
+        seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
+        for session, prompt, seed in zip(sessions, prompts, seeds):
+            self._check_prompt(prompt)
+            seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(seed), opts.sampling)
+            self.requests.append(_Request(session, seq, len(prompt), opts, engine.tokenizer, engine.eos_ids))
+        self._prompts = prompts
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt) >= self.engine.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the KV cache holds {self.engine.max_seq_len} "
+                             "per sequence; shorten the prompt or recompile with a larger --max-seq-len")
+        vocab = self.engine.target.lib.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"token id {max(prompt) if max(prompt) >= vocab else min(prompt)} is outside the vocabulary (0..{vocab - 1})")
+
+    def deltas(self) -> Iterator[str]:
+        start = time.perf_counter()
+        try:
+            self._prefill()
+            active = list(self.requests)
+            while active:
+                k = self._draft_length(active)
+                new_tokens, rstats = self.decoder.round([r.seq for r in active], k)
+                self.stats.add_round(rstats)
+                for req, tokens in zip(active, new_tokens):
+                    delta, kept = req.accept(tokens, self.engine.max_seq_len)
+                    self._truncate(req, len(tokens) - kept)
+                    req.text += delta
+                    self.stats.tokens += kept
+                    if delta and len(self.requests) == 1:
+                        yield delta
+                active = [r for r in active if r.finish_reason is None]
+        finally:
+            self.stats.total_seconds = time.perf_counter() - start
+            for req in self.requests:
+                self._settle(req)
+
+    def _prefill(self) -> None:
+        for req, prompt in zip(self.requests, self._prompts):
+            session = req.session
+            common = _common_prefix(session.tokens, prompt)
+            session.tokens[:] = prompt
+            for m in self._models():
+                m.keep(req.seq, min(common, len(prompt) - 1))
+                m.prefill(req.seq, self.engine.prefill_chunk)
+
+    def _models(self) -> list[Model]:
+        return [self.decoder.target] + ([self.decoder.draft] if self.decoder.draft is not None else [])
+
+    def _draft_length(self, active: list[_Request]) -> int:
+        """Never draft past max_tokens or the cache's per-sequence length."""
+        room = min(min(r.opts.max_tokens - len(r.generated), self.engine.max_seq_len - len(r.session.tokens))
+                   for r in active)
+        return max(0, min(self.opts.draft_length, room - 1))
+
+    def _truncate(self, req: _Request, drop: int) -> None:
+        """A stop inside an accepted run: forget what came after it, in the caches too."""
+        if drop > 0:
+            del req.session.tokens[-drop:]
+            for m in self._models():
+                m.sync(req.seq)
+
+    def _settle(self, req: _Request) -> None:
+        """After a stop, a cancel or an error: both caches hold a prefix of the committed tokens."""
+        for m in self.engine._models():
+            m.sync(req.seq)
+
+    def outputs(self) -> list[GenerationOutput]:
+        stats = self.stats.as_dict()
+        return [GenerationOutput(r.text, r.generated, r.finish_reason or "length", stats) for r in self.requests]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class IncrementalDetokenizer:
+    """Text deltas from a growing token list, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=False)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=False)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: not an mlc_spec artifact (no {CONFIG_FILE}); compile one with `mlc_spec compile`")
+    return json.loads(path.read_text())

@@ -1,0 +1,275 @@
+"""mlc_spec compile: logits against transformers, the artifact, bad inputs, runtime-only loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from mlc_spec.cli import main as cli
+from mlc_spec.runtime.library import ModelLibrary
+
+SHAPES = {
+    # name: (architecture, checkpoint options)
+    "llama-gqa2-untied": ("llama", dict(vocab_size=320)),
+    "llama-mha-tied-v301": ("llama", dict(vocab_size=301, num_key_value_heads=4, tie_word_embeddings=True)),
+    "mistral-gqa3-v333": ("mistral", dict(vocab_size=333, hidden_size=96, num_attention_heads=6,
+                                          num_key_value_heads=2)),
+    "qwen2-bias-tied": ("qwen2", dict(vocab_size=290, tie_word_embeddings=True)),
+    "llama-headdim32": ("llama", dict(vocab_size=320, head_dim=32)),
+    "llama3-rope-scaling": ("llama", dict(vocab_size=320, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+}
+# float16 weights and activations against transformers in float32: logits here span about +-15.
+FLOAT16_TOLERANCE = 5e-2
+
+
+def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def run_forwards(artifact: Path, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
+    """prefill ids[:a], decode ids[a], verify ids[a+1:b] through the compiled library."""
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
+    kv.add_sequence(0)
+    a, b = split
+    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
+    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
+    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
+    assert kv.length(0) == b
+    return out
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_logits_match_transformers_float32(artifacts, name):
+    arch, opts = SHAPES[name]
+    ckpt = artifacts.checkpoint(name, arch=arch, **opts)
+    artifact = artifacts.compile(name, ckpt)
+    ids = np.random.default_rng(1).integers(0, opts["vocab_size"], 40).tolist()
+    ref = hf_logits(ckpt, ids)
+    got = run_forwards(artifact, ids, (30, 35))
+    np.testing.assert_allclose(got["prefill"], ref[29], atol=1e-4)
+    np.testing.assert_allclose(got["decode"], ref[30], atol=1e-4)
+    np.testing.assert_allclose(got["verify"], ref[31:35], atol=1e-4)
+
+
+def test_logits_float16_within_documented_tolerance(artifacts):
+    arch, opts = SHAPES["llama-gqa2-untied"]
+    ckpt = artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
+    artifact = artifacts.compile("llama-f16", ckpt, dtype="float16")
+    ids = np.random.default_rng(2).integers(0, opts["vocab_size"], 24).tolist()
+    ref = hf_logits(ckpt, ids)
+    got = run_forwards(artifact, ids, (16, 24))
+    assert np.abs(got["prefill"] - ref[15]).max() < FLOAT16_TOLERANCE
+    assert np.abs(got["decode"] - ref[16]).max() < FLOAT16_TOLERANCE
+    assert np.abs(got["verify"] - ref[17:24]).max() < FLOAT16_TOLERANCE
+
+
+def test_bfloat16_checkpoint_is_read(artifacts):
+    arch, opts = SHAPES["llama-gqa2-untied"]
+    ckpt = artifacts.checkpoint("llama-bf16", arch=arch, dtype=torch.bfloat16, **opts)
+    artifact = artifacts.compile("llama-bf16", ckpt)
+    ids = list(range(3, 23))
+    ref = hf_logits(ckpt, ids)  # transformers upcasts the same bfloat16 values to float32
+    np.testing.assert_allclose(run_forwards(artifact, ids, (12, 20))["verify"], ref[13:20], atol=1e-4)
+
+
+def test_artifact_layout_and_config(artifacts):
+    arch, opts = SHAPES["qwen2-bias-tied"]
+    artifact = artifacts.compile("qwen2-bias-tied", artifacts.checkpoint("qwen2-bias-tied", arch=arch, **opts))
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    assert config["device"] == "cpu" and config["dtype"] == "float32"
+    assert config["target"]["kind"] == "llvm" and config["target"]["mcpu"]
+    assert config["vocab_size"] == 290
+    assert config["special_tokens"]["eos_token_ids"] == [1]
+    assert config["versions"]["tvm"] == tvm.__version__
+    target = config["models"]["target"]
+    assert target["config"]["architecture"] == "Qwen2ForCausalLM" and target["config"]["attention_bias"]
+    assert {target["library"], target["params"], "tokenizer.json"} <= {p.name for p in artifact.iterdir()}
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
+
+
+def test_exported_functions(artifacts):
+    arch, opts = SHAPES["llama-gqa2-untied"]
+    artifact = artifacts.compile("llama-gqa2-untied", artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts))
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    for name in ("embed", "prefill", "decode", "batch_decode", "verify", "create_paged_kv_cache", "sampling_probs",
+                 "sample_from_probs", "argmax", "verify_greedy", "verify_sampling"):
+        assert lib.vm[name] is not None
+
+
+def test_decode_and_tree_verify_agree_with_chain(artifacts):
+    """The single-sequence decode function, and a token tree on CPU (upstream's swapped kernels fail here)."""
+    arch, opts = SHAPES["llama-gqa2-untied"]
+    ckpt = artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
+    artifact = artifacts.compile("llama-gqa2-untied", ckpt)
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
+    prompt = list(range(5, 25))
+    kv.add_sequence(0)
+    lib.forward_last(kv, [0], [prompt])
+    # tree: root a, children b and c, b's child d -> paths [a], [a,b], [a,c], [a,b,d]
+    tree, parents = [40, 41, 42, 43], [-1, 0, 0, 1]
+    logits = lib.forward_all(kv, [0], [tree], tree_parents=parents).numpy()
+    ref_ab_d = hf_logits(ckpt, prompt + [40, 41, 43])
+    ref_ac = hf_logits(ckpt, prompt + [40, 42])
+    np.testing.assert_allclose(logits[[0, 1, 3]], ref_ab_d[-3:], atol=1e-4)
+    np.testing.assert_allclose(logits[2], ref_ac[-1], atol=1e-4)
+    kv.commit_tree([0], [3])  # keep a, b, d
+    assert kv.length(0) == len(prompt) + 3
+    with kv.forward([0], [1]):
+        decoded, _ = lib.vm["decode"](lib.ids([44]), kv.handle, lib.params)
+    np.testing.assert_allclose(decoded.numpy()[0], hf_logits(ckpt, prompt + [40, 41, 43, 44])[-1], atol=1e-4)
+
+
+# -- bad input: one clear line, exit status 2, nothing left in the output folder ---------------------------
+def compile_error(capsys, args: list[str]) -> str:
+    capsys.readouterr()  # drop what fixtures printed
+    assert cli(["compile", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def good_checkpoint(artifacts):
+    arch, opts = SHAPES["llama-gqa2-untied"]
+    return artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_empty(folder: Path) -> None:
+    assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+def test_missing_folder(tmp_path, capsys):
+    err = compile_error(capsys, [str(tmp_path / "nope"), "--output", str(tmp_path / "out" / "a")])
+    assert "no such file or folder" in err
+    assert_empty(tmp_path / "out")
+
+
+def test_missing_config(tmp_path, capsys, good_checkpoint):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "m")
+    (ckpt / "config.json").unlink()
+    assert "no config.json" in compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out" / "a")])
+    assert_empty(tmp_path / "out")
+
+
+def test_missing_weights(tmp_path, capsys, good_checkpoint):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "m")
+    (ckpt / "model.safetensors").unlink()
+    assert "no *.safetensors" in compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out" / "a")])
+    assert_empty(tmp_path / "out")
+
+
+def test_unsupported_architecture(tmp_path, capsys, good_checkpoint):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "m")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    err = compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out" / "a")])
+    assert "unsupported architecture" in err and "LlamaForCausalLM" in err
+
+
+def test_corrupt_safetensors(tmp_path, capsys, good_checkpoint):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "m")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out" / "a")])
+    assert "model.safetensors" in err
+    assert_empty(tmp_path / "out")
+
+
+def test_mismatched_draft_vocabulary(tmp_path, capsys, good_checkpoint, artifacts):
+    other = artifacts.checkpoint("other-tokenizer", arch="llama", vocab_size=320, tokenizer_vocab=290)
+    err = compile_error(capsys, [str(good_checkpoint), "--draft", str(other), "--output", str(tmp_path / "out" / "a")])
+    assert "different tokenizers" in err
+    assert_empty(tmp_path / "out")
+
+
+def test_unknown_device(tmp_path, capsys, good_checkpoint):
+    err = compile_error(capsys, [str(good_checkpoint), "--device", "tpu", "--output", str(tmp_path / "a")])
+    assert "unknown device 'tpu'" in err
+
+
+@pytest.mark.skipif(tvm.support.libinfo().get("USE_VULKAN") == "ON", reason="this TVM can build Vulkan")
+def test_device_this_tvm_cannot_build(tmp_path, capsys, good_checkpoint):
+    err = compile_error(capsys, [str(good_checkpoint), "--device", "vulkan", "--output", str(tmp_path / "a")])
+    assert "cannot generate vulkan code" in err and "USE_VULKAN=ON" in err
+
+
+def test_output_not_writable(tmp_path, capsys, good_checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    err = compile_error(capsys, [str(good_checkpoint), "--output", str(blocker / "a")])
+    assert "choose a writable --output" in err
+
+
+def test_interrupted_compile_leaves_nothing(tmp_path, good_checkpoint, monkeypatch):
+    from mlc_spec.compile import build
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.compile_artifact(good_checkpoint, output=tmp_path / "out" / "a", log=lambda _m: None)
+    assert_empty(tmp_path / "out")
+
+
+# -- runtime-only TVM ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def runtime_only_tvm(tmp_path_factory) -> Path:
+    """A copy of the installed tvm package without libtvm_compiler.so, as shipped to a GPU box."""
+    root = tmp_path_factory.mktemp("runtime-only")
+    src = Path(tvm.__file__).parent
+    shutil.copytree(src, root / "tvm", ignore=shutil.ignore_patterns("libtvm_compiler.so", "__pycache__"))
+    return root
+
+
+RUNTIME_ONLY_SCRIPT = """
+import json, sys
+import tvm
+assert "tvm_compiler" not in tvm.base._LOADED_LIBS, "the compiler library was loaded"
+try:
+    import tvm.relax  # noqa
+    sys.exit("tvm.relax imported on a runtime-only TVM")
+except Exception:
+    pass
+from mlc_spec import Engine
+out = Engine(sys.argv[1]).generate(token_ids=[3, 4, 5, 6], max_tokens=8, stop_at_eos=False)
+print(json.dumps(out.token_ids))
+"""
+
+
+def test_artifact_runs_on_runtime_only_tvm(artifacts, good_checkpoint, runtime_only_tvm):
+    artifact = artifacts.compile("llama-gqa2-untied", good_checkpoint)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(runtime_only_tvm), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(artifact)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mlc_spec import Engine
+
+    expected = Engine(artifact).generate(token_ids=[3, 4, 5, 6], max_tokens=8, stop_at_eos=False).token_ids
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected

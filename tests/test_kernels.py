@@ -1,0 +1,596 @@
+"""Sampling and speculative-verification kernels (compile/kernels.py) against a float64 numpy reference.
+
+The ref_* functions below are the readable specification; the CPU schedule is compiled once per
+session and checked against them. Random cases are drawn away from float ties and rounding boundaries
+(see _stable_uniforms) so that exact comparisons are meaningful; explicit tie cases check that every
+tied token is kept.
+"""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tvm
+
+from compile import kernels
+
+VOCABS = (3, 33, 1000, 32001)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference (float64)
+
+
+def ref_sampling_probs(logits, temperature, top_k, top_p):
+    out = np.zeros(logits.shape)
+    for r, row in enumerate(logits.astype(np.float64)):
+        z = row / float(temperature[r])
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        vocab = len(p)
+        if 0 < top_k[r] < vocab:
+            # keep x iff fewer than top_k tokens are strictly more probable (boundary ties kept)
+            p = np.where(_mass_strictly_above(p, np.ones_like(p)) < top_k[r], p, 0.0)
+            p /= p.sum()
+        if top_p[r] < 1:
+            # keep x iff the mass strictly more probable than x is below top_p
+            p = np.where(_mass_strictly_above(p, p) < top_p[r], p, 0.0)
+            p /= p.sum()
+        out[r] = p
+    return out
+
+
+def _mass_strictly_above(p, weight):
+    """For each x: the sum of weight[y] over all y with p[y] > p[x]."""
+    order = np.argsort(p, kind="stable")
+    suffix = np.concatenate([np.cumsum(weight[order][::-1])[::-1], [0.0]])
+    return suffix[np.searchsorted(p[order], p, side="right")]
+
+
+def ref_sample(weights, u):
+    """Smallest x with cumsum(w)[x] > u * sum(w); if rounding leaves none, the last positive x."""
+    w = np.asarray(weights, np.float64)
+    cdf = np.cumsum(w)
+    hits = np.nonzero(cdf > u * cdf[-1])[0]
+    if len(hits):
+        return int(hits[0])
+    return int(np.nonzero(w > 0)[0][-1])
+
+
+def ref_argmax(logits):
+    return np.argmax(logits, axis=1).astype(np.int32)
+
+
+def ref_verify_greedy(logits, draft, indptr):
+    best = np.argmax(logits, axis=1)
+    accepted, next_token = [], []
+    for b in range(len(indptr) - 1):
+        first, k, d0 = indptr[b], indptr[b + 1] - indptr[b] - 1, indptr[b] - b
+        n = 0
+        while n < k and draft[d0 + n] == best[first + n]:
+            n += 1
+        accepted.append(n)
+        next_token.append(best[first + n])
+    return np.array(accepted, np.int32), np.array(next_token, np.int32)
+
+
+def ref_verify_sampling(p, q, draft, indptr, u_accept, u_sample):
+    p, q = p.astype(np.float64), q.astype(np.float64)
+    accepted, next_token = [], []
+    for b in range(len(indptr) - 1):
+        first, k, d0 = indptr[b], indptr[b + 1] - indptr[b] - 1, indptr[b] - b
+        n = 0
+        while n < k:
+            x = draft[d0 + n]
+            target = p[first + n, x] if 0 <= x < p.shape[1] else 0.0
+            if not (target > 0 and u_accept[d0 + n] * q[d0 + n, x] <= target):
+                break
+            n += 1
+        weights = p[first + n]
+        if n < k:
+            residual = np.maximum(p[first + n] - q[d0 + n], 0.0)
+            if residual.sum() > 0:
+                weights = residual
+        accepted.append(n)
+        next_token.append(ref_sample(weights, u_sample[b]))
+    return np.array(accepted, np.int32), np.array(next_token, np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled CPU kernels
+
+
+class CpuKernels:
+    def __init__(self):
+        target = tvm.target.Target({"kind": "llvm"})
+        funcs = kernels.scheduled_kernels(target)
+        mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+        self._lib = tvm.compile(mod, target=target)
+        self._dev = tvm.cpu()
+
+    def _call(self, name, inputs, outputs):
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in inputs]
+        outs = [tvm.runtime.empty(shape, dtype, self._dev) for shape, dtype in outputs]
+        self._lib[name](*args, *outs)
+        results = [o.numpy() for o in outs]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def sampling_probs(self, logits, temperature, top_k, top_p):
+        return self._call(
+            "sampling_probs",
+            [_f32(logits), _f32(temperature), _i32(top_k), _f32(top_p)],
+            [(logits.shape, "float32")],
+        )
+
+    def sample_from_probs(self, probs, u):
+        return self._call("sample_from_probs", [_f32(probs), _f32(u)], [((len(probs),), "int32")])
+
+    def argmax(self, logits):
+        return self._call("argmax", [_f32(logits)], [((len(logits),), "int32")])
+
+    def verify_greedy(self, logits, draft, indptr):
+        batch = (len(indptr) - 1,)
+        return self._call(
+            "verify_greedy",
+            [_f32(logits), _i32(draft), _i32(indptr)],
+            [(batch, "int32"), (batch, "int32")],
+        )
+
+    def verify_sampling(self, p, q, draft, indptr, u_accept, u_sample):
+        batch = (len(indptr) - 1,)
+        return self._call(
+            "verify_sampling",
+            [_f32(p), _f32(q), _i32(draft), _i32(indptr), _f32(u_accept), _f32(u_sample)],
+            [(batch, "int32"), (batch, "int32")],
+        )
+
+
+def _f32(a):
+    return np.asarray(a, np.float32)
+
+
+def _i32(a):
+    return np.asarray(a, np.int32)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return CpuKernels()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Case builders
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _ragged(lengths):
+    """indptr for sequences with the given draft counts (each owns k + 1 target rows)."""
+    return np.concatenate([[0], np.cumsum(np.asarray(lengths) + 1)]).astype(np.int32)
+
+
+def _stable_uniforms(rng, shape, decide):
+    """Uniforms whose decisions survive a 1e-5 nudge, so float32 rounding cannot flip them.
+
+    decide(u) returns one decision per entry of u (or per sequence: then decide must accept the same
+    index space); entries whose decision changes when u moves by 1e-5 are redrawn.
+    """
+    u = rng.random(shape)
+    for _ in range(100):
+        unstable = (decide(np.clip(u - 1e-5, 0, 1)) != decide(np.clip(u + 1e-5, 0, 1))) | (
+            decide(u) != decide(np.clip(u + 1e-5, 0, 1))
+        )
+        if not unstable.any():
+            return u.astype(np.float32).astype(np.float64)
+        u[unstable] = rng.random(int(unstable.sum()))
+    raise AssertionError("could not draw uniforms away from decision boundaries")
+
+
+def _processed(rng, rows, vocab, scale=2.0):
+    """Probability rows as sampling_probs would give them: softmax with some tokens cut to zero."""
+    p = _softmax(rng.standard_normal((rows, vocab)) * scale)
+    if vocab > 3:
+        p[rng.random((rows, vocab)) < 0.2] = 0.0
+        p[np.arange(rows), rng.integers(0, vocab, rows)] += 0.05
+        p /= p.sum(axis=1, keepdims=True)
+    return p.astype(np.float32)
+
+
+def _sampling_case(rng, lengths, vocab):
+    """A ragged verify batch: q near p, drafts drawn from q, stable uniforms."""
+    indptr = _ragged(lengths)
+    num_rows, num_drafts = indptr[-1], indptr[-1] - len(lengths)
+    p = _processed(rng, num_rows, vocab)
+    draft_rows = np.concatenate([np.arange(indptr[b], indptr[b + 1] - 1) for b in range(len(lengths))])
+    draft_rows = draft_rows.astype(np.int64)
+    q = (0.6 * p[draft_rows] + 0.4 * _processed(rng, num_drafts, vocab)).astype(np.float32)
+    draft = np.array([rng.choice(vocab, p=row / row.sum()) for row in q.astype(np.float64)], np.int32)
+    target, proposal = p[draft_rows, draft].astype(np.float64), q[np.arange(num_drafts), draft]
+    u_accept = _stable_uniforms(rng, num_drafts, lambda u: (target > 0) & (u * proposal <= target))
+
+    def next_tokens(u):
+        return ref_verify_sampling(p, q, draft, indptr, u_accept, u)[1]
+
+    u_sample = _stable_uniforms(rng, len(lengths), next_tokens)
+    return p, q, draft, indptr, u_accept, u_sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# argmax
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_argmax_matches_numpy_including_ties(cpu, vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
+    logits[1, :] = 0.5  # all tied: lowest index
+    logits[2, [0, vocab - 1]] = 9.0  # tie between the ends
+    logits[3, vocab // 2 :] = 7.0
+    logits[4, 0] = -np.inf
+    np.testing.assert_array_equal(cpu.argmax(logits), ref_argmax(logits))
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling_probs
+
+
+def _filter_case(rng, rows, vocab):
+    """Per-row temperature/top-k/top-p whose kept sets have clear margins in float32."""
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    temperature = rng.uniform(0.5, 1.5, rows)
+    top_k = np.zeros(rows, np.int64)
+    top_p = np.ones(rows)
+    for r in range(rows):
+        z = np.sort(logits[r].astype(np.float64))[::-1] / temperature[r]
+        kind = r % 4  # 0: top-k only, 1: top-p only, 2: both, 3: neither
+        if kind in (0, 2) and vocab > 2:
+            gaps = np.nonzero(z[:-1] - z[1:] > 1e-3)[0][: min(vocab - 1, 60)] + 1
+            top_k[r] = rng.choice(gaps)
+        if kind in (1, 2):
+            p = _softmax(z)[: top_k[r] or vocab]
+            cum = np.cumsum(p / p.sum())
+            cut = rng.integers(0, min(len(cum) - 1, 40)) if len(cum) > 1 else 0
+            top_p[r] = cum[cut] + 0.5 * (cum[cut + 1] - cum[cut]) if cut + 1 < len(cum) else 0.999
+    return logits, temperature.astype(np.float32), top_k, top_p.astype(np.float32)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_sampling_probs_applies_filters_to_every_row(cpu, vocab):
+    rng = np.random.default_rng(10 + vocab)
+    logits, temperature, top_k, top_p = _filter_case(rng, 12, vocab)
+    got = cpu.sampling_probs(logits, temperature, top_k, top_p)
+    want = ref_sampling_probs(logits, temperature, top_k, top_p.astype(np.float64))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert (got > 0).sum(axis=1).min() >= 1
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_sampling_probs_without_filters_is_softmax(cpu, vocab):
+    rng = np.random.default_rng(20 + vocab)
+    logits = (rng.standard_normal((5, vocab)) * 3).astype(np.float32)
+    logits[0, 0] = 12.0  # one dominant token: the normaliser's rounding shows on a large probability
+    temperature = np.array([1.0, 0.3, 2.0, 1.0, 0.7], np.float32)
+    top_k = np.array([0, vocab, vocab + 5, 0, -1])  # k outside (0, V) means no top-k
+    got = cpu.sampling_probs(logits, temperature, top_k, np.ones(5, np.float32))
+    want = _softmax(logits.astype(np.float64) / temperature[:, None].astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_sampling_probs_keeps_every_tied_token(cpu):
+    vocab = 33
+    logits = np.full((4, vocab), -2.0, np.float32)
+    logits[0, [3, 9, 20]] = 1.0  # top_k = 2 falls inside a three-way tie: all three kept
+    logits[1, [3, 9, 20]] = 1.0  # top_p = 0.5: each of the tied tokens has nothing strictly above
+    logits[2, [5, 6]] = [2.0, 1.0]
+    logits[2, [7, 8]] = 1.0  # top_k = 2 boundary tie below a unique maximum
+    logits[3, :] = 0.0  # everything tied: top-k and top-p keep all
+    top_k = np.array([2, 0, 2, 3])
+    top_p = np.array([1.0, 0.5, 1.0, 0.1], np.float32)
+    got = cpu.sampling_probs(logits, np.ones(4, np.float32), top_k, top_p)
+    want = ref_sampling_probs(logits, np.ones(4), top_k, top_p.astype(np.float64))
+    assert set(np.nonzero(got[0])[0]) == {3, 9, 20}
+    assert set(np.nonzero(got[1])[0]) == {3, 9, 20}
+    assert set(np.nonzero(got[2])[0]) == {5, 6, 7, 8}
+    assert (got[3] > 0).all()
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_sampling_probs_smallest_top_p_keeps_the_top_token(cpu):
+    logits = np.array([[0.0, 3.0, 1.0, 2.9]], np.float32)
+    got = cpu.sampling_probs(logits, np.ones(1, np.float32), np.zeros(1), np.full(1, 1e-6, np.float32))
+    np.testing.assert_array_equal(got, [[0.0, 1.0, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample_from_probs
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_sample_from_probs_is_the_inverse_cdf(cpu, vocab):
+    rng = np.random.default_rng(30 + vocab)
+    probs = _processed(rng, 16, vocab)
+    probs[3] *= 3.7  # unnormalised rows are sampled in proportion
+    probs[4] = 0.0
+    probs[4, vocab - 1] = 0.25  # only the last token has mass
+    u = _stable_uniforms(rng, 16, lambda u: np.array([ref_sample(w, x) for w, x in zip(probs, u)]))
+    want = np.array([ref_sample(w, x) for w, x in zip(probs, u)])
+    np.testing.assert_array_equal(cpu.sample_from_probs(probs, u), want)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_sample_from_probs_never_returns_a_zero_probability_token(cpu, vocab):
+    rng = np.random.default_rng(40 + vocab)
+    probs = _processed(rng, 8, vocab)
+    probs[:, -1] = 0.0  # a zero tail: rounding must not push the pick onto it
+    probs[:, 0] = 0.0
+    probs[:, 1] = np.maximum(probs[:, 1], 1e-3)
+    u = np.array([0.0, 1e-9, 0.5, 0.999, 0.9999999, np.nextafter(np.float32(1), np.float32(0)), 0.25, 0.75])
+    tokens = cpu.sample_from_probs(probs, u)
+    assert (probs[np.arange(8), tokens] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify_greedy
+
+
+def test_verify_greedy_chain_cases(cpu):
+    vocab = 33
+    rng = np.random.default_rng(50)
+    lengths = [4, 4, 4, 0, 3]
+    indptr = _ragged(lengths)
+    logits = rng.standard_normal((indptr[-1], vocab)).astype(np.float32)
+    best = ref_argmax(logits)
+    draft = []
+    for b, k in enumerate(lengths):
+        rows = best[indptr[b] : indptr[b] + k].copy()
+        if b == 1:
+            rows[0] = (rows[0] + 1) % vocab  # first draft wrong
+        if b == 2:
+            rows[2] = (rows[2] + 1) % vocab  # mismatch in the middle
+        draft += list(rows)
+    draft = np.array(draft, np.int32)
+    accepted, next_token = cpu.verify_greedy(logits, draft, indptr)
+    np.testing.assert_array_equal(accepted, [4, 0, 2, 0, 3])
+    # all accepted: the bonus token is the argmax of the row after the last draft
+    assert next_token[0] == best[indptr[0] + 4] and next_token[4] == best[indptr[4] + 3]
+    assert next_token[1] == best[indptr[1]] and next_token[2] == best[indptr[2] + 2]
+    assert next_token[3] == best[indptr[3]]
+    ref = ref_verify_greedy(logits, draft, indptr)
+    np.testing.assert_array_equal(accepted, ref[0])
+    np.testing.assert_array_equal(next_token, ref[1])
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_verify_greedy_ragged_batches(cpu, vocab):
+    rng = np.random.default_rng(60 + vocab)
+    lengths = list(range(9)) + list(rng.integers(0, 9, 7))
+    indptr = _ragged(lengths)
+    logits = rng.standard_normal((indptr[-1], vocab)).astype(np.float32)
+    best = ref_argmax(logits)
+    draft = []
+    for b, k in enumerate(lengths):
+        rows = best[indptr[b] : indptr[b] + k].copy()
+        if k and b % 3:  # plant one mismatch at a random position in two sequences of three
+            j = rng.integers(0, k)
+            rows[j] = (rows[j] + 1 + rng.integers(0, vocab - 1)) % vocab
+        draft += list(rows)
+    draft = np.array(draft, np.int32)
+    got = cpu.verify_greedy(logits, draft, indptr)
+    want = ref_verify_greedy(logits, draft, indptr)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify_sampling
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_verify_sampling_ragged_batches(cpu, vocab):
+    rng = np.random.default_rng(70 + vocab)
+    lengths = list(range(9)) + list(rng.integers(0, 9, 23 if vocab < 1000 else 3))
+    p, q, draft, indptr, u_accept, u_sample = _sampling_case(rng, lengths, vocab)
+    got = cpu.verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    want = ref_verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert 0 < want[0].sum() < sum(lengths)  # both acceptances and rejections were exercised
+
+
+def test_verify_sampling_edge_cases(cpu):
+    p_row = np.array([0.1, 0.2, 0.0, 0.3, 0.0, 0.25, 0.15, 0.0], np.float32)
+    bonus_row = np.array([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5], np.float32)
+    q_no_5 = p_row.copy()
+    q_no_5[5] = 0.0
+    q_no_5 /= q_no_5.sum()
+    # one draft per sequence: (q row, drafted token, u_accept)
+    cases = [
+        (p_row, 2, 0.0),  # q == p and p(x) = 0: rejected, the residual is empty, p is sampled
+        (q_no_5, 5, 0.999),  # q(x) = 0 < p(x): accepted whatever u is
+        (np.full(8, 0.125, np.float32), 4, 0.0),  # p(x) = 0 < q(x): rejected even with u = 0
+        (np.full(8, 0.125, np.float32), 7, 0.0),  # same, with the residual max(0, p - q) sampled
+    ]
+    indptr = _ragged([1] * len(cases))
+    p = np.stack([row for _ in cases for row in (p_row, bonus_row)])
+    q = np.stack([c[0] for c in cases])
+    draft = np.array([c[1] for c in cases], np.int32)
+    u_accept = np.array([c[2] for c in cases], np.float32)
+    u_sample = np.array([0.35, 0.6, 0.9, 0.1], np.float32)
+    accepted, next_token = cpu.verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    np.testing.assert_array_equal(accepted, [0, 1, 0, 0])
+    assert next_token[0] == ref_sample(p_row, u_sample[0])
+    assert bonus_row[next_token[1]] > 0
+    residual = np.maximum(p_row - 0.125, 0)
+    assert residual[next_token[2]] > 0 and residual[next_token[3]] > 0
+    want = ref_verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    np.testing.assert_array_equal(accepted, want[0])
+    np.testing.assert_array_equal(next_token, want[1])
+
+
+def test_verify_sampling_out_of_vocab_draft_is_rejected(cpu):
+    p = np.full((2, 4), 0.25, np.float32)
+    q = np.full((1, 4), 0.25, np.float32)
+    for bad in (-1, 4, 1 << 30):
+        accepted, next_token = cpu.verify_sampling(
+            p, q, np.array([bad], np.int32), _ragged([1]), np.zeros(1), np.array([0.6], np.float32)
+        )
+        assert accepted[0] == 0 and next_token[0] == 2
+
+
+def test_kernels_are_deterministic(cpu):
+    rng = np.random.default_rng(90)
+    case = _sampling_case(rng, [3, 0, 5, 8, 1], 1000)
+    first = cpu.verify_sampling(*case)
+    second = cpu.verify_sampling(*case)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    logits, temperature, top_k, top_p = _filter_case(rng, 8, 1000)
+    np.testing.assert_array_equal(
+        cpu.sampling_probs(logits, temperature, top_k, top_p),
+        cpu.sampling_probs(logits, temperature, top_k, top_p),
+    )
+    u = rng.random(8)
+    probs = cpu.sampling_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(cpu.sample_from_probs(probs, u), cpu.sample_from_probs(probs, u))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distribution: the first emitted token follows the processed target p exactly
+
+
+CHI_SQUARE_ALPHA = 1e-3
+CHI_SQUARE_SEQUENCES = 100_000
+
+
+def _chi_square_p_value(observed, expected):
+    """scipy's chi-square p-value when installed, else the Wilson-Hilferty normal approximation."""
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(observed) - 1
+    try:
+        from scipy import stats
+    except ImportError:
+        z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+        return 0.5 * math.erfc(z / math.sqrt(2))
+    return float(stats.chi2.sf(stat, dof))
+
+
+# (vocab, temperature, top_k, top_p, target logits, draft logits)
+CHI_SQUARE_CASES = [
+    (6, 0.7, 4, 0.9, [1.0, 0.2, -0.5, 2.0, 0.0, 1.5], [0.0, 2.0, 1.0, -1.0, 0.5, 0.3]),
+    (8, 1.3, 0, 0.8, [0.5, -1.0, 2.0, 0.0, 1.0, -0.3, 0.8, 0.1], [0.0] * 8),
+    (7, 1.0, 5, 1.0, [2.0, 1.9, 0.5, 0.1, -1.0, 1.0, 0.7], [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0]),
+    (8, 0.9, 6, 0.95, [0.3, 0.2, 0.1, 0.0, -0.1, -0.2, 1.2, 1.1], [0.3, 0.2, 0.1, 0.0, -0.1, -0.2, 1.2, 1.1]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CHI_SQUARE_CASES)))
+def test_first_emitted_token_follows_the_target(cpu, case):
+    vocab, temperature, top_k, top_p, target_logits, draft_logits = CHI_SQUARE_CASES[case]
+    rng = np.random.default_rng(100 + case)
+    settings = (np.full(2, temperature, np.float32), np.full(2, top_k), np.full(2, top_p, np.float32))
+    # row 0: the distributions under test; row 1: arbitrary later positions of the chain
+    p_rows = cpu.sampling_probs(np.array([target_logits, rng.standard_normal(vocab)]), *settings)
+    q_rows = cpu.sampling_probs(np.array([draft_logits, rng.standard_normal(vocab)]), *settings)
+    np.testing.assert_allclose(
+        p_rows[0], ref_sampling_probs(np.array([target_logits], np.float32), *[s[:1] for s in settings])[0], atol=1e-6
+    )
+
+    lengths = rng.integers(1, 4, CHI_SQUARE_SEQUENCES)
+    indptr = _ragged(lengths)
+    first_rows = indptr[:-1]
+    p = np.repeat(p_rows[1:2], indptr[-1], axis=0)
+    p[first_rows] = p_rows[0]
+    first_drafts = first_rows - np.arange(len(lengths))
+    num_drafts = indptr[-1] - len(lengths)
+    q = np.repeat(q_rows[1:2], num_drafts, axis=0)
+    q[first_drafts] = q_rows[0]
+    draft = _draw(rng, q_rows[1], num_drafts)
+    draft[first_drafts] = _draw(rng, q_rows[0], len(lengths))
+    u_accept = rng.random(num_drafts).astype(np.float32)
+    u_sample = rng.random(len(lengths)).astype(np.float32)
+
+    accepted, next_token = cpu.verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    first = np.where(accepted > 0, draft[first_drafts], next_token)
+    observed = np.bincount(first, minlength=vocab)
+    target = p_rows[0].astype(np.float64)
+    assert observed[target == 0].sum() == 0
+    expected = target[target > 0] / target.sum() * len(lengths)
+    assert _chi_square_p_value(observed[target > 0], expected) > CHI_SQUARE_ALPHA
+
+
+def _draw(rng, probs, size):
+    w = probs.astype(np.float64)
+    return rng.choice(len(w), size=size, p=w / w.sum()).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU schedules: they cannot run here, but they must lower and build
+
+
+@pytest.mark.parametrize("kind", ["opencl", "webgpu", "cuda"])
+def test_gpu_schedules_lower_to_device_source(kind, monkeypatch):
+    # Where TVM's CUDA runtime is loaded, nvcc is the compiler the wheel can use (NVRTC needs cuda-bindings).
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    target = tvm.target.Target(
+        {"kind": kind, **({"arch": "sm_90"} if kind == "cuda" else {})}, host={"kind": "llvm"}
+    )
+    funcs = kernels.scheduled_kernels(target)
+    assert all(f.attrs["tirx.is_scheduled"] for f in funcs.values())
+    assert all("global_symbol" not in f.attrs for f in funcs.values())
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target:
+        lib = tvm.compile(mod, target=target)
+    source = lib.mod.imports[0].inspect_source()
+    for name in kernels.KERNEL_NAMES:
+        assert f"{name}_kernel" in source, f"{name} missing from the {kind} source"
+
+
+_CUDA_BUILD = textwrap.dedent(
+    """
+    import tvm, tvm.support.nvcc as nvcc
+    from tvm.base import _LOADED_LIBS
+    from compile import kernels
+    assert "tvm_runtime_cuda" in _LOADED_LIBS, "libtvm_runtime_cuda.so did not load"
+    binaries = []
+    compile_cuda = nvcc.compile_cuda
+    nvcc.compile_cuda = lambda *a, **k: binaries.append(compile_cuda(*a, **k)) or binaries[-1]
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    funcs = kernels.scheduled_kernels(target)
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    with target:  # the nvcc callback reads the arch from the current target
+        tvm.compile(mod, target=target)
+    assert binaries and all(len(b) > 0 for b in binaries), "nvcc produced nothing"
+    print("fatbin bytes", sum(len(b) for b in binaries))
+    """
+)
+
+
+def test_gpu_schedules_build_cuda_sm90_binaries(tmp_path):
+    """Real nvcc build without a GPU: a stub libcuda lets TVM load its CUDA runtime library, which
+    otherwise falls back to a source-only module (see the spike's step5d_cuda_real_codegen.py)."""
+    stub_source = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tvm-spike", "cuda_stub", "libcuda_stub.c")
+    stub_source = os.environ.get("MLC_SPEC_CUDA_STUB", stub_source)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not (shutil.which("nvcc") and compiler and os.path.exists(stub_source)):
+        pytest.skip("needs nvcc, a C compiler and the libcuda stub source to build CUDA binaries")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), stub_source], check=True)
+    env = dict(os.environ, TVM_CUDA_COMPILE_MODE="nvcc")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("LD_LIBRARY_PATH")]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _CUDA_BUILD], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "fatbin bytes" in result.stdout

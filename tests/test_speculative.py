@@ -1,0 +1,275 @@
+"""The speculative loop: greedy exactness, cache rollback, stops inside accepted runs, sampling's
+distribution, determinism and a soak. Each test names the failure mode of ../shared/REFERENCE.md it
+guards (FM1..FM9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlc_spec import Engine
+
+VOCAB = 320
+DRAFTS = ("self", "random", "partial")
+
+
+@pytest.fixture(scope="session")
+def target_ckpt(artifacts):
+    return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="session")
+def draft_ckpts(artifacts, target_ckpt):
+    return {
+        "self": target_ckpt,  # agrees always: every draft accepted
+        "random": artifacts.checkpoint("unrelated", arch="llama", vocab_size=VOCAB, seed=7, num_hidden_layers=1),
+        "partial": artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target_ckpt,
+                                        noise=0.35),
+    }
+
+
+@pytest.fixture(scope="session")
+def engines(artifacts, target_ckpt, draft_ckpts):
+    return {name: Engine(artifacts.compile(f"spec-{name}", target_ckpt, draft, max_seq_len=128), max_batch_size=16)
+            for name, draft in draft_ckpts.items()}
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Mixed lengths, including ones that end on and just past the 16-token page boundaries."""
+    rng = np.random.default_rng(seed)
+    edges = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48]
+    lengths = edges + rng.integers(1, 60, n - len(edges)).tolist()
+    return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
+
+
+def generate_all(engine, batch: list[list[int]], **opts) -> list[list[int]]:
+    out = []
+    for i in range(0, len(batch), 8):
+        out += [o.token_ids for o in engine.generate(token_ids=batch[i:i + 8], **opts)]
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(engines):
+    """Target-only greedy outputs (the same code path with no draft)."""
+    return generate_all(engines["random"], prompts(100), max_tokens=40, stop_at_eos=False, speculative=False)
+
+
+# -- FM1, FM2, FM3: greedy exactness with full, no and partial acceptance ------------------------------------
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_speculative_equals_target_alone(engines, reference, draft, k):
+    got = generate_all(engines[draft], prompts(100), max_tokens=40, stop_at_eos=False, draft_length=k)
+    mismatched = [i for i, (a, b) in enumerate(zip(got, reference)) if a != b]
+    assert not mismatched, f"{len(mismatched)} of 100 prompts differ, first {mismatched[:5]}"
+
+
+def test_acceptance_matches_each_draft(engines):
+    batch = prompts(16, seed=3)
+    rate = {name: engines[name].generate(token_ids=batch, max_tokens=40, stop_at_eos=False,
+                                         draft_length=4)[0].stats["acceptance_rate"] for name in DRAFTS}
+    assert rate["self"] == 1.0  # FM2: a draft that lacked dk after a full acceptance would drift below 1
+    assert rate["random"] < 0.2
+    assert 0.3 < rate["partial"] < 0.9, rate
+
+
+def test_last_draft_position_is_verified(engines):
+    """FM3: all k drafts are verified, the k-th included."""
+    stats = engines["self"].generate(token_ids=prompts(4), max_tokens=30, stop_at_eos=False, draft_length=4)[0].stats
+    assert stats["drafted_per_position"][3] > 0
+    assert stats["accepted_per_position"][3] == stats["drafted_per_position"][3]
+
+
+def test_caches_hold_exactly_the_committed_tokens(engines):
+    """FM1: after every round the target caches all committed tokens but the last; the draft a prefix of
+    them. The next step's logits from the cache equal a fresh prefill of the same tokens."""
+    from mlc_spec.runtime.speculative import SamplingParams, Sequence, SpeculativeDecoder
+
+    engine = engines["partial"]
+    decoder = SpeculativeDecoder(engine.target, engine.draft)
+    with engine.session() as session, engine.session() as fresh:
+        session.tokens[:] = prompts(1, seed=5)[0][:20]
+        seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(0), SamplingParams())
+        for m in (engine.target, engine.draft):
+            m.prefill(seq, 64)
+        for _ in range(12):
+            decoder.round([seq], 4)
+            assert engine.target.cached(seq) == len(seq.tokens) - 1
+            assert engine.draft.cached(seq) in (len(seq.tokens) - 1, len(seq.tokens) - 2)
+        fresh.tokens[:] = list(seq.tokens)
+        fseq = Sequence(fresh.seq_id, fresh.tokens, np.random.default_rng(0), SamplingParams())
+        engine.target.prefill(fseq, 64)
+        lib = engine.target.lib
+        a = lib.forward_last(engine.target.kv, [seq.seq_id], [[seq.tokens[-1]]]).numpy()
+        b = lib.forward_last(engine.target.kv, [fseq.seq_id], [[fseq.tokens[-1]]]).numpy()
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# -- FM6: stops inside an accepted run ----------------------------------------------------------------------
+def test_eos_inside_an_accepted_run(engines, reference):
+    engine = engines["self"]
+    prompt, ref = prompts(100)[20], reference[20]
+    eos = ref[6]
+    first = ref.index(eos)
+    saved = engine.eos_ids
+    engine.eos_ids = frozenset({eos})
+    try:
+        with engine.session() as session:
+            out = session.generate(token_ids=prompt, max_tokens=40, draft_length=8)
+            assert out.token_ids == ref[:first + 1] and out.finish_reason == "stop"
+            check_caches_consistent(engine, session)
+            # the next turn continues from exactly the committed tokens
+            follow = session.tokens + [5, 6, 7]
+            nxt = session.generate(token_ids=follow, max_tokens=10, draft_length=4, stop_at_eos=False)
+    finally:
+        engine.eos_ids = saved
+    alone = engine.generate(token_ids=follow, max_tokens=10, speculative=False, stop_at_eos=False)
+    assert nxt.token_ids == alone.token_ids
+
+
+def test_max_tokens_inside_an_accepted_run(engines, reference):
+    engine = engines["self"]
+    with engine.session() as session:
+        out = session.generate(token_ids=prompts(100)[30], max_tokens=5, draft_length=8, stop_at_eos=False)
+        assert out.token_ids == reference[30][:5] and out.finish_reason == "length"
+        check_caches_consistent(engine, session)
+
+
+def test_stop_string_inside_an_accepted_run(engines, reference):
+    engine = engines["self"]
+    prompt = prompts(100)[40]
+    full = engine.generate(token_ids=prompt, max_tokens=40, stop_at_eos=False, speculative=False)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    assert stop, "the reference produced no text"
+    with engine.session() as session:
+        out = session.generate(token_ids=prompt, max_tokens=40, stop=[stop], draft_length=8, stop_at_eos=False)
+        assert out.finish_reason == "stop"
+        assert out.text == full.text[:full.text.index(stop)]
+        assert out.token_ids == full.token_ids[:len(out.token_ids)]
+        check_caches_consistent(engine, session)
+
+
+def check_caches_consistent(engine, session):
+    n = len(session.tokens)
+    assert engine.target.kv.length(session.seq_id) == n - 1
+    assert engine.draft.kv.length(session.seq_id) <= n - 1
+
+
+# -- multi-turn ---------------------------------------------------------------------------------------------
+def test_multi_turn_reuses_the_cached_prefix(engines):
+    engine = engines["partial"]
+    history = prompts(1, seed=9)[0][:30]
+    with engine.session() as session:
+        for turn in range(4):
+            out = session.generate(token_ids=history, max_tokens=12, draft_length=4, stop_at_eos=False)
+            assert engine.target.kv.length(session.seq_id) == len(history) + len(out.token_ids) - 1
+            alone = engine.generate(token_ids=history, max_tokens=12, speculative=False, stop_at_eos=False)
+            assert out.token_ids == alone.token_ids, f"turn {turn}"
+            history = history + out.token_ids + [7 + turn, 8 + turn]
+        # a prompt that diverges from the cached history rolls the cache back to the common prefix
+        edited = history[:10] + [99, 98]
+        out = session.generate(token_ids=edited, max_tokens=8, stop_at_eos=False)
+        assert out.token_ids == engine.generate(token_ids=edited, max_tokens=8, speculative=False,
+                                                stop_at_eos=False).token_ids
+
+
+# -- sampling: determinism and distribution -----------------------------------------------------------------
+def test_same_seed_same_output(engines):
+    engine = engines["partial"]
+    opts = dict(token_ids=prompts(3, seed=1), max_tokens=24, temperature=0.8, top_p=0.9, top_k=20, seed=42)
+    a = [o.token_ids for o in engine.generate(**opts)]
+    b = [o.token_ids for o in engine.generate(**opts)]
+    c = [o.token_ids for o in engine.generate(**{**opts, "seed": 43})]
+    assert a == b
+    assert a != c
+
+
+def exact_first_two(ckpt, prompt, temperature, top_k):
+    """The target's distribution of its first two sampled tokens, from transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64)
+
+    def probs(ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].numpy() / temperature
+        keep = logits >= np.sort(logits)[-top_k]
+        p = np.where(keep, np.exp(logits - logits.max()), 0.0)
+        return p / p.sum()
+
+    p1 = probs(prompt)
+    return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, speculative):
+    """FM4/FM5 end to end: speculative sampling keeps the target's distribution (chi-square, 20k draws)."""
+    from scipy.stats import chisquare
+
+    engine = engines["partial"]
+    prompt = prompts(1, seed=11)[0][:12]
+    exact = exact_first_two(target_ckpt, prompt, temperature=1.0, top_k=4)
+    counts = dict.fromkeys(exact, 0)
+    batch = 16
+    for call in range(20000 // batch):
+        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
+                               speculative=speculative, draft_length=3, stop_at_eos=False)
+        for o in outs:
+            counts[tuple(o.token_ids[:2])] += 1
+    keys = sorted(exact)
+    observed = np.array([counts[key] for key in keys])
+    expected = np.array([exact[key] for key in keys]) * observed.sum()
+    assert observed.sum() == 20000 // batch * batch
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+# -- bad requests -------------------------------------------------------------------------------------------
+def test_prompt_longer_than_the_cache_is_refused(engines):
+    engine = engines["self"]
+    before = engine.cache_usage()
+    with pytest.raises(ValueError, match="the prompt has 200 tokens but the KV cache holds 128"):
+        engine.generate(token_ids=list(range(2, 202)), max_tokens=4)
+    assert engine.cache_usage() == before
+
+
+def test_generation_stops_at_the_cache_length(engines):
+    out = engines["self"].generate(token_ids=list(range(2, 120)), max_tokens=40, stop_at_eos=False)
+    assert out.finish_reason == "length" and len(out.token_ids) == 128 - 118
+
+
+def test_more_sessions_than_the_cache_holds_is_refused(engines):
+    engine = engines["random"]
+    sessions = [engine.session() for _ in range(engine.max_batch_size)]
+    try:
+        with pytest.raises(RuntimeError, match="holds at most 16 sequences"):
+            engine.session()
+    finally:
+        for s in sessions:
+            s.close()
+    assert engine.cache_usage()["target"]["sequences"] == 0
+
+
+# -- soak: 200 requests, some cancelled midway; every page comes back -----------------------------------------
+def test_soak_frees_every_page(engines):
+    engine = engines["partial"]
+    rng = np.random.default_rng(17)
+    batch = prompts(200, seed=23)
+    for i, prompt in enumerate(batch):
+        opts = dict(max_tokens=int(rng.integers(1, 30)), draft_length=int(rng.integers(0, 6)),
+                    temperature=float(rng.choice([0.0, 0.7])), seed=i, stop_at_eos=False)
+        if i % 5 == 0:
+            stream = engine.stream(token_ids=prompt, **opts)
+            for _ in zip(range(2), stream):
+                pass
+            stream.close()  # cancelled midway
+        elif i % 7 == 0:
+            with engine.session() as session:
+                session.generate(token_ids=prompt, **opts)
+                session.generate(token_ids=session.tokens + [3, 4], **opts)
+        else:
+            engine.generate(token_ids=prompt, **opts)
+    usage = engine.cache_usage()
+    for role in ("target", "draft"):
+        assert usage[role]["sequences"] == 0
+        assert usage[role]["free_pages"] == usage[role]["total_pages"]
