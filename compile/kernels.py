@@ -12,7 +12,10 @@ logits and int32 token ids; outputs are passed last (destination-passing style):
 
 Sequence b of a verify batch owns target rows indptr[b] .. indptr[b+1]-1 (its k_b drafts plus one bonus
 row) and draft slots indptr[b]-b .. indptr[b]-b+k_b-1, so Nq = Np - B. The numpy reference in
-tests/test_kernels.py is the executable specification.
+tests/test_kernels.py is the executable specification. Inputs are assumed sane: temperature > 0 (greedy
+decoding is argmax), 0 < top_p <= 1 (top_p <= 0 keeps just the most probable tokens), probability rows
+with some positive entry (a row without one samples token 0), logit rows with some entry above -inf
+(argmax of an all -inf row is -1). A draft id outside [0, V) is rejected.
 
 Each kernel is written once as block-based TIR (`kernel(name)`) and scheduled per target
 (`scheduled_kernels(target)`): llvm gets rows in parallel with vectorised elementwise loops, every other
@@ -31,15 +34,22 @@ KERNEL_NAMES = ("sampling_probs", "sample_from_probs", "argmax", "verify_greedy"
 # bit patterns, so a threshold is found by bisecting the integers 0 .. bits(1.0).
 _ONE_BITS = 0x3F800000
 _BISECT_STEPS = 30  # 2**30 > _ONE_BITS + 1: thirty halvings leave one bit pattern
-# The inverse CDF first picks one of _CHUNKS contiguous buckets of a row, then a token inside it; on GPU
-# each thread sums one bucket, so both sequential scans are about V / _CHUNKS + _CHUNKS long.
-_CHUNKS = 256
 _GPU_THREADS = 256
-_CPU_LANES = 8
+_CPU_VECTOR = 8
+# Float sums over a row run in _LANES independent partials (one per GPU thread, vectors on CPU): a
+# compiler may not reorder a single float accumulator, and V / _LANES terms per partial round less.
+_LANES = _GPU_THREADS
+# The inverse CDF first picks one of _CHUNKS contiguous buckets of a row, then a token inside it; each
+# GPU thread sums one bucket, so the sequential scans are only _CHUNKS + V / _CHUNKS long.
+_CHUNKS = _GPU_THREADS
 
 
 def _chunk_len(v):
     return T.ceildiv(v, T.int64(_CHUNKS))
+
+
+def _padded(v):
+    return T.ceildiv(v, T.int64(_LANES)) * T.int64(_LANES)
 
 
 def _as_float(bits):
@@ -64,7 +74,8 @@ def _argmax_rows(logits, best_token, best_logit, r, v):
             with T.init():
                 best_token[vr] = -1
                 best_logit[vr] = T.min_value("float32")
-            # Ties go to the lower index in any combining order, so a split reduction matches numpy.
+            # Ties go to the lower index in any combining order, so a split reduction matches numpy;
+            # this exact form (init -1 / min_value) is one TVM's cross-thread reducer matcher knows.
             token: T.let[T.int32] = T.Select(
                 best_logit[vr] > logits[vr, vx]
                 or (best_logit[vr] == logits[vr, vx] and best_token[vr] < T.Cast("int32", vx)),
@@ -78,6 +89,34 @@ def _argmax_rows(logits, best_token, best_logit, r, v):
             best_logit[vr] = logit
 
 
+@T.macro
+def _mass_at_least(lanes_name, name, mass, lane_mass, numer, r, threshold, v):
+    """mass[0] = the sum of the numerators numer[r, x] >= threshold, in _LANES independent partials."""
+    for lane, step in T.grid(T.int64(_LANES), T.ceildiv(v, T.int64(_LANES))):
+        with T.sblock(lanes_name):
+            vl, vs = T.axis.remap("SR", [lane, step])
+            with T.init():
+                lane_mass[vl] = T.float32(0)
+            lane_mass[vl] = lane_mass[vl] + T.Select(
+                numer[r, vs * _LANES + vl] >= threshold, numer[r, vs * _LANES + vl], T.float32(0)
+            )
+    for lane in range(T.int64(_LANES)):
+        with T.sblock(name):
+            vl = T.axis.reduce(T.int64(_LANES), lane)
+            with T.init():
+                mass[0] = T.float32(0)
+            mass[0] = mass[0] + lane_mass[vl]
+
+
+@T.macro
+def _compensated_add(total, err, index, value):
+    """Kahan summation step: err carries the low-order bits that total + value rounded away."""
+    term: T.let[T.float32] = value - err[index]
+    rounded: T.let[T.float32] = total[index] + term
+    err[index] = (rounded - total[index]) - term
+    total[index] = rounded
+
+
 def _weight(p, q, row, qrow, x):
     """p[row, x], or the residual max(0, p - q) where qrow >= 0 names the rejecting draft's q row."""
     if qrow is None:
@@ -88,10 +127,12 @@ def _weight(p, q, row, qrow, x):
 
 
 def _row(rows, s):
+    """The p row of slot s: rows[s], or s itself when the kernel has no row map."""
     return s if rows is None else _i64(rows[s])
 
 
 def _draft_row(rows, s):
+    """The q row of slot s (-1: none), or None when the weights are plain p rows."""
     return None if rows is None else rows[s]
 
 
@@ -136,7 +177,7 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
                 chunk = T.Cast("int32", c)
             else:
                 below = below + m
-    if chunk < 0:
+    if chunk < 0:  # rounding put u * total past the last bucket: take its last positive token
         chunk = last_chunk
         target = T.max_value("float32")
     run: T.float32 = below
@@ -153,6 +194,119 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
                 if run > target:
                     token = T.Cast("int32", x)
     out[s] = T.Select(token >= 0, token, last_positive)
+
+
+@T.macro
+def _numerators(logits, temperature, row_max, numer, r, v):
+    """numer[r, x] = exp((logits[r, x] - max) / temperature), zero in the padding past V."""
+    for x in range(v):
+        with T.sblock("row_max"):
+            vr, vx = T.axis.remap("SR", [r, x])
+            with T.init():
+                row_max[vr] = T.min_value("float32")
+            row_max[vr] = T.max(row_max[vr], logits[vr, vx])
+    for x in range(_padded(v)):
+        with T.sblock("numerator"):
+            vr, vx = T.axis.remap("SS", [r, x])
+            numer[vr, vx] = T.if_then_else(
+                vx < v, T.exp((logits[vr, vx] - row_max[vr]) / temperature[vr]), T.float32(0)
+            )
+
+
+@T.macro
+def _top_k_threshold(numer, top_k, top_k_bits, r, v):
+    """Largest t with count{x: numer(x) >= t} >= top_k: the k-th largest value, ties included."""
+    with T.sblock("top_k_threshold"):
+        vr = T.axis.spatial(top_k.shape[0], r)
+        T.reads(numer[vr, 0 : _padded(v)], top_k[vr])
+        T.writes(top_k_bits[vr])
+        # Per-thread state: on GPU every thread updates its own copy from the broadcast count.
+        lo = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        hi = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        count = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        lo[0] = 0
+        hi[0] = T.Select(0 < top_k[vr] and _i64(top_k[vr]) < v, _ONE_BITS + 1, 1)
+        if lo[0] + 1 < hi[0]:  # else the filter is off: [lo, hi) already holds one pattern
+            for _ in range(_BISECT_STEPS):
+                for x in range(v):
+                    with T.sblock("count_at_least"):
+                        vx = T.axis.reduce(v, x)
+                        T.reads(numer[vr, vx], lo[0], hi[0])
+                        T.writes(count[0])
+                        with T.init():
+                            count[0] = 0
+                        count[0] = count[0] + T.Select(
+                            numer[vr, vx] >= _as_float((lo[0] + hi[0]) // 2), 1, 0
+                        )
+                with T.sblock("top_k_step"):
+                    if count[0] >= top_k[vr]:
+                        lo[0] = (lo[0] + hi[0]) // 2
+                    else:
+                        hi[0] = (lo[0] + hi[0]) // 2
+        top_k_bits[vr] = lo[0]
+
+
+@T.macro
+def _top_p_threshold(numer, top_p, top_k_bits, keep_bits, r, v):
+    """Largest t >= the top-k threshold whose kept mass still reaches top_p of the top-k mass:
+    exactly the tokens whose strictly-more-probable mass is below top_p, ties included."""
+    with T.sblock("top_p_threshold"):
+        vr = T.axis.spatial(top_p.shape[0], r)
+        T.reads(numer[vr, 0 : _padded(v)], top_k_bits[vr], top_p[vr])
+        T.writes(keep_bits[vr])
+        lo = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        hi = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        top_k_mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
+        mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
+        top_k_lane_mass = T.sblock_alloc_buffer((_LANES,), "float32", scope="local")
+        lane_mass = T.sblock_alloc_buffer((_LANES,), "float32", scope="local")
+        lo[0] = top_k_bits[vr]
+        hi[0] = T.Select(top_p[vr] < T.float32(1), _ONE_BITS + 1, top_k_bits[vr] + 1)
+        if lo[0] + 1 < hi[0]:
+            _mass_at_least(
+                "top_k_lanes", "top_k_mass", top_k_mass, top_k_lane_mass, numer, vr,
+                _as_float(top_k_bits[vr]), v,
+            )  # fmt: skip
+            for _ in range(_BISECT_STEPS):
+                _mass_at_least(
+                    "lanes_at_least", "mass_at_least", mass, lane_mass, numer, vr,
+                    _as_float((lo[0] + hi[0]) // 2), v,
+                )  # fmt: skip
+                with T.sblock("top_p_step"):
+                    if mass[0] >= top_p[vr] * top_k_mass[0]:
+                        lo[0] = (lo[0] + hi[0]) // 2
+                    else:
+                        hi[0] = (lo[0] + hi[0]) // 2
+        keep_bits[vr] = lo[0]
+
+
+@T.macro
+def _kept_totals(numer, keep_bits, lane_sum, lane_err, kept_total, n, v):
+    """kept_total[r] = the sum of the kept numerators, with compensation: it sets every probability's
+    error, and a dominant token (numerator 1.0) would otherwise round away the small terms."""
+    for r, lane, step in T.grid(n, T.int64(_LANES), T.ceildiv(v, T.int64(_LANES))):
+        with T.sblock("kept_lanes"):
+            vr, vl, vs = T.axis.remap("SSR", [r, lane, step])
+            with T.init():
+                lane_sum[vr, vl] = T.float32(0)
+                lane_err[vr, vl] = T.float32(0)
+            x: T.let[T.int64] = vs * _LANES + vl
+            _compensated_add(
+                lane_sum, lane_err, (vr, vl),
+                T.Select(numer[vr, x] >= _as_float(keep_bits[vr]), numer[vr, x], T.float32(0)),
+            )  # fmt: skip
+    for r in range(n):
+        with T.sblock("kept_total"):
+            vr = T.axis.spatial(n, r)
+            T.reads(lane_sum[vr, 0:_LANES], lane_err[vr, 0:_LANES])
+            T.writes(kept_total[vr])
+            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            err = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            total[0] = T.float32(0)
+            err[0] = T.float32(0)
+            for lane in range(T.int64(_LANES)):
+                _compensated_add(total, err, (0,), lane_sum[vr, lane] - lane_err[vr, lane])
+            kept_total[vr] = total[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,99 +329,19 @@ def sampling_probs(
     top_p = T.match_buffer(var_top_p, (n,), "float32")
     probs = T.match_buffer(var_probs, (n, v), "float32")
     row_max = T.sblock_alloc_buffer((n,), "float32")
-    # Kept apart from probs so that no block rewrites what it reads (schedulable dataflow).
-    numer = T.sblock_alloc_buffer((n, v), "float32")
+    # Kept apart from probs so that no block rewrites what it reads (schedulable dataflow), and
+    # zero-padded to whole lanes so that lane sums need no bounds test (which blocks vectorising).
+    numer = T.sblock_alloc_buffer((n, _padded(v)), "float32")
     top_k_bits = T.sblock_alloc_buffer((n,), "int32")
     keep_bits = T.sblock_alloc_buffer((n,), "int32")
+    lane_sum = T.sblock_alloc_buffer((n, _LANES), "float32")
+    lane_err = T.sblock_alloc_buffer((n, _LANES), "float32")
     kept_total = T.sblock_alloc_buffer((n,), "float32")
     for r in range(n):
-        for x in range(v):
-            with T.sblock("row_max"):
-                vr, vx = T.axis.remap("SR", [r, x])
-                with T.init():
-                    row_max[vr] = T.min_value("float32")
-                row_max[vr] = T.max(row_max[vr], logits[vr, vx])
-        for x in range(v):
-            with T.sblock("numerator"):
-                vr, vx = T.axis.remap("SS", [r, x])
-                numer[vr, vx] = T.exp((logits[vr, vx] - row_max[vr]) / temperature[vr])
-        with T.sblock("top_k_threshold"):
-            # Largest t with count{x: numer(x) >= t} >= top_k: the k-th largest value, ties included.
-            vr = T.axis.spatial(n, r)
-            T.reads(numer[vr, 0:v], top_k[vr])
-            T.writes(top_k_bits[vr])
-            # Per-thread state: on GPU every thread updates its own copy from the broadcast count.
-            lo = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            hi = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            count = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            lo[0] = 0
-            hi[0] = T.Select(0 < top_k[vr] and _i64(top_k[vr]) < v, _ONE_BITS + 1, 1)
-            for _ in range(_BISECT_STEPS):
-                for x in range(v):
-                    with T.sblock("count_at_least"):
-                        vx = T.axis.reduce(v, x)
-                        T.reads(numer[vr, vx], lo[0], hi[0])
-                        T.writes(count[0])
-                        with T.init():
-                            count[0] = 0
-                        count[0] = count[0] + T.Select(
-                            numer[vr, vx] >= _as_float((lo[0] + hi[0]) // 2), 1, 0
-                        )
-                with T.sblock("top_k_step"):
-                    if count[0] >= top_k[vr]:
-                        lo[0] = (lo[0] + hi[0]) // 2
-                    else:
-                        hi[0] = (lo[0] + hi[0]) // 2
-            top_k_bits[vr] = lo[0]
-        with T.sblock("top_p_threshold"):
-            # Largest t >= top-k threshold whose kept mass still reaches top_p of the top-k mass:
-            # exactly the tokens whose strictly-more-probable mass is below top_p, ties included.
-            vr = T.axis.spatial(n, r)
-            T.reads(numer[vr, 0:v], top_k_bits[vr], top_p[vr])
-            T.writes(keep_bits[vr])
-            lo = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            hi = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            top_k_mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            for x in range(v):
-                with T.sblock("top_k_mass"):
-                    vx = T.axis.reduce(v, x)
-                    T.reads(numer[vr, vx], top_k_bits[vr])
-                    T.writes(top_k_mass[0])
-                    with T.init():
-                        top_k_mass[0] = T.float32(0)
-                    top_k_mass[0] = top_k_mass[0] + T.Select(
-                        numer[vr, vx] >= _as_float(top_k_bits[vr]), numer[vr, vx], T.float32(0)
-                    )
-            lo[0] = top_k_bits[vr]
-            hi[0] = T.Select(top_p[vr] < T.float32(1), _ONE_BITS + 1, top_k_bits[vr] + 1)
-            for _ in range(_BISECT_STEPS):
-                for x in range(v):
-                    with T.sblock("mass_at_least"):
-                        vx = T.axis.reduce(v, x)
-                        T.reads(numer[vr, vx], lo[0], hi[0])
-                        T.writes(mass[0])
-                        with T.init():
-                            mass[0] = T.float32(0)
-                        mass[0] = mass[0] + T.Select(
-                            numer[vr, vx] >= _as_float((lo[0] + hi[0]) // 2),
-                            numer[vr, vx],
-                            T.float32(0),
-                        )
-                with T.sblock("top_p_step"):
-                    if mass[0] >= top_p[vr] * top_k_mass[0]:
-                        lo[0] = (lo[0] + hi[0]) // 2
-                    else:
-                        hi[0] = (lo[0] + hi[0]) // 2
-            keep_bits[vr] = lo[0]
-    for r, x in T.grid(n, v):
-        with T.sblock("kept_total"):
-            vr, vx = T.axis.remap("SR", [r, x])
-            with T.init():
-                kept_total[vr] = T.float32(0)
-            kept_total[vr] = kept_total[vr] + T.Select(
-                numer[vr, vx] >= _as_float(keep_bits[vr]), numer[vr, vx], T.float32(0)
-            )
+        _numerators(logits, temperature, row_max, numer, r, v)
+        _top_k_threshold(numer, top_k, top_k_bits, r, v)
+        _top_p_threshold(numer, top_p, top_k_bits, keep_bits, r, v)
+    _kept_totals(numer, keep_bits, lane_sum, lane_err, kept_total, n, v)
     for r, x in T.grid(n, v):
         with T.sblock("normalize"):
             vr, vx = T.axis.remap("SS", [r, x])
@@ -390,8 +464,9 @@ def verify_sampling(
                     # An id outside the vocabulary has target probability 0: rejected, never read.
                     if 0 <= x and _i64(x) < v:
                         target: T.let[T.float32] = p[_i64(first_row + j), _i64(x)]
+                        proposal: T.let[T.float32] = q[_i64(first_draft + j), _i64(x)]
                         if target > T.float32(0):
-                            if u_accept[_i64(first_draft + j)] * q[_i64(first_draft + j), _i64(x)] <= target:
+                            if u_accept[_i64(first_draft + j)] * proposal <= target:
                                 n = n + 1
             accepted[vs] = n
             sample_row[vs] = first_row + n
@@ -467,6 +542,7 @@ def scheduled_kernels(target: tvm.target.Target) -> dict[str, tvm.tirx.PrimFunc]
     for name in KERNEL_NAMES:
         sch = s_tir.Schedule(tvm.IRModule({"main": kernel(name)}))
         schedules[name](sch)
+        # "tir.is_scheduled" is the pre-0.27 spelling some callers still look for.
         scheduled[name] = sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
     return scheduled
 
@@ -476,27 +552,32 @@ def _rows(sch, block):
 
 
 def _vectorize_vocab(sch, block):
-    _, lanes = sch.split(sch.get_loops(block)[-1], [None, _CPU_LANES])
+    _, lanes = sch.split(sch.get_loops(block)[-1], [None, _CPU_VECTOR])
     sch.vectorize(lanes)
 
 
-def _sum_in_lanes(sch, block):
-    # Lane-wise partial sums: each float32 partial adds V / lanes terms instead of V, which keeps the
-    # normaliser as accurate as the GPU's per-thread partials.
-    _, lanes = sch.split(sch.get_loops(block)[-1], [None, _GPU_THREADS])
-    partial = sch.rfactor(lanes, 1)
-    rows, steps = sch.get_loops(partial)[:2]
-    sch.parallel(rows)
-    _vectorize_vocab(sch, partial)
-    # 0.27's rfactor initialises a lane under the split's tail predicate, leaving lanes past V unset.
-    sch.decompose_reduction(partial, steps)
-    sch.parallel(_rows(sch, block))
+def _hoist_init(sch, block, loop):
+    # Zero the accumulators before `loop` instead of testing for its first iteration inside it. Only
+    # after the loops above are parallel: the split-off init leaves them unschedulable.
+    sch.decompose_reduction(block, loop)
+
+
+def _vectorize_lanes(sch, block):
+    lanes, steps = sch.get_loops(block)[-2:]
+    sch.reorder(steps, lanes)  # lanes innermost: each step adds one contiguous vector
+    _vectorize_vocab(sch, block)
+    _hoist_init(sch, block, steps)
 
 
 def _cpu_sampling_probs(sch):
-    sch.parallel(_rows(sch, _block(sch, "row_max")))
+    sch.parallel(_rows(sch, _block(sch, "row_max")))  # numerators and thresholds, a row per task
     _vectorize_vocab(sch, _block(sch, "numerator"))
-    _sum_in_lanes(sch, _block(sch, "kept_total"))
+    for name in ("top_k_lanes", "lanes_at_least"):
+        _vectorize_lanes(sch, _block(sch, name))
+    kept_lanes = _block(sch, "kept_lanes")
+    sch.parallel(_rows(sch, kept_lanes))
+    _vectorize_lanes(sch, kept_lanes)
+    sch.parallel(_rows(sch, _block(sch, "kept_total")))
     normalize = _block(sch, "normalize")
     sch.parallel(_rows(sch, normalize))
     _vectorize_vocab(sch, normalize)
@@ -504,8 +585,12 @@ def _cpu_sampling_probs(sch):
 
 def _cpu_rows_parallel(*block_names):
     def schedule(sch):
-        for name in block_names:
-            sch.parallel(_rows(sch, _block(sch, name)))
+        blocks = [_block(sch, name) for name in block_names]
+        for block in blocks:
+            sch.parallel(_rows(sch, block))
+        for block in blocks:
+            if sch.get(block).init is not None:
+                _hoist_init(sch, block, sch.get_loops(block)[-1])
 
     return schedule
 
@@ -515,7 +600,7 @@ _CPU_SCHEDULES = {
     "sample_from_probs": _cpu_rows_parallel("chunks"),
     "argmax": _cpu_rows_parallel("row_argmax"),
     "verify_greedy": _cpu_rows_parallel("row_argmax", "greedy_walk"),
-    "verify_sampling": _cpu_rows_parallel("accept_walk", "pick"),
+    "verify_sampling": _cpu_rows_parallel("accept_walk", "residual_chunks", "target_chunks"),
 }
 
 
@@ -525,18 +610,36 @@ def _spread_vocab(sch, block):
 
 
 def _gpu_sampling_probs(sch):
-    for name in ("row_max", "numerator", "count_at_least", "top_k_mass", "mass_at_least"):
+    _gpu_row_thresholds(sch)
+    _gpu_normalize(sch)
+
+
+def _gpu_row_thresholds(sch):
+    """First kernel: a row per thread block computes its numerators and both thresholds."""
+    for name in ("row_max", "numerator", "count_at_least"):
         _spread_vocab(sch, _block(sch, name))
+    # One lane per thread, then a cross-thread sum of the lanes.
+    for lanes, total in (("top_k_lanes", "top_k_mass"), ("lanes_at_least", "mass_at_least")):
+        sch.bind(sch.get_loops(_block(sch, lanes))[-2], "threadIdx.x")
+        sch.bind(sch.get_loops(_block(sch, total))[-1], "threadIdx.x")
     sch.bind(_rows(sch, _block(sch, "row_max")), "blockIdx.x")
-    # Row scalars stay per thread; only the thresholds and numerators cross to the second kernel.
+    # Row scalars stay per thread; only the numerators and keep thresholds reach the second kernel.
     sch.set_scope(_block(sch, "row_max"), 0, "local")
     sch.set_scope(_block(sch, "top_k_threshold"), 0, "local")
-    kept_total, normalize = _block(sch, "kept_total"), _block(sch, "normalize")
-    sch.compute_at(kept_total, _rows(sch, normalize))
+
+
+def _gpu_normalize(sch):
+    """Second kernel: a row per thread block sums what it keeps and writes the probabilities."""
+    kept_lanes, kept_total, normalize = (_block(sch, b) for b in ("kept_lanes", "kept_total", "normalize"))
+    rows = _rows(sch, normalize)
+    sch.compute_at(kept_total, rows)
+    sch.compute_at(kept_lanes, rows)
+    sch.bind(sch.get_loops(kept_lanes)[-2], "threadIdx.x")
+    sch.set_scope(kept_lanes, 0, "shared")
+    sch.set_scope(kept_lanes, 1, "shared")
     sch.set_scope(kept_total, 0, "local")
-    _spread_vocab(sch, kept_total)
     _spread_vocab(sch, normalize)
-    sch.bind(_rows(sch, normalize), "blockIdx.x")
+    sch.bind(rows, "blockIdx.x")
 
 
 def _gpu_argmax_rows(sch):

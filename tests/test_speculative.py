@@ -24,7 +24,7 @@ def draft_ckpts(artifacts, target_ckpt):
         "self": target_ckpt,  # agrees always: every draft accepted
         "random": artifacts.checkpoint("unrelated", arch="llama", vocab_size=VOCAB, seed=7, num_hidden_layers=1),
         "partial": artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target_ckpt,
-                                        noise=0.35),
+                                        noise=0.1),
     }
 
 
@@ -38,7 +38,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     """Mixed lengths, including ones that end on and just past the 16-token page boundaries."""
     rng = np.random.default_rng(seed)
     edges = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48]
-    lengths = edges + rng.integers(1, 60, n - len(edges)).tolist()
+    lengths = edges + rng.integers(1, 60, max(0, n - len(edges))).tolist()
     return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
 
 
