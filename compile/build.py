@@ -116,7 +116,12 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     _check_shapes(params, named_params, role)
     log(f"build: {role} library (TVM {tvm.__version__})")
     start = time.perf_counter()
-    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    with target:  # TVM's nvcc callback reads the architecture from the current target
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    if target.kind.name == "cuda":
+        from .cuda import check_device_code
+
+        check_device_code(executable.mod)
     library = f"{role}-{opts.device}.so"
     executable.export_library(str(staging / library))
     build_seconds = time.perf_counter() - start

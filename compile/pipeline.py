@@ -84,17 +84,19 @@ def cpu_pipeline(target: tvm.target.Target):
 
 def gpu_pipeline(target: tvm.target.Target):
     """dlight's GPU rules; tensorize is switched off because Schedule.tensorize segfaults in 0.27
-    (float16 tensor-core matmuls on CUDA, simdgroup ones on Metal)."""
+    (float16 tensor-core matmuls on CUDA). Metal's matmul rule tensorizes regardless of that switch,
+    so Metal leaves matmuls to the GEMV and fallback rules."""
     from tvm.relax.backend.cuda import pipeline as cp
 
     legalize = cp.legalize_passes(target)
+    matmul = [] if target.kind.name == "metal" else [dl.gpu.Matmul()]
     return _pipeline(
         target,
         cp.library_dispatch_passes(target)
         + [relax.transform.FuseTransposeMatmul()]
         + legalize[:-1]  # the last one is dlight's default schedule, replaced below
         + [_mark_do_not_tensorize,
-           dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+           dl.ApplyDefaultSchedule(*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
                                    dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
         + cp.dataflow_lower_passes(target)
         + cp.finalize_passes(target),

@@ -273,3 +273,52 @@ def test_artifact_runs_on_runtime_only_tvm(artifacts, good_checkpoint, runtime_o
 
     expected = Engine(artifact).generate(token_ids=[3, 4, 5, 6], max_tokens=8, stop_at_eos=False).token_ids
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+# -- GGUF -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
+    """A tiny GGUF (written with gguf's writer) compiles; logits equal transformers' on the dequantized weights."""
+    import gguf
+    from test_gguf_reader import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
+    from transformers import LlamaForCausalLM
+
+    from mlc_spec.compile.build import compile_artifact
+    from mlc_spec.compile.gguf_reader import read_gguf
+
+    tokenizer = train_byte_level_tokenizer("gpt-2")
+    config, _, tensors = tiny_llama(tokenizer.get_vocab_size(with_added_tokens=True))
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, "llama", config, tensors, byte_level_vocab(tokenizer, "gpt-2"), qtype=gguf.GGMLQuantizationType[qtype])
+    artifact = compile_artifact(path, output=tmp_path / "out", log=lambda _m: None)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in read_gguf(path).tensors.items()}, strict=False)
+    ids = list(range(3, 33))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = run_forwards(artifact, ids, (20, 30))
+    # these weights (std 0.5) give logits in the hundreds: 1e-4 plus float32's relative rounding
+    np.testing.assert_allclose(got["prefill"], ref[19], atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(got["verify"], ref[21:30], atol=1e-4, rtol=1e-5)
+
+
+# -- other backends -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["opencl", "webgpu", "metal"])
+def test_gpu_source_backends_build(artifacts, good_checkpoint, device):
+    artifact = artifacts.compile(f"llama-{device}", good_checkpoint, device=device)
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    assert config["device"] == device and config["target"]["kind"] == device
+    assert (artifact / f"target-{device}.so").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and (shutil.which("cc") or shutil.which("gcc"))),
+                    reason="building CUDA device code needs nvcc and a C compiler")
+def test_cuda_build_carries_device_binaries(artifacts, good_checkpoint):
+    """Built here without a GPU: real fatbins through nvcc, never a source-only module."""
+    artifact = artifacts.compile("llama-cuda", good_checkpoint, device="cuda", cuda_arch="sm_90")
+    from mlc_spec.compile.cuda import cuda_modules
+
+    cuda = cuda_modules(tvm.runtime.load_module(str(artifact / "target-cuda.so")))
+    assert cuda and all(m.is_runnable() for m in cuda)
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    assert config["target"] == {"kind": "cuda", "arch": "sm_90"} and config["build"]["cuda_arch"] == "sm_90"

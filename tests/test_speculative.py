@@ -273,3 +273,23 @@ def test_soak_frees_every_page(engines):
     for role in ("target", "draft"):
         assert usage[role]["sequences"] == 0
         assert usage[role]["free_pages"] == usage[role]["total_pages"]
+
+
+# -- FM7: draft and target vocabularies that differ in padding ---------------------------------------------------
+@pytest.mark.parametrize("draft_vocab", [304, 352])
+def test_padded_vocabularies_align(artifacts, draft_vocab):
+    """Same 300-token tokenizer; the target's embedding has 320 rows, the draft's fewer or more. The
+    random target emits padding ids >= 304, which the smaller draft has no row for."""
+    target = artifacts.checkpoint("pad-target", arch="llama", vocab_size=320, tokenizer_vocab=300, seed=3)
+    draft = artifacts.checkpoint(f"pad-draft-{draft_vocab}", arch="llama", vocab_size=draft_vocab,
+                                 tokenizer_vocab=300, seed=4)
+    engine = Engine(artifacts.compile(f"pad-{draft_vocab}", target, draft), max_batch_size=8)
+    assert engine.config["shared_vocab_size"] == min(320, draft_vocab)
+    assert engine.draft.lib.vocab_size == 320  # aligned to the target's rows
+    batch = prompts(8, seed=31)
+    ref = [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, speculative=False)]
+    assert any(t >= 304 for out in ref for t in out), "the test needs the target to emit padding ids"
+    spec = [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, draft_length=4)]
+    assert spec == ref
+    sampled = engine.generate(token_ids=batch, max_tokens=30, temperature=1.0, seed=1, stop_at_eos=False)
+    assert all(0 <= t < 320 for o in sampled for t in o.token_ids)
