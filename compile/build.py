@@ -24,8 +24,8 @@ from safetensors.numpy import save_file
 from .checkpoint import Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .model import CausalLM
-from .pipeline import pipeline_for
-from .targets import resolve_target
+from .pipeline import pass_context, pipeline_for, weight_tile
+from .targets import model_target, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
 
 CONFIG_FILE = "mlc_spec_config.json"
@@ -40,13 +40,15 @@ class CompileOptions:
     page_size: int = 16
     prefill_chunk_size: int = 512
     cuda_arch: str = "sm_90"
+    # A CPU code generator other than LLVM for this CPU: a dict target of kind llvm or c (device cpu).
+    target: dict | None = None
 
 
 def compile_artifact(target: str | Path, draft: str | Path | None = None, output: str | Path | None = None,
                      options: CompileOptions | None = None, log: Callable[[str], None] = print) -> Path:
     opts = options or CompileOptions()
     _check_options(opts)
-    tvm_target = resolve_target(opts.device, opts.cuda_arch)
+    tvm_target = resolve_target(opts.device, opts.cuda_arch, opts.target)
     log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
     checkpoints = {"target": load_checkpoint(target)}
     if draft is not None:
@@ -107,16 +109,17 @@ def _replace(staging: Path, out: Path) -> None:
 def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
                  opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> dict:
     log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) to {opts.dtype}")
-    params = convert_weights(cfg, ck.tensors, opts.dtype, output_vocab_size)
+    tile = weight_tile(model_target(target))
+    params = convert_weights(cfg, ck.tensors, opts.dtype, output_vocab_size, tile)
     log(f"lower: {role} for {target.kind.name}")
-    model = CausalLM(cfg, target, output_vocab_size)
+    model = CausalLM(cfg, model_target(target), output_vocab_size, tile)
     model.to(opts.dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     param_names = [name for name, _ in named_params]
     _check_shapes(params, named_params, role)
     log(f"build: {role} library (TVM {tvm.__version__})")
     start = time.perf_counter()
-    with target:  # TVM's nvcc callback reads the architecture from the current target
+    with target, pass_context(target):  # TVM's nvcc callback reads the architecture from the current target
         executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
     if target.kind.name == "cuda":
         from .cuda import check_device_code

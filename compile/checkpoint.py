@@ -101,8 +101,9 @@ class SafetensorsTensors(Mapping):
 
 
 def convert_weights(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str,
-                    output_vocab_size: int) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> model.py parameters: q/k/v and gate/up fused, linears [in, out].
+                    output_vocab_size: int, tile: int | None = None) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> model.py parameters: q/k/v and gate/up fused, linears [in, out] or,
+    with a tile, packed [ceil(out / tile), in, tile] (model.Linear).
 
     output_vocab_size below the checkpoint's vocabulary drops the padding rows of the output head
     (a draft aligned to its target's vocabulary)."""
@@ -126,7 +127,22 @@ def convert_weights(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: 
     if not cfg.tie_word_embeddings:
         out["model.embed_tokens"] = embed
     out["lm_head.weight"] = head[:output_vocab_size].T
+    if tile is not None:
+        out = {name: _pack(w, tile) if _is_linear(name) else w for name, w in out.items()}
     return {name: np.ascontiguousarray(w.astype(dtype)) for name, w in out.items()}
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith("proj.weight") or name == "lm_head.weight"
+
+
+def _pack(weight: np.ndarray, tile: int) -> np.ndarray:
+    """[in, out] -> [ceil(out / tile), in, tile], zero-padded."""
+    k, n = weight.shape
+    tiles = -(-n // tile)
+    padded = np.zeros((k, tiles * tile), weight.dtype)
+    padded[:, :n] = weight
+    return padded.reshape(k, tiles, tile).transpose(1, 0, 2)
 
 
 def _getter(tensors: Mapping[str, np.ndarray]):

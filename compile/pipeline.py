@@ -9,19 +9,33 @@ a verify forward of k+1 tokens reads each weight once.
 
 from __future__ import annotations
 
+import contextlib
+
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, tirx
+from tvm.ir.expr import TensorLoad
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target.codegen import llvm_get_vector_width
 
-# Output features per tile: four vector registers of accumulators per row on AVX2 (eight float32 lanes).
-_LANES_PER_TILE = 4
+from .targets import model_target
+
+# Output features per tile: four vector registers of accumulators per row.
+_VECTORS_PER_TILE = 4
+
+
+def weight_tile(target: tvm.target.Target) -> int | None:
+    """The packed weight layout's tile (model.Linear) for CPU targets; GPUs keep [in, out]."""
+    if target.kind.name != "llvm":
+        return None
+    return _VECTORS_PER_TILE * max(1, llvm_get_vector_width(target) // 32)
 
 
 class CPUStreamingMatmul(CPUScheduleRule):
-    """matmul(x[..., K], W[K, N]) with an elementwise epilogue, N innermost in W."""
+    """y[rows, j, t] = sum_k x[rows, k] * W[j, k, t] (model.Linear's packed layout), with an
+    elementwise epilogue: tiles j in parallel, rows, then k, with the t outputs of a row vectorized."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -31,21 +45,17 @@ class CPUStreamingMatmul(CPUScheduleRule):
         if infos is None:
             return None
         reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reductions) != 1 or reductions[0] != 0 or not _is_matmul(infos[0].dom_kind()):
+        if len(reductions) != 1 or reductions[0] != 0 or not _is_packed_matmul(sch, infos[0]):
             return None
         block = infos[0].block_rv
-        if not _streams_last_spatial_axis(sch, block):
-            return None
-        *rows, n, k = sch.get_loops(block)
-        tile = _LANES_PER_TILE * max(1, llvm_get_vector_width(target) // 32)
-        n_outer, n_inner = sch.split(n, factors=[None, tile])
-        sch.reorder(n_outer, *([sch.fuse(*rows)] if rows else []), k, n_inner)
+        *rows, tiles, lanes, k = sch.get_loops(block)
+        sch.reorder(tiles, *([sch.fuse(*rows)] if rows else []), k, lanes)
         epilogues = [info.block_rv for info in infos[1:]]
         for epilogue in epilogues:
-            sch.reverse_compute_at(epilogue, n_outer)
+            sch.reverse_compute_at(epilogue, tiles)
         # parallel and vectorize need the reduction still whole; its init is split off last.
-        sch.parallel(n_outer)
-        sch.vectorize(n_inner)
+        sch.parallel(tiles)
+        sch.vectorize(lanes)
         for epilogue in epilogues:
             sch.vectorize(sch.get_loops(epilogue)[-1])
         init = sch.decompose_reduction(block, k)
@@ -53,17 +63,16 @@ class CPUStreamingMatmul(CPUScheduleRule):
         return sch
 
 
-def _is_matmul(dom_kind: str) -> bool:
-    return dom_kind.endswith("SR") and dom_kind.count("R") == 1 and dom_kind.startswith("S")
-
-
-def _streams_last_spatial_axis(sch: s_tir.Schedule, block) -> bool:
-    """The weight operand must be indexed [k, n]: its last index is the block's last spatial iterator."""
-    iters = sch.get(block).iter_vars
-    n_var, k_var = iters[-2].var, iters[-1].var
-    for region in sch.get(block).reads:
+def _is_packed_matmul(sch: s_tir.Schedule, info) -> bool:
+    """One reduction iterator, last; a read indexed [j, k, t] by the last two spatial iterators and k."""
+    kind = info.dom_kind()
+    if not (kind.endswith("SSR") and kind.count("R") == 1 and kind.startswith("S")):
+        return False
+    iters = [iv.var for iv in sch.get(info.block_rv).iter_vars]
+    j, t, k = iters[-3], iters[-2], iters[-1]
+    for region in sch.get(info.block_rv).reads:
         idx = [r.min for r in region.region]
-        if len(idx) == 2 and idx[0].same_as(k_var) and idx[1].same_as(n_var):
+        if len(idx) == 3 and idx[0].same_as(j) and idx[1].same_as(k) and idx[2].same_as(t):
             return True
     return False
 
@@ -73,7 +82,8 @@ def cpu_pipeline(target: tvm.target.Target):
 
     return _pipeline(
         target,
-        cp.library_dispatch_passes(target)
+        [_one_element_loads_at_zero]
+        + cp.library_dispatch_passes(target)
         + [relax.transform.FuseTransposeMatmul()]
         + cp.legalize_passes(target)
         + [dl.ApplyDefaultSchedule(CPUStreamingMatmul(), dl.cpu.Reduction())]
@@ -111,6 +121,43 @@ def _mark_do_not_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
+@tvm.transform.module_pass(opt_level=0, name="OneElementLoadsAtZero")
+def _one_element_loads_at_zero(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Index 0 for every load from a one-element buffer, the only in-bounds index.
+
+    TVM 0.27's CPU prefill and tree attention (the paged-KV ones) read scale_O[d_idx] from a
+    one-element buffer. LLVM, entitled to assume the access is in bounds, reads scale_O[0]; a C
+    compiler reads past the buffer, and verify logits come out wrong.
+    """
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = tvm_ffi.structural_map(func, (TensorLoad, _load_at_zero))
+    return mod
+
+
+def _load_at_zero(load):
+    shape = load.source.shape
+    if len(shape) == 1 and isinstance(shape[0], tirx.IntImm) and shape[0].value == 1:
+        return tirx.BufferLoad(load.source, [tirx.IntImm(load.indices[0].ty.dtype, 0)])
+    return load
+
+
+def _lower_c_exp2(call):
+    """exp2 for the C source target, which TVM gives no lowering rule (LLVM has an intrinsic)."""
+    dtype = call.ty.dtype
+    return tirx.call_pure_extern(dtype, "exp2f" if dtype == "float32" else "exp2", *call.args)
+
+
+tirx.register_intrin_lowering("tirx.exp2", target="c", f=_lower_c_exp2, level=99)
+
+
+def pass_context(target: tvm.target.Target):
+    """C has no vector types: the C source target builds its vectorized loops as plain loops."""
+    if target.kind.name == "c":
+        return tvm.transform.PassContext(config={"tirx.disable_vectorize": True})
+    return contextlib.nullcontext()
+
+
 def _pipeline(target: tvm.target.Target, passes: list):
     @tvm.transform.module_pass(opt_level=0, name="MlcSpecPipeline")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -121,4 +168,4 @@ def _pipeline(target: tvm.target.Target, passes: list):
 
 
 def pipeline_for(target: tvm.target.Target):
-    return cpu_pipeline(target) if target.kind.name == "llvm" else gpu_pipeline(target)
+    return cpu_pipeline(model_target(target)) if "cpu" in target.keys else gpu_pipeline(target)
