@@ -132,8 +132,11 @@ class SpeculativeDecoder:
     # -- 2 and 3. verify and decide -------------------------------------------------------------------
     def _verify(self, seqs, drafts, q, params: SamplingParams, u_accept, u_sample):
         target = self.target
-        logits = target.lib.forward_all(target.kv, [s.seq_id for s in seqs],
-                                        [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)])
+        chains = [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)]
+        # Without drafts this is a plain decode step: the decode function's one-row matmuls are
+        # cheaper than the verify function's blocks of rows, and give the same per-row sums.
+        forward = target.lib.forward_all if any(drafts) else target.lib.forward_last
+        logits = forward(target.kv, [s.seq_id for s in seqs], chains)
         indptr = np.cumsum([0] + [len(d) + 1 for d in drafts])
         flat_drafts = [t for d in drafts for t in d]
         if params.greedy:
