@@ -13,7 +13,7 @@ setup(
         "mlc_spec.runtime": "runtime",
     },
     packages=["mlc_spec", "mlc_spec.compile", "mlc_spec.runtime"],
-    package_data={"mlc_spec": ["default/*"]},
+    package_data={"mlc_spec": ["default/*", "default/draft/*"]},
     install_requires=[
         "apache-tvm==0.27.0.post1",
         "numpy",

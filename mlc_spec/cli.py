@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import bench, chat
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlc_spec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compile(sub)
+    chat.add_parser(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

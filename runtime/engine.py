@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from .kv_cache import CacheFullError
 from .library import ModelLibrary, tvm_device
-from .speculative import Model, RoundStats, SamplingParams, Sequence, SpeculativeDecoder
+from .speculative import DraftModel, Model, NGramDraft, RoundStats, SamplingParams, Sequence, SpeculativeDecoder
 
 CONFIG_FILE = "mlc_spec_config.json"
 
@@ -53,13 +53,20 @@ class Stats:
         self.total_seconds = 0.0
 
     def add_round(self, r: RoundStats) -> None:
-        for n in r.accepted:
-            self.drafted_at[:r.drafted] += 1
+        for drafted, n in zip(r.drafted, r.accepted):
+            self.drafted_at[:drafted] += 1
             self.accepted_at[:n] += 1
             self.rounds += 1
             self.target_calls_tokens += n + 1
         self.draft_seconds += r.draft_seconds
         self.verify_seconds += r.verify_seconds
+
+    def merge(self, other: "Stats") -> None:
+        """Add another run's counts and times to these (a conversation's totals over its turns)."""
+        self.drafted_at += other.drafted_at
+        self.accepted_at += other.accepted_at
+        for name in ("rounds", "target_calls_tokens", "tokens", "draft_seconds", "verify_seconds", "total_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
         drafted = int(self.drafted_at.sum())
@@ -185,22 +192,30 @@ class GenerateOptions:
     sampling: SamplingParams = SamplingParams()
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    speculative: bool = True
+    speculative: bool | str = True
     draft_length: int = 4
     stop_at_eos: bool = True
+    ngram_size: int = 3
 
     @classmethod
     def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, stop: str | list[str] | None = None, speculative: bool = True,
-             draft_length: int = 4, stop_at_eos: bool = True) -> "GenerateOptions":
+             seed: int | None = None, stop: str | list[str] | None = None, speculative: bool | str = True,
+             draft_length: int = 4, stop_at_eos: bool = True, ngram_size: int = 3) -> "GenerateOptions":
+        """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
+        "ngram", or False (the target alone)."""
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not 0 <= draft_length <= 32:
             raise ValueError(f"draft_length must be between 0 and 32, got {draft_length}")
+        if speculative not in (True, False, "draft", "ngram"):
+            raise ValueError(f"speculative must be True, False, 'draft' or 'ngram', got {speculative!r}")
+        if ngram_size < 1:
+            raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_tokens), sampling, seed, stops, bool(speculative), int(draft_length), stop_at_eos)
+        return cls(int(max_tokens), sampling, seed, stops, speculative, int(draft_length), stop_at_eos,
+                   int(ngram_size))
 
 
 class Session:
@@ -210,6 +225,7 @@ class Session:
         self.engine = engine
         self.seq_id = engine._add_sequence()
         self.tokens: list[int] = []
+        self.last_stats: Stats | None = None  # of the latest generate or stream call
         self._finalizer = weakref.finalize(self, engine._remove_sequence, self.seq_id)
 
     def close(self) -> None:
@@ -223,12 +239,16 @@ class Session:
 
     def generate(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> GenerationOutput:
         """prompt / token_ids is the whole conversation so far: its common prefix with the cache is reused."""
-        prompts, _ = self.engine._prompts(prompt, token_ids)
-        return _run(self.engine, [self], prompts, GenerateOptions.make(**options))[0]
+        return _run(self.engine, [self], *self._request(prompt, token_ids, options))[0]
 
     def stream(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> Iterator[str]:
+        generation = _Generation(self.engine, [self], *self._request(prompt, token_ids, options))
+        self.last_stats = generation.stats
+        yield from generation.deltas()
+
+    def _request(self, prompt, token_ids, options) -> tuple[list[list[int]], GenerateOptions]:
         prompts, _ = self.engine._prompts(prompt, token_ids)
-        yield from _Generation(self.engine, [self], prompts, GenerateOptions.make(**options)).deltas()
+        return prompts, GenerateOptions.make(**options)
 
     def reset(self) -> None:
         self.tokens = []
@@ -238,6 +258,8 @@ class Session:
 
 def _run(engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions) -> list[GenerationOutput]:
     gen = _Generation(engine, sessions, prompts, opts)
+    for session in sessions:
+        session.last_stats = gen.stats
     for _ in gen.deltas():
         pass
     return gen.outputs()
@@ -298,7 +320,10 @@ class _Generation:
             raise ValueError(f"a batch of {len(sessions)} exceeds the engine's max_batch_size {engine.max_batch_size}")
         self.engine = engine
         self.opts = opts
-        self.decoder = SpeculativeDecoder(engine.target, engine.draft if opts.speculative else None)
+        self.draft = engine.draft if opts.speculative in (True, "draft") else None
+        if opts.speculative == "draft" and self.draft is None:
+            raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
+        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
         self.stats = Stats(32)
         self.requests = []
         seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
@@ -350,7 +375,14 @@ class _Generation:
                 m.prefill(req.seq, self.engine.prefill_chunk)
 
     def _models(self) -> list[Model]:
-        return [self.decoder.target] + ([self.decoder.draft] if self.decoder.draft is not None else [])
+        return [self.decoder.target] + ([self.draft] if self.draft is not None else [])
+
+    def _proposer(self, engine: Engine, opts: GenerateOptions):
+        if self.draft is not None:
+            return DraftModel(self.draft)
+        if opts.speculative in (True, "ngram"):
+            return NGramDraft(engine.target.lib.vocab_size, max_ngram=opts.ngram_size)
+        return None
 
     def _draft_length(self, active: list[_Request]) -> int:
         """Never draft past max_tokens or the cache's per-sequence length."""

@@ -43,7 +43,8 @@ class ModelLibrary:
         self.vm = VirtualMachine(tvm.runtime.load_module(str(folder / entry["library"])), dev)
         weights = load_file(str(folder / entry["params"]))
         self.params = [tvm.runtime.tensor(weights[name], dev) for name in entry["param_names"]]
-        self._fn = {name: self.vm[name] for name in (
+        # The VM functions the runtime calls, by name (bench wraps them to time compiled code).
+        self.functions = {name: self.vm[name] for name in (
             "prefill", "batch_decode", "verify", "sampling_probs", "sample_from_probs", "argmax",
             "verify_greedy", "verify_sampling")}
 
@@ -68,10 +69,10 @@ class ModelLibrary:
         flat = [t for tokens in token_lists for t in tokens]
         with kv.forward(seq_ids, lengths):
             if all(n == 1 for n in lengths):
-                logits, _ = self._fn["batch_decode"](self.ids(flat), kv.handle, self.params)
+                logits, _ = self.functions["batch_decode"](self.ids(flat), kv.handle, self.params)
             else:
                 last = np.cumsum(lengths) - 1
-                logits, _ = self._fn["prefill"](self.ids(flat), _array(last, "int32", self.dev), kv.handle, self.params)
+                logits, _ = self.functions["prefill"](self.ids(flat), _array(last, "int32", self.dev), kv.handle, self.params)
         return logits
 
     def forward_all(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]],
@@ -80,29 +81,29 @@ class ModelLibrary:
         lengths = [len(t) for t in token_lists]
         flat = [t for tokens in token_lists for t in tokens]
         with kv.forward(seq_ids, lengths, tree_parents):
-            logits, _ = self._fn["verify"](self.ids(flat), kv.handle, self.params)
+            logits, _ = self.functions["verify"](self.ids(flat), kv.handle, self.params)
         return logits
 
     # -- kernels (compile/kernels.py) ----------------------------------------------------------------
     def argmax(self, logits) -> np.ndarray:
-        return self._fn["argmax"](logits).numpy()
+        return self.functions["argmax"](logits).numpy()
 
     def sampling_probs(self, logits, temperature, top_k, top_p):
         dev = self.dev
-        return self._fn["sampling_probs"](logits, _array(temperature, "float32", dev), _array(top_k, "int32", dev),
+        return self.functions["sampling_probs"](logits, _array(temperature, "float32", dev), _array(top_k, "int32", dev),
                                           _array(top_p, "float32", dev))
 
     def sample_from_probs(self, probs, uniforms) -> np.ndarray:
-        return self._fn["sample_from_probs"](probs, _array(uniforms, "float32", self.dev)).numpy()
+        return self.functions["sample_from_probs"](probs, _array(uniforms, "float32", self.dev)).numpy()
 
     def verify_greedy(self, logits, draft_tokens, indptr) -> tuple[np.ndarray, np.ndarray]:
-        accepted, nxt = self._fn["verify_greedy"](logits, _array(draft_tokens, "int32", self.dev),
+        accepted, nxt = self.functions["verify_greedy"](logits, _array(draft_tokens, "int32", self.dev),
                                                   _array(indptr, "int32", self.dev))
         return accepted.numpy(), nxt.numpy()
 
     def verify_sampling(self, p, q, draft_tokens, indptr, u_accept, u_sample) -> tuple[np.ndarray, np.ndarray]:
         dev = self.dev
-        accepted, nxt = self._fn["verify_sampling"](
+        accepted, nxt = self.functions["verify_sampling"](
             p, q, _array(draft_tokens, "int32", dev), _array(indptr, "int32", dev),
             _array(u_accept, "float32", dev), _array(u_sample, "float32", dev))
         return accepted.numpy(), nxt.numpy()

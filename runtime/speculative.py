@@ -51,8 +51,8 @@ class Sequence:
 
 @dataclasses.dataclass
 class RoundStats:
-    """What one round did, for acceptance statistics and timing."""
-    drafted: int
+    """What one round did, for acceptance statistics and timing: drafts and acceptances per sequence."""
+    drafted: list[int]
     accepted: list[int]
     draft_seconds: float
     verify_seconds: float
@@ -83,44 +83,28 @@ class Model:
             self.lib.forward_last(self.kv, [seq.seq_id], [seq.tokens[lo:min(end, lo + chunk)]])
 
 
-class SpeculativeDecoder:
-    def __init__(self, target: Model, draft: Model | None):
-        self.target = target
-        self.draft = draft
+class DraftModel:
+    """Proposes by running a small model k times; its q rows are its own processed distributions."""
 
-    def round(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], RoundStats]:
-        """Run one round; returns the new committed tokens of each sequence (accepted drafts + 1)."""
-        k = k if self.draft is not None else 0
-        params = seqs[0].params
-        u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
-        t0 = time.perf_counter()
-        drafts, q = self._propose(seqs, k, params, u_draft)
-        t1 = time.perf_counter()
-        accepted, next_tokens = self._verify(seqs, drafts, q, params, u_accept, u_sample)
-        t2 = time.perf_counter()
-        new_tokens = []
-        for seq, d, n, t in zip(seqs, drafts, accepted, next_tokens):
-            new_tokens.append(d[:n] + [int(t)])
-            seq.tokens.extend(new_tokens[-1])
-            self.target.sync(seq)
-            if self.draft is not None:
-                self.draft.sync(seq)
-        return new_tokens, RoundStats(k, [int(n) for n in accepted], t1 - t0, t2 - t1)
+    def __init__(self, model: Model):
+        self.model = model
 
-    # -- 1. draft -------------------------------------------------------------------------------------
-    def _propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
+    def sync(self, seq: Sequence) -> None:
+        self.model.sync(seq)
+
+    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
         if k == 0:
             return [[] for _ in seqs], None
-        draft, ids = self.draft, [s.seq_id for s in seqs]
-        feeds = [s.tokens[draft.cached(s):] for s in seqs]  # the last token, and dk after a full acceptance
+        model, ids = self.model, [s.seq_id for s in seqs]
+        feeds = [s.tokens[model.cached(s):] for s in seqs]  # the last token, and dk after a full acceptance
         steps, q_rows = [], []
         for j in range(k):
-            logits = draft.lib.forward_last(draft.kv, ids, feeds)
+            logits = model.lib.forward_last(model.kv, ids, feeds)
             if params.greedy:
-                tokens = draft.lib.argmax(logits)
+                tokens = model.lib.argmax(logits)
             else:
-                q = draft.lib.sampling_probs(logits, *_row_params(params, len(seqs)))
-                tokens = draft.lib.sample_from_probs(q, u_draft[:, j])
+                q = model.lib.sampling_probs(logits, *_row_params(params, len(seqs)))
+                tokens = model.lib.sample_from_probs(q, u_draft[:, j])
                 q_rows.append(q.numpy())
             steps.append(tokens)
             feeds = [[int(t)] for t in tokens]
@@ -129,7 +113,65 @@ class SpeculativeDecoder:
         q = None if params.greedy else np.stack(q_rows, axis=1).reshape(len(seqs) * k, -1)
         return drafts, q
 
-    # -- 2 and 3. verify and decide -------------------------------------------------------------------
+
+class NGramDraft:
+    """Prompt lookup: the continuation that followed the latest earlier occurrence of the sequence's
+    last n tokens (longest n first). A deterministic proposal is a one-hot q, so verification keeps
+    the target's distribution exactly (vLLM's rule)."""
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+        self.vocab_size = vocab_size
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def sync(self, seq: Sequence) -> None:
+        pass
+
+    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
+        drafts = [self.lookup(s.tokens, k) for s in seqs]
+        if params.greedy:
+            return drafts, None
+        flat = [t for d in drafts for t in d]
+        q = np.zeros((len(flat), self.vocab_size), np.float32)
+        q[np.arange(len(flat)), flat] = 1.0
+        return drafts, q
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        if k == 0:
+            return []
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    return tokens[start + n:start + n + k]
+        return []
+
+
+class SpeculativeDecoder:
+    def __init__(self, target: Model, proposer: DraftModel | NGramDraft | None):
+        self.target = target
+        self.proposer = proposer
+
+    def round(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], RoundStats]:
+        """Run one round; returns the new committed tokens of each sequence (accepted drafts + 1)."""
+        k = k if self.proposer is not None else 0
+        params = seqs[0].params
+        u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
+        t0 = time.perf_counter()
+        drafts, q = self.proposer.propose(seqs, k, params, u_draft) if k else ([[] for _ in seqs], None)
+        t1 = time.perf_counter()
+        accepted, next_tokens = self._verify(seqs, drafts, q, params, u_accept, u_sample)
+        t2 = time.perf_counter()
+        new_tokens = []
+        for seq, d, n, t in zip(seqs, drafts, accepted, next_tokens):
+            new_tokens.append(d[:n] + [int(t)])
+            seq.tokens.extend(new_tokens[-1])
+            self.target.sync(seq)
+            if self.proposer is not None:
+                self.proposer.sync(seq)
+        return new_tokens, RoundStats([len(d) for d in drafts], [int(n) for n in accepted], t1 - t0, t2 - t1)
+
+    # -- verify and decide ----------------------------------------------------------------------------
     def _verify(self, seqs, drafts, q, params: SamplingParams, u_accept, u_sample):
         target = self.target
         chains = [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)]
@@ -143,8 +185,9 @@ class SpeculativeDecoder:
             return target.lib.verify_greedy(logits, flat_drafts, indptr)
         p = target.lib.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
         q = q if q is not None else np.zeros((0, target.lib.vocab_size), np.float32)
-        return target.lib.verify_sampling(p, _to_device(q, target.lib), flat_drafts, indptr,
-                                          u_accept.reshape(-1), u_sample)
+        # a proposer may draft fewer than k for a sequence: its first len(d) acceptance uniforms
+        flat_u = np.concatenate([u[:len(d)] for u, d in zip(u_accept, drafts)]).astype(np.float32)
+        return target.lib.verify_sampling(p, _to_device(q, target.lib), flat_drafts, indptr, flat_u, u_sample)
 
 
 def _row_params(params: SamplingParams, rows: int):

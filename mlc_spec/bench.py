@@ -1,0 +1,244 @@
+"""mlc_spec bench: the figures that decide whether speculation pays, measured side by side in one run.
+
+Everything is measured in the same process, one after another, so ratios hold on a noisy machine:
+memory bandwidth (a large numpy copy), target decode cost and the bandwidth it achieves, the cost of a
+verify forward of k+1 tokens against one decode, the draft's decode cost, acceptance per draft
+position, end-to-end greedy tokens per second with and without speculation, and the share of time
+spent outside the compiled code (Python and the host side of TVM calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a short poem about the sea.",
+    "What are three tips for learning a new language?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How does a refrigerator keep food cold?",
+    "Give me a recipe for a simple tomato soup.",
+    "What is the difference between a virus and a bacterium?",
+    "Describe a good morning routine.",
+]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure decode, verify, acceptance and speculative speedup")
+    p.add_argument("artifact", nargs="?", help="artifact folder (default: the embedded default pair)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", help="a file with one prompt per line (default: built-in chat prompts)")
+    p.add_argument("--draft-length", type=int, nargs="+", default=[2, 4, 6], help="k values to run end to end")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
+    p.add_argument("--compare-llamacpp", action="store_true", help="also time llama-cpp-python's plain decode")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .runtime.engine import Engine
+
+    artifact = Path(args.artifact) if args.artifact else _default_artifact()
+    engine = Engine(artifact, device=args.device)
+    prompts = _prompts(engine, args.prompts)
+    results = {"artifact": str(artifact), "device": args.device, "prompts": len(prompts),
+               "max_tokens": args.max_tokens}
+    results["memory_bandwidth_gbs"] = memory_bandwidth()
+    results["costs"] = forward_costs(engine)
+    results["decode_bandwidth_gbs"] = (engine.config["models"]["target"]["param_bytes"]
+                                       / results["costs"]["target_decode_ms"] / 1e6)
+    results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length)
+    if args.compare_hf:
+        results["hf"] = compare_hf(engine, prompts, args.max_tokens)
+    if args.compare_llamacpp:
+        results["llamacpp"] = compare_llamacpp(engine, prompts, args.max_tokens)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _default_artifact() -> Path:
+    from .default_model import default_artifact
+
+    return default_artifact()
+
+
+def _prompts(engine, path: str | None) -> list[list[int]]:
+    texts = Path(path).read_text().splitlines() if path else DEFAULT_PROMPTS
+    return [engine.encode(t) for t in texts if t.strip()]
+
+
+# -- measurements ---------------------------------------------------------------------------------------------
+def memory_bandwidth(megabytes: int = 256) -> float:
+    """GB/s of a large numpy copy, read plus write, best of five."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    return 2 * src.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
+    """Median milliseconds of one decode and of verify forwards of k+1 tokens, on a live sequence."""
+    costs = {}
+    with engine.session() as session:
+        session.tokens[:] = list(range(10, 10 + context))
+        for role, model in (("target", engine.target), ("draft", engine.draft)):
+            if model is None:
+                continue
+            kv, lib, seq = model.kv, model.lib, session.seq_id
+            lib.forward_last(kv, [seq], [session.tokens])
+
+            def step(n: int) -> float:
+                tokens = list(range(200, 200 + n))
+                t = _timed(lambda: (lib.forward_all(kv, [seq], [tokens]) if n > 1
+                                    else lib.forward_last(kv, [seq], [tokens])).numpy())
+                kv.popn(seq, n)
+                return t
+
+            decode = statistics.median(step(1) for _ in range(repeats))
+            costs[f"{role}_decode_ms"] = decode * 1e3
+            if role == "target":
+                costs["verify_over_decode"] = {k: statistics.median(step(k + 1) for _ in range(repeats)) / decode
+                                               for k in range(1, 9)}
+    if "draft_decode_ms" in costs:
+        costs["draft_over_target"] = costs["draft_decode_ms"] / costs["target_decode_ms"]
+    return costs
+
+
+def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int]) -> dict:
+    runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
+    if engine.has_draft:
+        for k in draft_lengths:
+            runs[f"k={k}"] = _generate(engine, prompts, max_tokens, speculative=True, draft_length=k)
+    base = runs["target_only"]["tokens_per_second"]
+    for r in runs.values():
+        r["speedup"] = r["tokens_per_second"] / base
+    return runs
+
+
+def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
+    """Greedy generation, one prompt at a time; time inside compiled calls is counted apart."""
+    vm_seconds = [0.0]
+    libs = [engine.target.lib] + ([engine.draft.lib] if engine.draft is not None else [])
+    originals = [dict(lib.functions) for lib in libs]
+    for lib in libs:
+        for name, fn in list(lib.functions.items()):
+            lib.functions[name] = _counting(fn, vm_seconds)
+    tokens, acc, drafted, rounds, start = 0, None, None, 0, time.perf_counter()
+    try:
+        for ids in prompts:
+            out = engine.generate(token_ids=ids, max_tokens=max_tokens, stop_at_eos=False, **opts)
+            tokens += len(out.token_ids)
+            rounds += out.stats["rounds"]
+            a, d = np.array(out.stats["accepted_per_position"]), np.array(out.stats["drafted_per_position"])
+            acc, drafted = (a, d) if acc is None else (acc + a, drafted + d)
+    finally:
+        for lib, original in zip(libs, originals):
+            lib.functions.update(original)
+    total = time.perf_counter() - start
+    k = opts["draft_length"]
+    return {
+        "tokens": tokens,
+        "tokens_per_second": tokens / total,
+        "tokens_per_target_call": tokens / rounds,
+        "acceptance_rate": float(acc.sum() / drafted.sum()) if drafted.sum() else 0.0,
+        "acceptance_per_position": [float(x / y) if y else 0.0 for x, y in zip(acc[:k], drafted[:k])],
+        "host_share": (total - vm_seconds[0]) / total,
+    }
+
+
+def _counting(fn, counter: list[float]):
+    def call(*args):
+        start = time.perf_counter()
+        result = fn(*args)
+        counter[0] += time.perf_counter() - start
+        return result
+
+    return call
+
+
+def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """transformers on the same checkpoints, prompts and max tokens, greedy, plain and assisted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def load(role: str):
+        source = Path(engine.config["models"][role]["source"])
+        if source.suffix == ".gguf":
+            return AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+    target = load("target")
+    assistant = load("draft") if engine.has_draft else None
+    out = {}
+    for name, extra in (("plain", {}), ("assisted", {"assistant_model": assistant})):
+        if name == "assisted" and assistant is None:
+            continue
+        tokens, start = 0, time.perf_counter()
+        for ids in prompts:
+            with torch.no_grad():
+                gen = target.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                      do_sample=False, **extra)
+            tokens += gen.shape[1] - len(ids)
+        out[f"{name}_tokens_per_second"] = tokens / (time.perf_counter() - start)
+    return out
+
+
+def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """llama.cpp's plain decode of the same GGUF file with the same thread count."""
+    import os
+
+    from llama_cpp import Llama
+
+    source = engine.config["models"]["target"]["source"]
+    if not source.endswith(".gguf"):
+        return {"skipped": "the target was not compiled from a GGUF file"}
+    threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
+    llm = Llama(model_path=source, n_threads=threads, n_ctx=2048, verbose=False)
+    tokens, start = 0, time.perf_counter()
+    for ids in prompts:
+        llm.reset()
+        for i, token in enumerate(llm.generate(ids, temp=0.0, top_k=1)):
+            if i + 1 >= max_tokens:
+                break
+        tokens += max_tokens
+    return {"threads": threads, "tokens_per_second": tokens / (time.perf_counter() - start)}
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def format_table(r: dict) -> str:
+    c = r["costs"]
+    lines = [
+        f"artifact: {r['artifact']} ({r['prompts']} prompts, {r['max_tokens']} tokens each, greedy)",
+        f"memory bandwidth (numpy copy): {r['memory_bandwidth_gbs']:.1f} GB/s",
+        f"target decode: {c['target_decode_ms']:.2f} ms/token, weights read at {r['decode_bandwidth_gbs']:.1f} GB/s "
+        f"({r['decode_bandwidth_gbs'] / r['memory_bandwidth_gbs']:.0%} of the copy bandwidth)",
+        "verify(k) / decode: " + "  ".join(f"k={k}: {v:.2f}x" for k, v in c["verify_over_decode"].items()),
+    ]
+    if "draft_over_target" in c:
+        lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
+    lines.append(f"{'run':<12}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
+    for name, e in r["end_to_end"].items():
+        per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
+        lines.append(f"{name:<12}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
+                     f"{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}")
+    for name in ("hf", "llamacpp"):
+        if name in r:
+            lines.append(f"{name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r[name].items()))
+    return "\n".join(lines)

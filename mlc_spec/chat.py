@@ -1,0 +1,416 @@
+"""mlc_spec chat: a streaming conversation with a compiled model, speculative when it has a draft.
+
+With no --model it runs the default pair (SmolLM2-135M-Instruct and the shipped draft, see
+default_model.py), compiled on first use. A conversation is one engine session: every turn sends the
+whole rendered history and the session prefills only what is not cached yet.
+
+With stdin piped, every line is a prompt (or a /command) and stdout holds only the replies, one after
+another, each ending with a newline; the per-reply statistics and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .runtime.engine import CONFIG_FILE, ArtifactError, Engine, GenerateOptions, Stats
+from .runtime.library import tvm_device
+
+# Used when an artifact has no chat template: plain role-prefixed lines, the reply ending where the model
+# starts a new user line. The assistant's text is rendered as generated (it begins with its own space).
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant:{{ m['content'] }}"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOP = "\nUser:"
+
+HELP = """commands:
+  /reset               start a new conversation
+  /stats               acceptance per draft position, mean accepted length, tok/s (last turn, all turns)
+  /set NAME VALUE      change an option: temperature, top_p, top_k, seed (or none), max_tokens,
+                       draft_length, draft (on/off), system (the rest of the line; empty removes it)
+  /set                 show the options
+  /help                this list
+  /exit                leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model (no --model: the default SmolLM2 pair)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="artifact folder, or a Hugging Face folder / .gguf to compile first into dist/ "
+                                   "(default: SmolLM2-135M-Instruct with the shipped draft, compiled on first use)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, vulkan, metal, opencl or webgpu (default cpu)")
+    p.add_argument("--no-draft", action="store_true", help="run the target alone")
+    p.add_argument("--draft-length", type=int, default=4, help="tokens drafted per round (default 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    p.add_argument("--system", help="system message of every conversation")
+    p.set_defaults(run=run)
+
+
+@dataclasses.dataclass
+class Settings:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 512
+    draft_length: int = 4
+    draft: bool = True
+    system: str | None = None
+
+    def options(self) -> dict:
+        """Keyword arguments of Session.stream but `speculative` (see Chat); raises ValueError on a bad value."""
+        options = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                       max_tokens=self.max_tokens, draft_length=self.draft_length)
+        GenerateOptions.make(**options)
+        return options
+
+    def set(self, name: str, value: str) -> None:
+        name = name.replace("-", "_")
+        if name not in SETTABLE:
+            raise ValueError(f"no option {name!r}; settable: {', '.join(SETTABLE)}")
+        try:
+            parsed = SETTABLE[name](value)
+        except ValueError:
+            raise ValueError(f"{name}: {value!r} is not a valid value") from None
+        changed = dataclasses.replace(self, **{name: parsed})
+        changed.options()
+        setattr(self, name, parsed)
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in ("none", "") else int(value)
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("on", "true", "1")
+
+
+SETTABLE: dict[str, Callable[[str], object]] = {
+    "temperature": float, "top_p": float, "top_k": int, "seed": _optional_int, "max_tokens": int,
+    "draft_length": int, "draft": _on_off, "system": lambda v: v or None,
+}
+
+
+class ChatTemplate:
+    """A chat template rendered the way Hugging Face's apply_chat_template does."""
+
+    def __init__(self, source: str | None, bos_token: str | None = None, eos_token: str | None = None):
+        self.is_fallback = source is None
+        try:
+            self.template = _jinja_environment().from_string(source or FALLBACK_TEMPLATE)
+        except jinja2.TemplateSyntaxError as err:
+            raise ArtifactError(f"the model's chat template does not parse ({err}); fix chat_template in "
+                                "tokenizer_config.json and recompile") from None
+        self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+
+    @classmethod
+    def of(cls, engine: Engine) -> "ChatTemplate":
+        special = engine.config["special_tokens"]
+        return cls(engine.chat_template, special.get("bos_token"), special.get("eos_token"))
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        except jinja2.TemplateError as err:  # raise_exception(): e.g. a template without a system role
+            raise ValueError(f"the chat template refuses this conversation: {err}") from None
+
+    def encode(self, engine: Engine, messages: list[dict]) -> list[int]:
+        # A template writes its own special tokens (HF tokenizes its output with add_special_tokens=False);
+        # the plain fallback relies on the tokenizer's, as a plain prompt would.
+        return engine.encode(self.render(messages), add_special_tokens=self.is_fallback)
+
+
+def _jinja_environment():
+    """transformers' _compile_jinja_template, less its {% generation %} tracker (only for training masks)."""
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which a prompt must not
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class Chat:
+    """One conversation at a time over an engine: history, its cached session, and per-turn statistics."""
+
+    def __init__(self, engine: Engine, settings: Settings, template: ChatTemplate):
+        self.engine = engine
+        self.settings = settings
+        self.template = template
+        self.session = engine.session()
+        self.messages: list[dict] = []
+        self.last: Stats | None = None
+        self.total = Stats(32)
+        self.turns = 0
+
+    @property
+    def speculative(self) -> bool:
+        return self.settings.draft and self.engine.has_draft
+
+    @functools.cached_property
+    def target_step_seconds(self) -> float:
+        """The target's one-token decoding step, timed once on a scratch sequence (a first run warms up)."""
+        token_ids = self.engine.encode("The quick brown fox jumps over the lazy dog.")
+        with self.engine.session() as scratch:
+            for max_tokens in (2, 8):
+                out = scratch.generate(token_ids=token_ids, max_tokens=max_tokens, speculative=False, stop_at_eos=False)
+        return out.stats["verify_seconds"] / out.stats["rounds"]
+
+    def reset(self) -> None:
+        self.session.close()
+        self.session = self.engine.session()
+        self.messages = []
+
+    def conversation(self, user_text: str) -> list[dict]:
+        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+        return system + self.messages + [{"role": "user", "content": user_text}]
+
+    def reply(self, user_text: str, stop_requested: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Stream the reply. It joins the history when it ends or is stopped (partial, as shown);
+        a reply cut by an error does not, and the next turn's prefix match drops its tokens."""
+        token_ids = self.template.encode(self.engine, self.conversation(user_text))
+        # True only with a draft model: the runtime may read True without one as another kind of drafting.
+        options = self.settings.options() | {"speculative": self.speculative}
+        if self.template.is_fallback:
+            options["stop"] = FALLBACK_STOP
+        deltas = self.session.stream(token_ids=token_ids, **options)
+        text = ""
+        try:
+            for delta in deltas:
+                text += delta
+                yield delta
+                if stop_requested():
+                    break
+        finally:
+            deltas.close()  # the runtime settles both caches in its finally
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+        self.last = self.session.last_stats
+        self.total.merge(self.last)
+        self.turns += 1
+
+
+def estimated_speedup(stats: dict, target_step_seconds: float) -> float | None:
+    """Time the target alone would have taken over the time taken.
+
+    The decoding rounds are replaced by one target step per generated token at the measured cost of a
+    one-token step; prefill and overheads stay as measured (they include the draft's prefill, which
+    the target alone would not pay). The verify forward is no stand-in for that step: it carries k+1
+    tokens and on a CPU costs up to twice as much at k=4."""
+    if not stats["total_seconds"]:
+        return None
+    other = stats["total_seconds"] - stats["draft_seconds"] - stats["verify_seconds"]
+    return (other + stats["tokens"] * target_step_seconds) / stats["total_seconds"]
+
+
+def summary_line(chat: Chat) -> str:
+    s = chat.last.as_dict()
+    line = f"{s['tokens']} tokens, {s['tokens_per_second']:.1f} tok/s"
+    if not chat.speculative:
+        return line + ", target alone"
+    line += f", acceptance {s['acceptance_rate']:.2f} ({s['mean_accepted_length']:.2f} tokens per target forward)"
+    speedup = estimated_speedup(s, chat.target_step_seconds)
+    return line + (f", ~{speedup:.2f}x the target alone" if speedup else "")
+
+
+def stats_report(chat: Chat) -> str:
+    if chat.last is None:
+        return "no turns yet"
+    lines = []
+    for label, stats in (("last turn", chat.last), (f"all {chat.turns} turns", chat.total)):
+        s = stats.as_dict()
+        lines.append(f"{label}: {s['tokens']} tokens in {s['total_seconds']:.2f} s, {s['tokens_per_second']:.1f} tok/s, "
+                     f"acceptance {s['acceptance_rate']:.2f}, mean accepted length {s['mean_accepted_length']:.2f}")
+    s = chat.total.as_dict()
+    positions = [f"{i + 1}: {rate:.2f}" for i, (rate, drafted)
+                 in enumerate(zip(s["acceptance_per_position"], s["drafted_per_position"])) if drafted]
+    lines.append("acceptance per draft position (all turns): " + ("  ".join(positions) or "nothing drafted"))
+    return "\n".join(lines)
+
+
+class Console:
+    """Where each kind of output goes: replies to stdout; notes to stdout only when a person types."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.notes = sys.stdout if interactive else sys.stderr
+        self.dim = self.notes.isatty()
+
+    def piece(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def end_reply(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        print(text, file=self.notes, flush=True)
+
+    def faint(self, text: str) -> None:
+        self.note(f"\033[2m{text}\033[0m" if self.dim else text)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+class StopOnInterrupt:
+    """While a reply streams, the first Ctrl-C asks it to stop after the current token, so the caches are
+    settled by the runtime as on any stop; a second Ctrl-C interrupts at once."""
+
+    def __enter__(self) -> "StopOnInterrupt":
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run(args) -> int:
+    settings = Settings(args.temperature, args.top_p, args.top_k, args.seed, args.max_tokens, args.draft_length,
+                        not args.no_draft, args.system)
+    settings.options()  # a bad option or device fails before anything is loaded or compiled
+    tvm_device(args.device)
+    console = Console(interactive=sys.stdin.isatty())
+    artifact = resolve_model(args.model, args.device, _log)
+    # Two sequences: the conversation, and a scratch one that times the target's step for the speedup.
+    engine = Engine(artifact, device=args.device, max_batch_size=2)
+    if args.model is None and not engine.has_draft:
+        _log("note: no default draft is shipped (mlc_spec/default/draft/ is missing): the target runs alone")
+    chat = Chat(engine, settings, ChatTemplate.of(engine))
+    if chat.template.is_fallback:
+        _log(f"note: {artifact.name} has no chat template: using plain 'User: ...' / 'Assistant:' lines")
+    if console.interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        draft = "with its draft" if engine.has_draft else "target alone"
+        console.note(f"mlc_spec chat: {artifact.name} ({draft}) on {args.device}. /help for commands, Ctrl-D to leave.")
+    return loop(chat, console)
+
+
+def _log(message: str) -> None:
+    """Compile progress and notes: stderr, so that piped stdout holds only the replies."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_model(model: str | None, device: str, log: Callable[[str], None]) -> Path:
+    if model is None:
+        from .default_model import default_artifact
+
+        return default_artifact(device, log)
+    path = Path(model)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file or folder; give an artifact folder (from mlc_spec compile), "
+                            "a Hugging Face model folder or a .gguf file")
+    from .compile.build import CompileOptions, compile_artifact
+
+    start = time.perf_counter()
+    out = compile_artifact(path, None, None, CompileOptions(device=device), log=log)
+    log(f"compiled in {time.perf_counter() - start:.1f}s; next time skip the compile with --model {out}")
+    return out
+
+
+def loop(chat: Chat, console: Console) -> int:
+    while True:
+        try:
+            line = input("> ") if console.interactive else sys.stdin.readline()
+        except EOFError:
+            console.note("")
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            console.note("")
+            continue
+        if not console.interactive and not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if command(chat, console, line) == "exit":
+                return 0
+            continue
+        turn(chat, console, line)
+
+
+def turn(chat: Chat, console: Console, text: str) -> None:
+    try:
+        with StopOnInterrupt() as stop:
+            for delta in chat.reply(text, stop):
+                console.piece(delta)
+    except KeyboardInterrupt:  # a second Ctrl-C: the runtime still settled the caches on the way out
+        console.end_reply()
+        console.note("(interrupted; this reply is not kept in the conversation)")
+        return
+    except (ValueError, RuntimeError) as err:
+        if not console.interactive:
+            raise
+        console.end_reply()
+        console.error(f"{err} (/reset starts a new conversation)")
+        return
+    console.end_reply()
+    if stop():
+        console.note("(stopped)")
+    console.faint(summary_line(chat))
+
+
+def command(chat: Chat, console: Console, line: str) -> str | None:
+    name, _, rest = line[1:].partition(" ")
+    if name in ("exit", "quit"):
+        return "exit"
+    if name == "reset":
+        chat.reset()
+        console.note("(new conversation)")
+    elif name == "stats":
+        print(stats_report(chat), flush=True)
+    elif name == "help":
+        print(HELP, flush=True)
+    elif name == "set" and not rest.strip():
+        print("  ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.settings).items()), flush=True)
+    elif name == "set":
+        option, _, value = rest.strip().partition(" ")
+        try:
+            chat.settings.set(option, value.strip())
+        except ValueError as err:
+            console.error(str(err))
+            return None
+        if option.replace("-", "_") == "draft" and chat.settings.draft and not chat.engine.has_draft:
+            console.note("(this model has no draft: the target runs alone)")
+        console.note(f"({option} = {getattr(chat.settings, option.replace('-', '_'))})")
+    else:
+        console.error(f"unknown command /{name}; /help lists the commands")
+    return None

