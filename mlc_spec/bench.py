@@ -122,9 +122,12 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
 
 def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int]) -> dict:
     runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
+    for k in draft_lengths:
+        if engine.has_draft:
+            runs[f"draft k={k}"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length=k)
+        runs[f"ngram k={k}"] = _generate(engine, prompts, max_tokens, speculative="ngram", draft_length=k)
     if engine.has_draft:
-        for k in draft_lengths:
-            runs[f"k={k}"] = _generate(engine, prompts, max_tokens, speculative=True, draft_length=k)
+        runs["draft auto"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length="auto")
     base = runs["target_only"]["tokens_per_second"]
     for r in runs.values():
         r["speedup"] = r["tokens_per_second"] / base
@@ -151,7 +154,7 @@ def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
         for lib, original in zip(libs, originals):
             lib.functions.update(original)
     total = time.perf_counter() - start
-    k = opts["draft_length"]
+    k = opts["draft_length"] if opts["draft_length"] != "auto" else len(drafted)
     return {
         "tokens": tokens,
         "tokens_per_second": tokens / total,
@@ -232,10 +235,10 @@ def format_table(r: dict) -> str:
     ]
     if "draft_over_target" in c:
         lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
-    lines.append(f"{'run':<12}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
+    lines.append(f"{'run':<13}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-        lines.append(f"{name:<12}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
+        lines.append(f"{name:<13}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
                      f"{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}")
     for name in ("hf", "llamacpp"):
         if name in r:

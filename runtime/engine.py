@@ -22,9 +22,11 @@ from tokenizers import Tokenizer
 
 from .kv_cache import CacheFullError
 from .library import ModelLibrary, tvm_device
+from .adaptive import AdaptiveDraftLength
 from .speculative import DraftModel, Model, NGramDraft, RoundStats, SamplingParams, Sequence, SpeculativeDecoder
 
 CONFIG_FILE = "mlc_spec_config.json"
+AUTO_MAX_DRAFT = 8
 
 
 class ArtifactError(ValueError):
@@ -193,29 +195,29 @@ class GenerateOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     speculative: bool | str = True
-    draft_length: int = 4
+    draft_length: int | str = 4
     stop_at_eos: bool = True
     ngram_size: int = 3
 
     @classmethod
     def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: str | list[str] | None = None, speculative: bool | str = True,
-             draft_length: int = 4, stop_at_eos: bool = True, ngram_size: int = 3) -> "GenerateOptions":
+             draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
-        "ngram", or False (the target alone)."""
+        "ngram", or False (the target alone). draft_length: k, or "auto" to choose k each round from
+        measured acceptance and costs (runtime/adaptive.py)."""
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if not 0 <= draft_length <= 32:
-            raise ValueError(f"draft_length must be between 0 and 32, got {draft_length}")
+        if draft_length != "auto" and not (isinstance(draft_length, int) and 0 <= draft_length <= 32):
+            raise ValueError(f"draft_length must be between 0 and 32, or 'auto', got {draft_length!r}")
         if speculative not in (True, False, "draft", "ngram"):
             raise ValueError(f"speculative must be True, False, 'draft' or 'ngram', got {speculative!r}")
         if ngram_size < 1:
             raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_tokens), sampling, seed, stops, speculative, int(draft_length), stop_at_eos,
-                   int(ngram_size))
+        return cls(int(max_tokens), sampling, seed, stops, speculative, draft_length, stop_at_eos, int(ngram_size))
 
 
 class Session:
@@ -324,6 +326,7 @@ class _Generation:
         if opts.speculative == "draft" and self.draft is None:
             raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
         self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
+        self.adaptive = AdaptiveDraftLength(AUTO_MAX_DRAFT) if opts.draft_length == "auto" else None
         self.stats = Stats(32)
         self.requests = []
         seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
@@ -352,6 +355,8 @@ class _Generation:
                 k = self._draft_length(active)
                 new_tokens, rstats = self.decoder.round([r.seq for r in active], k)
                 self.stats.add_round(rstats)
+                if self.adaptive is not None:
+                    self.adaptive.update(rstats)
                 for req, tokens in zip(active, new_tokens):
                     delta, kept = req.accept(tokens, self.engine.max_seq_len)
                     self._truncate(req, len(tokens) - kept)
@@ -388,7 +393,10 @@ class _Generation:
         """Never draft past max_tokens or the cache's per-sequence length."""
         room = min(min(r.opts.max_tokens - len(r.generated), self.engine.max_seq_len - len(r.session.tokens))
                    for r in active)
-        return max(0, min(self.opts.draft_length, room - 1))
+        limit = max(0, room - 1)
+        if self.decoder.proposer is None:
+            return 0
+        return self.adaptive.choose(limit) if self.adaptive is not None else min(self.opts.draft_length, limit)
 
     def _truncate(self, req: _Request, drop: int) -> None:
         """A stop inside an accepted run: forget what came after it, in the caches too."""

@@ -325,3 +325,32 @@ def test_ngram_lookup_prefers_the_longest_latest_match():
     assert ngram.lookup([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3], 2) == [8, 5]  # no [5, 2, 3]; the latest [2, 3]
     assert ngram.lookup([7, 1, 2, 3, 4, 4, 1, 2, 3], 3) == [4, 4, 1]
     assert ngram.lookup([1, 2, 3], 2) == []
+
+
+# -- FM9: adaptive draft length ----------------------------------------------------------------------------------
+def test_auto_draft_length_is_exact_and_stops_drafting_when_it_does_not_pay(engines, reference):
+    """On these tiny models a draft step costs as much as a target step (both are call overhead), so
+    no acceptance can pay for drafting: auto settles on the target alone, probing now and then."""
+    batch = prompts(100)[:8]
+    for name in DRAFTS:
+        outs = engines[name].generate(token_ids=batch, max_tokens=40, stop_at_eos=False, draft_length="auto")
+        assert [o.token_ids for o in outs] == reference[:8]
+        stats = outs[0].stats
+        assert sum(stats["drafted_per_position"]) / stats["rounds"] < 1.0, (name, stats["drafted_per_position"])
+
+
+def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
+    from mlc_spec.runtime.adaptive import PROBE_EVERY, AdaptiveDraftLength
+    from mlc_spec.runtime.speculative import RoundStats
+
+    ctl = AdaptiveDraftLength(8)
+    assert ctl.choose(8) == 0
+    ctl.update(RoundStats([0], [0], 0.0, 0.010))
+    assert ctl.choose(8) == 1
+    for _ in range(20):
+        ctl.update(RoundStats([1], [0], 0.004, 0.012))
+    choices = [ctl.choose(8) for _ in range(2 * PROBE_EVERY)]
+    assert choices.count(0) == 2 * PROBE_EVERY - 2 and choices.count(1) == 2  # probes only
+    for _ in range(40):  # the draft starts agreeing and is cheap: drafting pays again
+        ctl.update(RoundStats([1], [1], 0.001, 0.011))
+    assert ctl.choose(8) >= 1

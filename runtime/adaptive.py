@@ -1,0 +1,79 @@
+"""draft_length="auto": choose each round's k from measured acceptance and measured costs.
+
+A round with k drafts yields E(k) = 1 + sum_{j<k} P(at least j+1 accepted) tokens and costs
+k * (one draft step) + (one verify of k+1 tokens). The controller picks the k with the most tokens per
+second, k = 0 (the target alone) included, so speculation never runs knowingly slower than plain
+decoding. Estimates are running averages; a k whose cost is unknown is tried once, and while k = 0
+wins, one round in PROBE_EVERY still drafts a token so a draft that starts agreeing is noticed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .speculative import RoundStats
+
+PROBE_EVERY = 16
+_DECAY = 0.9  # weight of the past in the running averages
+
+
+class AdaptiveDraftLength:
+    def __init__(self, max_k: int):
+        self.max_k = max_k
+        self.reach = np.full(max_k, 0.5)  # P(at least j+1 drafts accepted | j+1 drafted)
+        self.step_cost: float | None = None  # seconds per draft step
+        self.verify_cost: dict[int, float] = {}  # k -> seconds of the verify (or decode) forward
+        self.rounds_at_zero = 0
+
+    def choose(self, limit: int) -> int:
+        """The k for the next round, at most limit."""
+        limit = min(limit, self.max_k)
+        if limit == 0:
+            return 0
+        for k in (0, 1):  # measure the plain step and one draft step before modelling anything
+            if k not in self.verify_cost:
+                return k
+        best = max(range(limit + 1), key=self._tokens_per_second)
+        if best == 0:
+            self.rounds_at_zero += 1
+            if self.rounds_at_zero % PROBE_EVERY == 0:
+                return 1
+        return best
+
+    def _tokens_per_second(self, k: int) -> float:
+        expected = 1.0 + float(np.cumprod(self.reach[:k]).sum()) if k else 1.0
+        return expected / (k * (self.step_cost or 0.0) + self._verify_cost(k))
+
+    def _verify_cost(self, k: int) -> float:
+        if k in self.verify_cost:
+            return self.verify_cost[k]
+        # Unmeasured: interpolate linearly from the nearest measured k below and above (or the slope
+        # between the two largest measured), which overestimates a verify that shares weight reads.
+        known = sorted(self.verify_cost)
+        lo = max((m for m in known if m < k), default=known[0])
+        hi = min((m for m in known if m > k), default=None)
+        if hi is None:
+            a, b = known[-2], known[-1]
+            slope = (self.verify_cost[b] - self.verify_cost[a]) / (b - a)
+            return self.verify_cost[b] + slope * (k - b)
+        w = (k - lo) / (hi - lo)
+        return (1 - w) * self.verify_cost[lo] + w * self.verify_cost[hi]
+
+    def update(self, r: RoundStats) -> None:
+        k = max(r.drafted)
+        self.verify_cost[k] = _average(self.verify_cost.get(k), r.verify_seconds)
+        if k == 0:
+            return
+        self.step_cost = _average(self.step_cost, r.draft_seconds / k)
+        drafted = np.array(r.drafted)
+        accepted = np.array(r.accepted)
+        for j in range(k):
+            tried = drafted > j
+            if j > 0:
+                tried &= accepted >= j  # reach[j] is conditional on the first j accepted
+            if tried.any():
+                self.reach[j] = _average(self.reach[j], float(np.mean(accepted[tried] > j)))
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else _DECAY * old + (1 - _DECAY) * new

@@ -1,0 +1,31 @@
+"""mlc_spec bench runs end to end on a tiny pair and writes the figures as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from mlc_spec.cli import main as cli
+
+
+def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
+    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=320)
+    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=320, perturb_from=target, noise=0.1)
+    artifact = artifacts.compile("spec-partial", target, draft, max_seq_len=128)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("once upon a time\nthe quick brown fox\n")
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(artifact), "--prompts", str(prompts), "--draft-length", "2", "4", "--max-tokens", "12",
+                "--json", str(out), "--compare-hf"]) == 0
+    table = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["prompts"] == 2 and r["memory_bandwidth_gbs"] > 0
+    assert set(r["costs"]["verify_over_decode"]) == {str(k) for k in range(1, 9)}
+    assert r["costs"]["target_decode_ms"] > 0 and r["costs"]["draft_over_target"] > 0
+    runs = r["end_to_end"]
+    assert set(runs) == {"target_only", "draft k=2", "draft k=4", "ngram k=2", "ngram k=4", "draft auto"}
+    assert all(run["tokens"] == 24 for run in runs.values())
+    assert runs["target_only"]["speedup"] == 1.0
+    assert len(runs["draft k=4"]["acceptance_per_position"]) == 4
+    assert 0 <= runs["draft k=4"]["host_share"] <= 1
+    assert r["hf"]["plain_tokens_per_second"] > 0 and r["hf"]["assisted_tokens_per_second"] > 0
+    assert "verify(k) / decode" in table and "draft k=4" in table
