@@ -24,7 +24,7 @@ setup(
         "ml_dtypes",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers", "scipy"],
+        "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu"],
     },
     entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},
 )

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from .checkpoint import Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .model import CausalLM
-from .pipeline import pass_context, pipeline_for, weight_tile
+from .pipeline import pipeline_for, tir_pipeline_for, weight_tile
 from .targets import model_target, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
 
@@ -41,14 +41,14 @@ class CompileOptions:
     prefill_chunk_size: int = 512
     cuda_arch: str = "sm_90"
     # A CPU code generator other than LLVM for this CPU: a dict target of kind llvm or c (device cpu).
-    target: dict | None = None
+    cpu_target: dict | None = None
 
 
 def compile_artifact(target: str | Path, draft: str | Path | None = None, output: str | Path | None = None,
                      options: CompileOptions | None = None, log: Callable[[str], None] = print) -> Path:
     opts = options or CompileOptions()
     _check_options(opts)
-    tvm_target = resolve_target(opts.device, opts.cuda_arch, opts.target)
+    tvm_target = resolve_target(opts.device, opts.cuda_arch, opts.cpu_target)
     log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
     checkpoints = {"target": load_checkpoint(target)}
     if draft is not None:
@@ -119,8 +119,9 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     _check_shapes(params, named_params, role)
     log(f"build: {role} library (TVM {tvm.__version__})")
     start = time.perf_counter()
-    with target, pass_context(target):  # TVM's nvcc callback reads the architecture from the current target
-        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    with target:  # TVM's nvcc callback reads the architecture from the current target
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target),
+                                 tir_pipeline=tir_pipeline_for(target))
     if target.kind.name == "cuda":
         from .cuda import check_device_code
 

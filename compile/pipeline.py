@@ -9,12 +9,11 @@ a verify forward of k+1 tokens reads each weight once.
 
 from __future__ import annotations
 
-import contextlib
-
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.ir.expr import TensorLoad
+from tvm.ir.prim.expr import Let, Max, Min
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -183,12 +182,51 @@ def _lower_c_exp2(call):
 
 tirx.register_intrin_lowering("tirx.exp2", target="c", f=_lower_c_exp2, level=99)
 
+_C_TIR_PIPELINE = "mlc_spec_c_source"
 
-def pass_context(target: tvm.target.Target):
-    """C has no vector types: the C source target builds its vectorized loops as plain loops."""
-    if target.kind.name == "c":
-        return tvm.transform.PassContext(config={"tirx.disable_vectorize": True})
-    return contextlib.nullcontext()
+
+def _c_tir_pipeline():
+    """TVM's TIR pipeline for the C source target. Vectorized loops stay plain loops (C has no vector
+    types). After LowerIntrin, let expressions are inlined and integer min/max become selects: TVM's
+    C code generator prints a let, or an operand of min/max, as a statement of its own, which lands
+    in the middle of a workspace allocation whose size holds one."""
+    lower, finalize_host, finalize_device = tirx.get_tir_pipeline("default")
+
+    @tvm.transform.module_pass(opt_level=0, name="MlcSpecCSourceLowering")
+    def _lower(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**ctx.config, "tirx.disable_vectorize": True}):
+            return lower(mod)
+
+    return _lower, lambda: tvm.transform.Sequential([finalize_host(), _c_expressions]), finalize_device
+
+
+tirx.register_tir_pipeline(_C_TIR_PIPELINE, _c_tir_pipeline)
+
+
+@tvm.transform.module_pass(opt_level=0, name="CSourceExpressions")
+def _c_expressions(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    rewrites = [(Let, _inline_let), (Max, _int_select(lambda a, b: a > b)), (Min, _int_select(lambda a, b: a < b))]
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = tvm_ffi.structural_map(func, rewrites)
+    return mod
+
+
+def _inline_let(let):
+    return tvm_ffi.structural_map(let.body, (tirx.Var, lambda v: let.value if v.same_as(let.var) else v))
+
+
+def _int_select(first_if):
+    def rewrite(e):
+        if not str(e.ty.dtype).startswith(("int", "uint")):
+            return e
+        return tirx.Select(first_if(e.a, e.b), e.a, e.b)
+
+    return rewrite
+
+
+def tir_pipeline_for(target: tvm.target.Target) -> str:
+    return _C_TIR_PIPELINE if target.kind.name == "c" else "default"
 
 
 def _pipeline(target: tvm.target.Target, passes: list):

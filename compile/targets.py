@@ -19,9 +19,15 @@ def host_target() -> dict:
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
 
 
-def resolve_target(device: str, cuda_arch: str = "sm_90") -> tvm.target.Target:
+# Code generators whose output runs on the CPU, selectable for device cpu with a cpu_target.
+CPU_TARGET_KINDS = ("llvm", "c")
+
+
+def resolve_target(device: str, cuda_arch: str = "sm_90", cpu_target: dict | None = None) -> tvm.target.Target:
     if device not in DEVICES:
         raise CompileError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if cpu_target is not None:
+        return _cpu_target(device, cpu_target)
     host = host_target()
     if device == "cpu":
         return tvm.target.Target(host)
@@ -41,3 +47,16 @@ def _require_codegen(device: str) -> None:
             f"install a TVM built with {_BUILD_OPTION[device]}=ON (see README.md, 'Other backends')"
         )
 
+
+def _cpu_target(device: str, target: dict) -> tvm.target.Target:
+    if device != "cpu" or target.get("kind") not in CPU_TARGET_KINDS:
+        raise CompileError(f"cpu_target is for device cpu, with kind {' or '.join(CPU_TARGET_KINDS)}; "
+                           f"got device {device!r} and target {target!r}")
+    return tvm.target.Target(target)
+
+
+def model_target(target: tvm.target.Target) -> tvm.target.Target:
+    """The target the model's kernels are chosen and scheduled for. TVM's paged KV cache and dlight pick
+    their CPU variants only for kind llvm, so the C source target takes generic LLVM's kernels and
+    schedules; only the code generator differs."""
+    return tvm.target.Target({"kind": "llvm"}) if target.kind.name == "c" else target

@@ -1,0 +1,279 @@
+"""CUDA against the CPU reference, then a small benchmark: the cross-backend check for a GPU machine.
+
+Two halves (tools/device_check.sh runs them):
+  prepare  here, with the full TVM: compiles the CPU reference (baseline x86-64 LLVM, float32, so it
+           runs on any x86-64 host) and the CUDA artifacts (float32 and float16, cross-compiled with
+           nvcc), and assembles under WORK/site what the GPU machine lacks: a runtime-only TVM (the
+           package without libtvm_compiler.so), tvm_ffi for that machine's Python, and mlc_spec.
+  run      there, with only WORK/site added to the path: greedy tokens and verify decisions of every
+           CUDA artifact against the CPU reference (identical in float32; a mismatch rate in float16),
+           the largest logit difference, then tokens per second. Writes WORK/report.json.
+With --cpu-only the CPU stands in for CUDA, so both halves run (and are tested) without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "float16")
+NUM_PROMPTS = 50
+MAX_TOKENS = 40
+DRAFT_LENGTH = 4
+BATCH = 8
+# What a runtime never imports: the compiler library, headers and sources for building extensions.
+_NOT_RUNTIME = ("libtvm_compiler.so", "3rdparty", "include", "src", "web", "__pycache__")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared with tests/test_cross_backend.py: runtime-only helpers
+
+
+def generate_with_decisions(engine, batch: list[list[int]], **opts):
+    """Each prompt's tokens, and every verify decision in order: (accepted drafts, token emitted)."""
+    from mlc_spec.runtime.speculative import SpeculativeDecoder
+
+    decisions = []
+    plain_round = SpeculativeDecoder.round
+
+    def recording_round(self, seqs, k):
+        new_tokens, stats = plain_round(self, seqs, k)
+        decisions.extend(zip(stats.accepted, (tokens[-1] for tokens in new_tokens)))
+        return new_tokens, stats
+
+    SpeculativeDecoder.round = recording_round
+    try:
+        tokens = []
+        for i in range(0, len(batch), BATCH):
+            tokens += [o.token_ids for o in engine.generate(token_ids=batch[i:i + BATCH], **opts)]
+    finally:
+        SpeculativeDecoder.round = plain_round
+    return tokens, decisions
+
+
+def forward_logits(folder: Path, device: str, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Raw target logits: prefill ids[:a], decode ids[a], verify ids[a+1:b]."""
+    from mlc_spec.runtime.library import ModelLibrary, tvm_device
+
+    config = json.loads((folder / "mlc_spec_config.json").read_text())
+    lib = ModelLibrary(folder, config["models"]["target"], tvm_device(device))
+    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
+    kv.add_sequence(0)
+    a, b = split
+    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
+    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
+    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
+    return out
+
+
+def differing(a: list, b: list) -> int:
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare (full TVM)
+
+
+def prepare(work: Path, cpu_only: bool, checkpoint: str | None, draft: str | None, cuda_arch: str,
+            python_version: str | None) -> None:
+    from mlc_spec.compile.build import CompileOptions, compile_artifact
+
+    work.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        checkpoint, draft = _tiny_checkpoints(work / "checkpoints")
+    builds = {("cpu", "float32"): CompileOptions(cpu_target={"kind": "llvm"}, max_seq_len=256)}
+    if not cpu_only:
+        builds.update({("cuda", dtype): CompileOptions(device="cuda", dtype=dtype, cuda_arch=cuda_arch, max_seq_len=256)
+                       for dtype in DTYPES})
+    manifest = {"artifacts": {}}
+    for (device, dtype), options in builds.items():
+        folder = work / "artifacts" / f"{device}-{dtype}"
+        print(f"prepare: compiling {device} {dtype}", flush=True)
+        compile_artifact(checkpoint, draft, folder, options, log=lambda _m: None)
+        manifest["artifacts"].setdefault(device, {})[dtype] = str(folder.relative_to(work))
+    _runtime_site(work / "site", python_version)
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"prepare: done; carry {work} to the GPU machine")
+
+
+def _tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """The test suite's tiny target and a perturbed draft that agrees with it part of the time."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from checkpoints import write_checkpoint
+
+    target = folder / "target"
+    if not target.exists():
+        write_checkpoint(target, arch="llama", vocab_size=320)
+    draft = folder / "draft"
+    if not draft.exists():
+        write_checkpoint(draft, arch="llama", vocab_size=320, perturb_from=target, noise=0.1)
+    return target, draft
+
+
+def _runtime_site(site: Path, python_version: str | None) -> None:
+    import tvm
+    import tvm_ffi
+
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(Path(tvm.__file__).parent, site / "tvm", ignore=shutil.ignore_patterns(*_NOT_RUNTIME))
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if python_version in (None, here):
+        shutil.copytree(Path(tvm_ffi.__file__).parent, site / "tvm_ffi", ignore=shutil.ignore_patterns("__pycache__"))
+    else:  # tvm_ffi has a compiled core per Python version; tvm itself is pure Python plus libraries
+        _unpack_wheel(f"apache-tvm-ffi=={_installed_version('apache-tvm-ffi')}", python_version, site)
+    shutil.copytree(REPO / "mlc_spec", site / "mlc_spec", ignore=shutil.ignore_patterns("__pycache__", "default"))
+    shutil.copytree(REPO / "runtime", site / "mlc_spec" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _installed_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def _unpack_wheel(requirement: str, python_version: str, site: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--python-version", python_version, "--implementation", "cp",
+                        "--platform", "manylinux_2_28_x86_64", "-d", tmp, requirement], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site, [n for n in archive.namelist() if ".dist-info/" not in n])
+
+
+# ---------------------------------------------------------------------------------------------------
+# run (runtime-only TVM)
+
+
+def run(work: Path, cpu_only: bool) -> dict:
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_compiler" in _LOADED_LIBS:
+        raise SystemExit(f"the full TVM was imported; put {work / 'site'} first on PYTHONPATH")
+    manifest = json.loads((work / "manifest.json").read_text())
+    device = "cpu" if cpu_only else "cuda"
+    if device == "cuda":
+        _require_cuda()
+    reference = work / manifest["artifacts"]["cpu"]["float32"]
+    folders = {dtype: work / path for dtype, path in manifest["artifacts"][device].items()}
+    report = {"devices": [device], "consistency": {}, "bench": {}}
+    batch = _prompts(reference)
+    want = _outputs(reference, "cpu", batch)
+    for dtype, folder in folders.items():
+        report["consistency"][dtype] = _consistency(want, _outputs(folder, device, batch), reference, folder, device)
+    report["bench"] = {name: _bench(folder, name, batch) for name, folder in
+                       [("cpu", {"float32": reference})] + ([] if cpu_only else [(device, folders)])}
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    _print_report(report)
+    return report
+
+
+def _require_cuda() -> None:
+    import tvm
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" not in _LOADED_LIBS:
+        runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        try:
+            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+        except (OSError, RuntimeError) as err:
+            raise SystemExit(f"TVM's CUDA runtime library did not load: {err}") from None
+    if not tvm.cuda(0).exist:
+        raise SystemExit("no CUDA device visible to TVM")
+
+
+def _prompts(folder: Path) -> list[list[int]]:
+    vocab = json.loads((folder / "mlc_spec_config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(0)
+    lengths = [1, 2, 15, 16, 17, 31, 32, 33] + rng.integers(1, 60, NUM_PROMPTS - 8).tolist()
+    return [rng.integers(2, vocab, n).tolist() for n in lengths]
+
+
+def _outputs(folder: Path, device: str, batch: list[list[int]]) -> dict:
+    from mlc_spec import Engine
+
+    engine = Engine(folder, device=device, max_batch_size=BATCH)
+    common = dict(max_tokens=MAX_TOKENS, stop_at_eos=False)
+    return {"speculative": generate_with_decisions(engine, batch, draft_length=DRAFT_LENGTH, **common),
+            "target-only": generate_with_decisions(engine, batch, speculative=False, **common)}
+
+
+def _consistency(want: dict, got: dict, reference: Path, folder: Path, device: str) -> dict:
+    rng = np.random.default_rng(1)
+    vocab = json.loads((reference / "mlc_spec_config.json").read_text())["vocab_size"]
+    largest = 0.0
+    for ids in (rng.integers(2, vocab, 40).tolist() for _ in range(4)):
+        a, b = forward_logits(reference, "cpu", ids, (30, 35)), forward_logits(folder, device, ids, (30, 35))
+        largest = max(largest, max(float(np.abs(a[k] - b[k]).max()) for k in a))
+    tokens, decisions = zip(*(got[mode] for mode in want))
+    want_tokens, want_decisions = zip(*want.values())
+    mismatched = [sum(x != y for x, y in zip(w, g)) for w, g in zip(want_tokens, tokens)]
+    return {"largest_logit_difference": largest,
+            "greedy_mismatched_prompts": max(mismatched),
+            "greedy_mismatch_rate": max(mismatched) / NUM_PROMPTS,
+            "differing_decisions": sum(differing(w, g) for w, g in zip(want_decisions, decisions))}
+
+
+def _bench(folders: dict[str, Path], device: str, batch: list[list[int]]) -> dict:
+    from mlc_spec import Engine
+
+    figures = {}
+    for dtype, folder in folders.items():
+        engine = Engine(folder, device=device, max_batch_size=BATCH)
+        figures[dtype] = {}
+        for mode, opts in (("speculative", dict(draft_length=DRAFT_LENGTH)), ("target-only", dict(speculative=False))):
+            engine.generate(token_ids=batch[:BATCH], max_tokens=8, stop_at_eos=False, **opts)  # warm-up
+            start = time.perf_counter()
+            tokens = sum(len(o.token_ids) for o in
+                         engine.generate(token_ids=batch[:BATCH], max_tokens=MAX_TOKENS, stop_at_eos=False, **opts))
+            figures[dtype][mode] = tokens / (time.perf_counter() - start)
+    return figures
+
+
+def _print_report(report: dict) -> None:
+    device = report["devices"][0]
+    print(f"\nconsistency: {device} against the CPU reference (float32), {NUM_PROMPTS} prompts")
+    for dtype, row in report["consistency"].items():
+        print(f"  {dtype:<8} largest logit difference {row['largest_logit_difference']:.3g}, "
+              f"greedy mismatch rate {row['greedy_mismatch_rate']:.1%}, differing decisions {row['differing_decisions']}")
+    print(f"\nbench: tokens per second, batch {BATCH}, {MAX_TOKENS} tokens, draft length {DRAFT_LENGTH}")
+    for name, dtypes in report["bench"].items():
+        for dtype, row in dtypes.items():
+            print(f"  {name:<5} {dtype:<8} speculative {row['speculative']:8.1f}   target-only {row['target-only']:8.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("prepare", "run"))
+    parser.add_argument("--work", type=Path, default=REPO / ".device_check")
+    parser.add_argument("--cpu-only", action="store_true", help="the CPU stands in for CUDA")
+    parser.add_argument("--checkpoint", help="target checkpoint (default: the test suite's tiny model)")
+    parser.add_argument("--draft", help="draft checkpoint, with --checkpoint")
+    parser.add_argument("--cuda-arch", default="sm_90")
+    parser.add_argument("--python-version", help="the GPU machine's Python, X.Y (default: this one's)")
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        prepare(args.work, args.cpu_only, args.checkpoint, args.draft, args.cuda_arch, args.python_version)
+    else:
+        report = run(args.work, args.cpu_only)
+        consistency = report["consistency"].get("float32", {})
+        if consistency.get("greedy_mismatched_prompts") or consistency.get("differing_decisions"):
+            print("FAILED: float32 greedy output differs from the CPU reference")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
