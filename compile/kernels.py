@@ -163,7 +163,7 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
     total: T.float32 = T.float32(0)
     for c in range(T.int64(_CHUNKS)):
         total = total + mass[s, c]
-    target: T.float32 = u * total
+    goal: T.float32 = u * total
     chunk: T.int32 = -1
     last_chunk: T.int32 = 0
     below: T.float32 = T.float32(0)
@@ -173,13 +173,13 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
         if m > T.float32(0):
             last_chunk = T.Cast("int32", c)
         if chunk < 0:
-            if below + m > target:
+            if below + m > goal:
                 chunk = T.Cast("int32", c)
             else:
                 below = below + m
     if chunk < 0:  # rounding put u * total past the last bucket: take its last positive token
         chunk = last_chunk
-        target = T.max_value("float32")
+        goal = T.max_value("float32")
     run: T.float32 = below
     token: T.int32 = -1
     last_positive: T.int32 = 0
@@ -191,7 +191,7 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
                 if w > T.float32(0):
                     last_positive = T.Cast("int32", x)
                 run = run + w
-                if run > target:
+                if run > goal:
                     token = T.Cast("int32", x)
     out[s] = T.Select(token >= 0, token, last_positive)
 
@@ -227,7 +227,7 @@ def _top_k_threshold(numer, top_k, top_k_bits, r, v):
         lo[0] = 0
         hi[0] = T.Select(0 < top_k[vr] and _i64(top_k[vr]) < v, _ONE_BITS + 1, 1)
         if lo[0] + 1 < hi[0]:  # else the filter is off: [lo, hi) already holds one pattern
-            for _ in range(_BISECT_STEPS):
+            for step in range(_BISECT_STEPS):  # a named loop: WGSL refuses TVM's "__1" for "_"
                 for x in range(v):
                     with T.sblock("count_at_least"):
                         vx = T.axis.reduce(v, x)
@@ -267,7 +267,7 @@ def _top_p_threshold(numer, top_p, top_k_bits, keep_bits, r, v):
                 "top_k_lanes", "top_k_mass", top_k_mass, top_k_lane_mass, numer, vr,
                 _as_float(top_k_bits[vr]), v,
             )  # fmt: skip
-            for _ in range(_BISECT_STEPS):
+            for step in range(_BISECT_STEPS):  # a named loop: WGSL refuses TVM's "__1" for "_"
                 _mass_at_least(
                     "lanes_at_least", "mass_at_least", mass, lane_mass, numer, vr,
                     _as_float((lo[0] + hi[0]) // 2), v,
@@ -463,10 +463,10 @@ def verify_sampling(
                     x: T.let[T.int32] = draft[_i64(first_draft + j)]
                     # An id outside the vocabulary has target probability 0: rejected, never read.
                     if 0 <= x and _i64(x) < v:
-                        target: T.let[T.float32] = p[_i64(first_row + j), _i64(x)]
-                        proposal: T.let[T.float32] = q[_i64(first_draft + j), _i64(x)]
-                        if target > T.float32(0):
-                            if u_accept[_i64(first_draft + j)] * proposal <= target:
+                        p_x: T.let[T.float32] = p[_i64(first_row + j), _i64(x)]  # "target" is reserved in WGSL
+                        q_x: T.let[T.float32] = q[_i64(first_draft + j), _i64(x)]
+                        if p_x > T.float32(0):
+                            if u_accept[_i64(first_draft + j)] * q_x <= p_x:
                                 n = n + 1
             accepted[vs] = n
             sample_row[vs] = first_row + n
