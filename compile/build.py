@@ -21,6 +21,7 @@ import numpy as np
 import tvm
 from safetensors.numpy import save_file
 
+from ..runtime.engine import CONFIG_FILE
 from .checkpoint import Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .model import CausalLM
@@ -28,7 +29,6 @@ from .pipeline import pipeline_for, tir_pipeline_for, weight_tile
 from .targets import model_target, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
 
-CONFIG_FILE = "mlc_spec_config.json"
 FORMAT_VERSION = 1
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tvm
 from tvm.target import codegen
 
+from ..runtime.library import DEVICES
 from .config import CompileError
 
-DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 
 # The TVM build option that provides each GPU code generator.
 _BUILD_OPTION = {"cuda": "USE_CUDA", "vulkan": "USE_VULKAN", "metal": "USE_METAL",
