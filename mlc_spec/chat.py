@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
                                    "(default: SmolLM2-135M-Instruct with the shipped draft, compiled on first use)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, vulkan, metal, opencl or webgpu (default cpu)")
     p.add_argument("--no-draft", action="store_true", help="run the target alone")
-    p.add_argument("--draft-length", type=int, default=4, help="tokens drafted per round (default 4)")
+    p.add_argument("--draft-length", type=draft_length, default="auto",
+                   help="tokens drafted per round, or auto: chosen from measured acceptance and costs (default auto)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
@@ -71,7 +72,7 @@ class Settings:
     top_k: int = 0
     seed: int | None = None
     max_tokens: int = 512
-    draft_length: int = 4
+    draft_length: int | str = "auto"
     draft: bool = True
     system: str | None = None
 
@@ -95,6 +96,11 @@ class Settings:
         setattr(self, name, parsed)
 
 
+def draft_length(value: str) -> int | str:
+    """k, or "auto": k chosen each round from measured acceptance and costs, never slower than the target alone."""
+    return "auto" if value == "auto" else int(value)
+
+
 def _optional_int(value: str) -> int | None:
     return None if value.lower() in ("none", "") else int(value)
 
@@ -107,7 +113,7 @@ def _on_off(value: str) -> bool:
 
 SETTABLE: dict[str, Callable[[str], object]] = {
     "temperature": float, "top_p": float, "top_k": int, "seed": _optional_int, "max_tokens": int,
-    "draft_length": int, "draft": _on_off, "system": lambda v: v or None,
+    "draft_length": draft_length, "draft": _on_off, "system": lambda v: v or None,
 }
 
 

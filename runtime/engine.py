@@ -205,7 +205,9 @@ class GenerateOptions:
              draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
         "ngram", or False (the target alone). draft_length: k, or "auto" to choose k each round from
-        measured acceptance and costs (runtime/adaptive.py)."""
+        measured acceptance and costs (runtime/adaptive.py). Sampled tokens depend on k (the uniforms
+        are drawn per round), so a seed reproduces a sampled output with a fixed k; greedy output never
+        depends on k."""
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if max_tokens < 1:
