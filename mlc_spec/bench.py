@@ -154,7 +154,7 @@ def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
         for lib, original in zip(libs, originals):
             lib.functions.update(original)
     total = time.perf_counter() - start
-    k = opts["draft_length"] if opts["draft_length"] != "auto" else len(drafted)
+    k = opts["draft_length"] if opts["draft_length"] != "auto" else int((drafted > 0).sum())
     return {
         "tokens": tokens,
         "tokens_per_second": tokens / total,
