@@ -73,8 +73,14 @@ def _default_artifact() -> Path:
 
 
 def _prompts(engine, path: str | None) -> list[list[int]]:
+    """Each prompt as a user turn in the model's chat template (as chat sends it), raw without one."""
+    from .chat import ChatTemplate
+
     texts = Path(path).read_text().splitlines() if path else DEFAULT_PROMPTS
-    return [engine.encode(t) for t in texts if t.strip()]
+    template = ChatTemplate.of(engine)
+    if template.is_fallback:
+        return [engine.encode(t) for t in texts if t.strip()]
+    return [template.encode(engine, [{"role": "user", "content": t}]) for t in texts if t.strip()]
 
 
 # -- measurements ---------------------------------------------------------------------------------------------
