@@ -52,7 +52,7 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     """The compiled default pair for this device, compiled on first use."""
     draft_dir = default_draft()
     dtype = "float32" if device == "cpu" else "float16"
-    tag = f"draft-{_fingerprint(draft_dir)}" if draft_dir else "target-only"
+    tag = f"draft-{_fingerprint(draft_dir)}" if draft_dir else f"target-only-{_fingerprint(None)}"
     out = cache_dir() / "artifacts" / f"smollm2-135m-instruct+{tag}-{dtype}-{device}"
     if (out / "mlc_spec_config.json").is_file():
         return out
@@ -70,10 +70,16 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
         return compile_artifact(gguf, folder, out, options, log=log)
 
 
-def _fingerprint(draft_dir: Path) -> str:
-    """Names the artifact after the shipped draft's content, so an updated draft is recompiled."""
+def _fingerprint(draft_dir: Path | None) -> str:
+    """Names the artifact after the shipped draft's content and the compiler's source, so an updated
+    draft or compiler is compiled afresh."""
+    from . import compile as compiler
+
+    files = sorted(Path(compiler.__file__).parent.glob("*.py"))
+    if draft_dir is not None:
+        files += sorted(p for p in draft_dir.iterdir() if p.is_file())
     digest = hashlib.sha256()
-    for file in sorted(p for p in draft_dir.iterdir() if p.is_file()):
+    for file in files:
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()[:12]
 
