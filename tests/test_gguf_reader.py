@@ -324,40 +324,20 @@ def random_state_dict(model, seed: int) -> dict[str, np.ndarray]:
     return tensors
 
 
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
 def tiny_llama(vocab_size: int, **overrides):
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        **overrides,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, **TINY_SHAPE, **overrides)
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config)
     return config, model, random_state_dict(model, seed=0)
 
 
 def tiny_qwen2(vocab_size: int):
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=1024, rope_theta=1000000.0,
+                         tie_word_embeddings=True, **TINY_SHAPE)
     config.architectures = ["Qwen2ForCausalLM"]
     model = Qwen2ForCausalLM(config)
     tensors = random_state_dict(model, seed=1)
