@@ -2,8 +2,8 @@
 
 Every forward works on a ragged batch flattened to [1, total_tokens]: the KV cache's begin_forward
 (called by the runtime) says which sequence owns which tokens and, for token trees, their parents.
-Linear weights are stored input-major ([in, out]) so a CPU matmul streams each weight row once for
-all the rows of a verify forward; the compiler's weight conversion transposes Hugging Face's [out, in].
+Linear weights are stored [in, out] for GPUs and packed [out/T, in, T] for CPUs (see Linear); the
+compiler's weight conversion (checkpoint.py) fuses and lays out Hugging Face's [out, in] tensors.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Relax compilation pipelines per device kind, and the CPU matmul schedule they use.
 
 TVM 0.27's default CPU pipeline leaves kernels single-threaded and unvectorized; its dlight
-cpu.GEMV rule hangs LLVM codegen. The CPU pipeline here schedules every matmul with one rule: the
-weight ([in, out], see model.py) is tiled over output features, each tile is parallel over cores and
-walked once for all the rows of the call, with a vector of output features accumulated per row, so
-a verify forward of k+1 tokens reads each weight once.
+cpu.GEMV rule hangs LLVM codegen. The CPU pipeline here schedules every matmul with one rule over
+model.Linear's packed weights ([out/T, in, T]): tiles of T output features run in parallel, each
+streaming its contiguous block of the weight once per block of rows, so a verify forward of up to
+five tokens reads each weight once. Two passes repair TVM's own CPU attention kernels first.
 """
 
 from __future__ import annotations
