@@ -9,7 +9,6 @@ spent outside the compiled code (Python and the host side of TVM calls).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time

