@@ -172,7 +172,7 @@ class Chat:
         self.session = engine.session()
         self.messages: list[dict] = []
         self.last: Stats | None = None
-        self.total = Stats(32)
+        self.total = Stats()
         self.turns = 0
 
     @property

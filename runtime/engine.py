@@ -26,6 +26,7 @@ from .speculative import DraftModel, Model, NGramDraft, RoundStats, SamplingPara
 
 CONFIG_FILE = "mlc_spec_config.json"
 AUTO_MAX_DRAFT = 8
+MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
 
 
 class ArtifactError(ValueError):
@@ -43,9 +44,9 @@ class GenerationOutput:
 class Stats:
     """Acceptance and timing over the rounds of one or more generations."""
 
-    def __init__(self, max_draft: int):
-        self.drafted_at = np.zeros(max_draft, np.int64)
-        self.accepted_at = np.zeros(max_draft, np.int64)
+    def __init__(self):
+        self.drafted_at = np.zeros(MAX_DRAFT_LENGTH, np.int64)
+        self.accepted_at = np.zeros(MAX_DRAFT_LENGTH, np.int64)
         self.rounds = 0
         self.target_calls_tokens = 0
         self.tokens = 0
@@ -210,8 +211,8 @@ class GenerateOptions:
         sampling.validate()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if draft_length != "auto" and not (isinstance(draft_length, int) and 0 <= draft_length <= 32):
-            raise ValueError(f"draft_length must be between 0 and 32, or 'auto', got {draft_length!r}")
+        if draft_length != "auto" and not (isinstance(draft_length, int) and 0 <= draft_length <= MAX_DRAFT_LENGTH):
+            raise ValueError(f"draft_length must be between 0 and {MAX_DRAFT_LENGTH}, or 'auto', got {draft_length!r}")
         if speculative not in (True, False, "draft", "ngram"):
             raise ValueError(f"speculative must be True, False, 'draft' or 'ngram', got {speculative!r}")
         if ngram_size < 1:
@@ -327,7 +328,7 @@ class _Generation:
             raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
         self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
         self.adaptive = AdaptiveDraftLength(AUTO_MAX_DRAFT) if opts.draft_length == "auto" else None
-        self.stats = Stats(32)
+        self.stats = Stats()
         self.requests = []
         seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
         for session, prompt, seed in zip(sessions, prompts, seeds):
