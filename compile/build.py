@@ -22,9 +22,9 @@ import tvm
 from safetensors.numpy import save_file
 
 from ..runtime.engine import CONFIG_FILE
-from .checkpoint import Checkpoint, convert_weights, load_checkpoint
+from .checkpoint import QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
-from .model import CausalLM
+from .model import CausalLM, WeightLayout
 from .pipeline import pipeline_for, tir_pipeline_for, weight_tile
 from .targets import model_target, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
@@ -40,6 +40,9 @@ class CompileOptions:
     page_size: int = 16
     prefill_chunk_size: int = 512
     cuda_arch: str = "sm_90"
+    # checkpoint.QUANTIZATIONS; the draft follows the target's unless draft_quantization says otherwise.
+    quantization: str = "keep"
+    draft_quantization: str | None = None
     # A CPU code generator other than LLVM for this CPU: a dict target of kind llvm or c (device cpu).
     cpu_target: dict | None = None
 
@@ -76,6 +79,9 @@ def _check_options(opts: CompileOptions) -> None:
         raise CompileError(f"unsupported dtype {opts.dtype!r}; choose float32 or float16")
     if opts.page_size not in (8, 16, 32, 64):
         raise CompileError(f"page size {opts.page_size} is not supported; choose 8, 16, 32 or 64")
+    for option, value in (("--quantization", opts.quantization), ("--draft-quantization", opts.draft_quantization)):
+        if value is not None and value not in QUANTIZATIONS:
+            raise CompileError(f"unknown {option} {value!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if opts.max_seq_len < opts.page_size:
         raise CompileError(f"max_seq_len {opts.max_seq_len} is smaller than one page ({opts.page_size}); raise it")
 
@@ -83,7 +89,8 @@ def _check_options(opts: CompileOptions) -> None:
 def _default_name(target: str | Path, draft: str | Path | None, opts: CompileOptions) -> str:
     stem = lambda p: Path(p).name.removesuffix(".gguf")  # noqa: E731
     name = stem(target) + (f"+{stem(draft)}" if draft else "")
-    return f"{name}-{opts.dtype}-{opts.device}"
+    quantized = "" if opts.quantization == "keep" else f"-{opts.quantization}"
+    return f"{name}{quantized}-{opts.dtype}-{opts.device}"
 
 
 def _staging_dir(out: Path) -> Path:
@@ -108,11 +115,13 @@ def _replace(staging: Path, out: Path) -> None:
 
 def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
                  opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> dict:
-    log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) to {opts.dtype}")
     tile = weight_tile(model_target(target))
-    params = convert_weights(cfg, ck.tensors, opts.dtype, output_vocab_size, tile)
-    log(f"lower: {role} for {target.kind.name}")
-    model = CausalLM(cfg, model_target(target), output_vocab_size, tile)
+    quantization = _quantization(role, opts, tile, target)
+    log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) "
+        f"to {opts.dtype}, quantization {quantization}")
+    params, formats = convert_weights(cfg, ck, opts.dtype, output_vocab_size, tile, quantization)
+    log(f"lower: {role} for {target.kind.name}" + (f" ({_count(formats)})" if formats else ""))
+    model = CausalLM(cfg, model_target(target), output_vocab_size, WeightLayout(tile, formats))
     model.to(opts.dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     param_names = [name for name, _ in named_params]
@@ -136,10 +145,27 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
         "param_names": param_names,
         "config": cfg.to_json(),
         "output_vocab_size": output_vocab_size,
+        "quantization": formats,
         "source": ck.source,
         "build_seconds": round(build_seconds, 1),
         "param_bytes": int(sum(p.nbytes for p in params.values())),
     }
+
+
+def _quantization(role: str, opts: CompileOptions, tile: int | None, target: tvm.target.Target) -> str:
+    """The role's choice; kept GGUF blocks need the CPU layout, so elsewhere "keep" expands them."""
+    choice = opts.draft_quantization if role == "draft" and opts.draft_quantization else opts.quantization
+    if tile is not None or choice in ("keep", "none"):
+        return choice if tile is not None else "none"
+    raise CompileError(f"--quantization {choice} needs the LLVM CPU layout, not {target.kind.name}; "
+                       "compile with --quantization none for this device")
+
+
+def _count(formats: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for fmt in formats.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return ", ".join(f"{n} linears {fmt}" for fmt, n in sorted(counts.items()))
 
 
 def _check_shapes(params: dict[str, np.ndarray], named_params, role: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .config import CompileError, ModelConfig
+from .quantization import FORMATS, Quantized, check_groups, concat_rows, pack, quantize
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class Checkpoint:
     tensors: Mapping[str, np.ndarray]
     tokenizer_json: str
     tokenizer_config: dict
+    blocks: Mapping[str, Quantized] = dataclasses.field(default_factory=dict)  # GGUF Q4_0/Q4_1/Q8_0, kept
 
     @property
     def config(self) -> ModelConfig:
@@ -46,7 +48,7 @@ def _load_gguf(path: Path) -> Checkpoint:
         ck = read_gguf(path)
     except GGUFError as err:
         raise CompileError(str(err)) from None
-    return Checkpoint(str(path), ck.config, ck.tensors, ck.tokenizer_json, ck.tokenizer_config)
+    return Checkpoint(str(path), ck.config, ck.tensors, ck.tokenizer_json, ck.tokenizer_config, ck.blocks)
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
@@ -100,40 +102,62 @@ class SafetensorsTensors(Mapping):
         return len(self._where)
 
 
-def convert_weights(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str,
-                    output_vocab_size: int, tile: int | None = None) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> model.py parameters: q/k/v and gate/up fused, linears [in, out] or,
-    with a tile, packed [ceil(out / tile), in, tile] (model.Linear).
+# The quantization choices: "keep" keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks and expands the rest to
+# the dtype; "none" expands everything; a format quantizes every linear (and a tied head) to it.
+QUANTIZATIONS = ("keep", "none", *FORMATS)
+
+
+def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_size: int,
+                    tile: int | None = None, quantization: str = "none") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Hugging Face tensors -> model.py parameters and the quantization format of each quantized
+    linear (by parameter prefix): q/k/v and gate/up fused, float linears [in, out] or, with a tile,
+    packed [ceil(out / tile), in, tile] (model.Linear); quantized ones packed by quantization.pack.
 
     output_vocab_size below the checkpoint's vocabulary drops the padding rows of the output head
     (a draft aligned to its target's vocabulary)."""
-    get = _getter(tensors)
+    get = _getter(ck.tensors)
     out: dict[str, np.ndarray] = {}
+    linears: dict[str, list[str]] = {}
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"model.layers.{i}.", f"model.layers.{i}."
-        attn = [get(f"{hf}self_attn.{p}_proj.weight") for p in "qkv"]
-        out[ours + "self_attn.qkv_proj.weight"] = np.concatenate(attn, axis=0).T
+        linears[ours + "self_attn.qkv_proj"] = [f"{hf}self_attn.{p}_proj.weight" for p in "qkv"]
         if cfg.attention_bias:
             out[ours + "self_attn.qkv_proj.bias"] = np.concatenate([get(f"{hf}self_attn.{p}_proj.bias") for p in "qkv"])
-        out[ours + "self_attn.o_proj.weight"] = get(hf + "self_attn.o_proj.weight").T
-        out[ours + "mlp.gate_up_proj.weight"] = np.concatenate(
-            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], axis=0).T
-        out[ours + "mlp.down_proj.weight"] = get(hf + "mlp.down_proj.weight").T
+        linears[ours + "self_attn.o_proj"] = [hf + "self_attn.o_proj.weight"]
+        linears[ours + "mlp.gate_up_proj"] = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
+        linears[ours + "mlp.down_proj"] = [hf + "mlp.down_proj.weight"]
         out[ours + "input_layernorm.weight"] = get(hf + "input_layernorm.weight")
         out[ours + "post_attention_layernorm.weight"] = get(hf + "post_attention_layernorm.weight")
     out["model.norm.weight"] = get("model.norm.weight")
-    embed = get("model.embed_tokens.weight")
-    head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+    embed = "model.embed_tokens.weight"
+    linears["lm_head"] = [embed if cfg.tie_word_embeddings else "lm_head.weight"]
     if not cfg.tie_word_embeddings:
-        out["model.embed_tokens"] = embed
-    out["lm_head.weight"] = head[:output_vocab_size].T
-    if tile is not None:
-        out = {name: _pack(w, tile) if _is_linear(name) else w for name, w in out.items()}
-    return {name: np.ascontiguousarray(w.astype(dtype)) for name, w in out.items()}
+        out["model.embed_tokens"] = get(embed)
+    out = {name: w.astype(dtype) for name, w in out.items()}
+    formats = {}
+    for name, sources in linears.items():
+        weight = _linear_weight(sources, ck, quantization, get, name)
+        if name == "lm_head":
+            weight = weight.map_rows(lambda a: a[:output_vocab_size]) if isinstance(weight, Quantized) else weight[:output_vocab_size]
+        if isinstance(weight, Quantized):
+            formats[name] = weight.format
+            out.update({f"{name}.{part}": a for part, a in pack(weight, tile).items()})
+        else:
+            out[f"{name}.weight"] = (_pack(weight.T, tile) if tile is not None else weight.T).astype(dtype)
+    return {name: np.ascontiguousarray(w) for name, w in out.items()}, formats
 
 
-def _is_linear(name: str) -> bool:
-    return name.endswith("proj.weight") or name == "lm_head.weight"
+def _linear_weight(sources: list[str], ck: Checkpoint, quantization: str, get, name: str) -> np.ndarray | Quantized:
+    """One linear's weight [out, in]: the file's blocks where kept, else float, quantized if asked."""
+    if quantization != "none" and all(s in ck.blocks for s in sources):
+        kept = concat_rows([ck.blocks[s] for s in sources])
+        if kept is not None and quantization in ("keep", kept.format):
+            return kept
+    weight = np.concatenate([get(s) for s in sources])
+    if quantization in FORMATS:
+        check_groups(weight.shape[1], quantization, name)
+        return quantize(weight, quantization)
+    return weight
 
 
 def _pack(weight: np.ndarray, tile: int) -> np.ndarray:

@@ -26,6 +26,8 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .quantization import FORMATS, Quantized, from_gguf_blocks
+
 __all__ = ["GGUFCheckpoint", "GGUFError", "read_gguf", "permute_qk_for_gguf"]
 
 
@@ -40,6 +42,7 @@ class GGUFCheckpoint:
     tokenizer_json: str  # a `tokenizers.Tokenizer` serialized to JSON
     tokenizer_config: dict  # bos_token, eos_token, chat_template, add_bos_token, ...
     source_types: dict[str, str]  # Hugging Face tensor name -> GGUF storage type (F32, Q4_K, ...)
+    blocks: dict[str, Quantized]  # the Q4_0/Q4_1/Q8_0 matrices again, as their blocks (bit for bit)
 
 
 # general.architecture -> (Hugging Face architecture class, model_type). Mistral GGUFs say "llama".
@@ -125,7 +128,7 @@ def read_gguf(path) -> GGUFCheckpoint:
         original_context = metadata.get(f"{architecture}.rope.scaling.original_context_length")
         config["rope_scaling"] = _llama3_rope_scaling(_dequantize(rope_freqs), config, original_context)
 
-    tensors, source_types = _hf_tensors(gguf_tensors, config, architecture)
+    tensors, source_types, blocks = _hf_tensors(gguf_tensors, config, architecture)
     tokenizer, tokenizer_config = _tokenizer(metadata)
     return GGUFCheckpoint(
         config=config,
@@ -133,6 +136,7 @@ def read_gguf(path) -> GGUFCheckpoint:
         tokenizer_json=tokenizer.to_str(),
         tokenizer_config=tokenizer_config,
         source_types=source_types,
+        blocks=blocks,
     )
 
 
@@ -374,18 +378,19 @@ def _llama3_factors(scaling: dict, wavelengths: np.ndarray) -> np.ndarray:
 
 
 def _hf_tensors(gguf_tensors: dict, config: dict, architecture: str):
-    tensors, source_types = {}, {}
+    tensors, source_types, blocks = {}, {}, {}
     for gguf_name, tensor in gguf_tensors.items():
         hf_name = _hf_tensor_name(gguf_name)
         if hf_name is None:
             continue
-        weights = _dequantize(tensor)
-        if architecture in _PERMUTED_QK_ARCHITECTURES:
-            weights = _unpermute_if_qk(weights, gguf_name, config)
-        tensors[hf_name] = weights
+        unpermute = (lambda w: _unpermute_if_qk(w, gguf_name, config)) if architecture in _PERMUTED_QK_ARCHITECTURES \
+            else (lambda w: w)
+        tensors[hf_name] = unpermute(_dequantize(tensor))
         source_types[hf_name] = tensor.tensor_type.name
+        if source_types[hf_name].lower() in FORMATS and tensors[hf_name].ndim == 2:
+            blocks[hf_name] = from_gguf_blocks(tensor.data, source_types[hf_name], tensors[hf_name].shape).map_rows(unpermute)
     _check_complete(tensors, config)
-    return tensors, source_types
+    return tensors, source_types, blocks
 
 
 def _hf_tensor_name(gguf_name: str):

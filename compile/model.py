@@ -8,6 +8,9 @@ compiler's weight conversion (checkpoint.py) fuses and lays out Hugging Face's [
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
@@ -16,6 +19,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from . import kernels
 from .config import ModelConfig
+from .quantization import BITS, GROUP, packed_shapes
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
 # verify at the default draft length, and 5 rows x 4 vectors of accumulators fit AVX-512's registers.
@@ -41,13 +45,47 @@ class Linear(nn.Module):
     [ceil(out / T), in, T]: the T output features of a tile are contiguous for every input feature,
     so each parallel task streams one contiguous block of the weight (measured here: 2.7x the
     bandwidth of the [in, out] layout on the 113 MB output head). Padding columns are zero and sliced off.
+
+    A quantization format (quantization.py; CPU layout only) stores codes in that layout plus float16
+    scales (and mins) per group of 32 inputs, dequantized inside the matmul: decode reads the
+    quantized bytes and nothing else.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tile: int | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tile: int | None = None,
+                 quantization: str | None = None):
         self.in_features, self.out_features, self.tile = in_features, out_features, tile
-        shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
-        self.weight = nn.Parameter(shape)
+        self.quantization = quantization
+        self.scale = self.min = None
+        if quantization is None:
+            shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
+            self.weight = nn.Parameter(shape)
+        else:
+            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, tile), tile)
+            for name, (shape, dtype) in shapes.items():
+                setattr(self, name, nn.Parameter(shape, dtype))
         self.bias = nn.Parameter((out_features,)) if bias else None
+
+    def to(self, dtype=None):
+        # Codes and their float16 scales keep their storage types; float weights follow the model.
+        for param in (self.weight if self.quantization is None else None, self.bias):
+            if param is not None:
+                param.to(dtype)
+
+    @property
+    def _stored(self) -> list[Tensor]:
+        return [p for p in (self.weight, self.scale, self.min) if p is not None]
+
+    def _weight_at(self, stored: list[te.Tensor], j, k, t, dtype: str):
+        """W[j, k, t] of the packed layout, dequantized to dtype when quantized."""
+        if self.quantization is None:
+            return stored[0][j, k, t]
+        codes, scale = stored[0], stored[1]
+        s = scale[j, k // GROUP, t].astype(dtype)
+        if BITS[self.quantization] == 8:
+            return codes[j, k, t].astype(dtype) * s
+        shift = ((k % 8) * 4).astype("uint32")
+        code = tirx.bitwise_and(tirx.shift_right(codes[j, k // 8, t], shift), tirx.const(15, "uint32"))
+        return code.astype(dtype) * s + stored[2][j, k // GROUP, t].astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:
         y = op.matmul(x, self.weight) if self.tile is None else self._packed_matmul(x, row_block)
@@ -60,7 +98,7 @@ class Linear(nn.Module):
         *lead, k_dim = x.shape
         tiles, tile, n_out, r = packed_tiles(self.out_features, self.tile), self.tile, self.out_features, row_block
 
-        def matmul(xs: te.Tensor, w: te.Tensor):
+        def matmul(xs: te.Tensor, *stored: te.Tensor):
             rows = xs.shape[0]
             k = te.reduce_axis((0, k_dim), name="k")
 
@@ -68,32 +106,45 @@ class Linear(nn.Module):
                 return tirx.if_then_else(b * r + i < rows, xs[tirx.min(b * r + i, rows - 1), k], tirx.const(0, xs.dtype))
 
             y = te.compute(((rows + r - 1) // r, r, tiles, tile),
-                           lambda b, i, j, t: te.sum(row(b, i) * w[j, k, t], axis=k), name="matmul")
+                           lambda b, i, j, t: te.sum(row(b, i) * self._weight_at(stored, j, k, t, xs.dtype), axis=k),
+                           name="matmul")
             return te.compute((rows, n_out), lambda i, c: y[i // r, i % r, c // tile, c % tile], name="unpack")
 
         flat = op.reshape(x, (-1, k_dim))
-        y = op.tensor_expr_op(matmul, "packed_matmul", [flat, self.weight])
+        y = op.tensor_expr_op(matmul, "packed_matmul", [flat, *self._stored])
         return op.reshape(y, (*lead, n_out))
 
-    def take_columns(self, ids: Tensor) -> Tensor:
+    def take_columns(self, ids: Tensor, dtype: str) -> Tensor:
         """Rows of W^T for these ids: the embedding of a model whose embedding is tied to this head."""
         if self.tile is None:
             return op.permute_dims(op.take(self.weight, ids, axis=1))
         tile, k_dim = self.tile, self.in_features
 
-        def compute(w: te.Tensor, idx: te.Tensor):
+        def compute(idx: te.Tensor, *stored: te.Tensor):
             return te.compute((idx.shape[0], k_dim),
-                              lambda i, k: w[idx[i] // tile, k, idx[i] % tile], name="take_columns")
+                              lambda i, k: self._weight_at(stored, idx[i] // tile, k, idx[i] % tile, dtype),
+                              name="take_columns")
 
-        return op.tensor_expr_op(compute, "take_columns", [self.weight, ids])
+        return op.tensor_expr_op(compute, "take_columns", [ids, *self._stored])
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """How each Linear stores its weight: the CPU tile (None: [in, out]) and, by parameter prefix
+    (e.g. "lm_head"), the quantization format of those that are quantized."""
+    tile: int | None = None
+    formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def linear(self, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
+        return Linear(in_features, out_features, bias, self.tile, self.formats.get(name))
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig, tile: int | None):
+    def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
         self.c = c
         qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-        self.qkv_proj = Linear(c.hidden_size, qkv_out, bias=c.attention_bias, tile=tile)
-        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, tile=tile)
+        self.qkv_proj = layout.linear(prefix + "qkv_proj", c.hidden_size, qkv_out, bias=c.attention_bias)
+        self.o_proj = layout.linear(prefix + "o_proj", c.num_attention_heads * c.head_dim, c.hidden_size)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, row_block: int) -> Tensor:
         c = self.c
@@ -105,9 +156,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig, tile: int | None):
-        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, tile=tile)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, tile=tile)
+    def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
+        self.gate_up_proj = layout.linear(prefix + "gate_up_proj", c.hidden_size, 2 * c.intermediate_size)
+        self.down_proj = layout.linear(prefix + "down_proj", c.intermediate_size, c.hidden_size)
 
     def forward(self, x: Tensor, row_block: int) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x, row_block), 2, axis=-1)
@@ -115,9 +166,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, tile: int | None):
-        self.self_attn = Attention(c, tile)
-        self.mlp = MLP(c, tile)
+    def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
+        self.self_attn = Attention(c, layout, prefix + "self_attn.")
+        self.mlp = MLP(c, layout, prefix + "mlp.")
         self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
 
@@ -127,11 +178,11 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, c: ModelConfig, tile: int | None):
+    def __init__(self, c: ModelConfig, layout: WeightLayout):
         # Untied models keep the usual [vocab, hidden] table; tied ones read rows out of the
         # transposed lm_head so the shared matrix is stored once.
         self.embed_tokens = None if c.tie_word_embeddings else nn.Parameter((c.vocab_size, c.hidden_size))
-        self.layers = nn.ModuleList([DecoderLayer(c, tile) for _ in range(c.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(c, layout, f"model.layers.{i}.") for i in range(c.num_hidden_layers)])
         self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
 
     def forward(self, h: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
@@ -144,15 +195,16 @@ class CausalLM(nn.Module):
     """The exported functions of one model library (MLC-LLM's naming, token ids in)."""
 
     def __init__(self, c: ModelConfig, target: tvm.target.Target, output_vocab_size: int | None = None,
-                 weight_tile: int | None = None):
+                 layout: WeightLayout | None = None):
         """output_vocab_size aligns a draft's logits to its target's vocabulary: extra padding rows
         of the draft's head are dropped, missing ones come out as -inf (the draft never proposes them).
-        weight_tile selects the packed weight layout of Linear."""
+        layout says how each Linear stores its weight."""
         self.c = c
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
-        self.model = Decoder(c, weight_tile)
-        self.lm_head = Linear(c.hidden_size, min(c.vocab_size, self.output_vocab_size), tile=weight_tile)
+        layout = layout or WeightLayout()
+        self.model = Decoder(c, layout)
+        self.lm_head = layout.linear("lm_head", c.hidden_size, min(c.vocab_size, self.output_vocab_size))
         self.dtype = "float32"
 
     def to(self, dtype=None):
@@ -164,7 +216,7 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         if self.model.embed_tokens is not None:
             return op.take(self.model.embed_tokens, input_ids, axis=0)
-        return self.lm_head.take_columns(input_ids)
+        return self.lm_head.take_columns(input_ids, self.dtype)
 
     def _logits(self, h: Tensor, row_block: int = 1) -> Tensor:
         logits = self.lm_head(h, row_block)

@@ -19,6 +19,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target.codegen import llvm_get_vector_width
 
+from .quantization import GROUP
 from .targets import model_target
 
 # Output features per tile: four vector registers of accumulators per row.
@@ -57,17 +58,22 @@ class CPUStreamingMatmul(CPUScheduleRule):
         *rows, tiles, lanes, k = loops if tiled else [*loops[:-2], None, *loops[-2:]]
         block_rows = rows[-1] if len(rows) > 1 and _static_extent(sch, rows[-1]) > 1 else None
         outer = [tiles] if tiles is not None else []
+        # Quantized weights: k walks groups, then the words of a group, then the 8 inputs of a word,
+        # unrolled so each nibble's shift is a constant and a group's scale and min are loaded once.
+        ks = sch.split(k, [None, GROUP // 8, 8]) if _dequantizes(sch, block) else [k]
         if block_rows is None:
-            sch.reorder(*outer, *([sch.fuse(*rows)] if rows else []), k, lanes)
+            sch.reorder(*outer, *([sch.fuse(*rows)] if rows else []), *ks, lanes)
         else:
-            sch.reorder(*outer, *rows[:-1], k, block_rows, lanes)
+            sch.reorder(*outer, *rows[:-1], *ks, block_rows, lanes)
             sch.unroll(block_rows)
+        if len(ks) > 1:
+            sch.unroll(ks[-1])
         if tiles is not None:
             _place_epilogues(sch, [info.block_rv for info in infos[1:]], tiles)
             # parallel and vectorize need the reduction still whole; its init is split off last.
             sch.parallel(tiles)
         sch.vectorize(lanes)
-        init = sch.decompose_reduction(block, k)
+        init = sch.decompose_reduction(block, ks[0])
         sch.vectorize(sch.get_loops(init)[-1])
         return sch
 
@@ -89,7 +95,7 @@ def _place_epilogues(sch: s_tir.Schedule, epilogues: list, tiles) -> None:
 
 
 def _packed_matmul_tiled(sch: s_tir.Schedule, info) -> bool | None:
-    """None unless the block reads a weight indexed [j, k, t] by the tile, reduction and lane
+    """None unless the block reads a weight indexed [j, k (or k // n), t] by the tile, reduction and lane
     iterators (k the only reduction, last); True when the tile iterator is there, False when a
     single tile left the constant 0 in its place."""
     kind = info.dom_kind()
@@ -100,13 +106,25 @@ def _packed_matmul_tiled(sch: s_tir.Schedule, info) -> bool | None:
     j = iters[-3] if len(iters) >= 3 else None
     for region in sch.get(info.block_rv).reads:
         idx = [r.min for r in region.region]
-        if len(idx) != 3 or not (idx[1].same_as(k) and idx[2].same_as(t)):
+        if len(idx) != 3 or not (_walks(idx[1], k) and idx[2].same_as(t)):
             continue
         if j is not None and idx[0].same_as(j):
             return True
         if isinstance(idx[0], tirx.IntImm) and idx[0].value == 0:
             return False
     return None
+
+
+def _dequantizes(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block reads a weight per group of its reduction (quantization.py's scales)."""
+    k = sch.get(block).iter_vars[-1].var
+    return any(isinstance(r.min, tirx.FloorDiv) and r.min.a.same_as(k)
+               for region in sch.get(block).reads for r in region.region)
+
+
+def _walks(index, k) -> bool:
+    """k itself, or k // n: quantized codes pack several inputs per element, scales one per group."""
+    return index.same_as(k) or (isinstance(index, tirx.FloorDiv) and index.a.same_as(k))
 
 
 def cpu_pipeline(target: tvm.target.Target):

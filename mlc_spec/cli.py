@@ -35,6 +35,10 @@ def _add_compile(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence in the KV cache (default 2048)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--cuda-arch", default="sm_90", help="CUDA architecture for --device cuda (default sm_90)")
+    p.add_argument("--quantization", default="keep",
+                   help="weights: keep (a GGUF's Q4_0/Q4_1/Q8_0 blocks stay as they are, the rest is --dtype), "
+                        "none (all --dtype), or q4_0, q4_1, q8_0 (every linear in that format; CPU only). Default keep")
+    p.add_argument("--draft-quantization", help="the draft's weights, as --quantization (default: the same)")
     p.set_defaults(run=_run_compile)
 
 
@@ -45,7 +49,8 @@ def _run_compile(args) -> int:
 
     start = time.perf_counter()
     opts = CompileOptions(device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                          page_size=args.page_size, cuda_arch=args.cuda_arch)
+                          page_size=args.page_size, cuda_arch=args.cuda_arch, quantization=args.quantization,
+                          draft_quantization=args.draft_quantization)
     out = compile_artifact(args.target, args.draft, args.output, opts, log=lambda m: print(m, flush=True))
     print(f"done in {time.perf_counter() - start:.1f}s: {out}")
     print(f"run it:  mlc_spec chat --model {out} --device {args.device}")

@@ -33,3 +33,9 @@ class Artifacts:
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Artifacts:
     return Artifacts(tmp_path_factory)
+
+
+@pytest.fixture
+def good_checkpoint(artifacts):
+    """The plain tiny Llama (GQA 2, untied) most tests compile."""
+    return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=320)

@@ -148,12 +148,6 @@ def compile_error(capsys, args: list[str]) -> str:
     return err
 
 
-@pytest.fixture
-def good_checkpoint(artifacts):
-    arch, opts = SHAPES["llama-gqa2-untied"]
-    return artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
-
-
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -276,9 +270,10 @@ def test_artifact_runs_on_runtime_only_tvm(artifacts, good_checkpoint, runtime_o
 
 
 # -- GGUF -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
-    """A tiny GGUF (written with gguf's writer) compiles; logits equal transformers' on the dequantized weights."""
+    """A tiny GGUF (written with gguf's writer) compiles with its blocks kept as they are; logits equal
+    transformers' on the dequantized weights."""
     import gguf
     from test_gguf_reader import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
     from transformers import LlamaForCausalLM
@@ -300,6 +295,9 @@ def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
     # these weights (std 0.5) give logits in the hundreds: 1e-4 plus float32's relative rounding
     np.testing.assert_allclose(got["prefill"], ref[19], atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(got["verify"], ref[21:30], atol=1e-4, rtol=1e-5)
+    kept = json.loads((artifact / "mlc_spec_config.json").read_text())["models"]["target"]["quantization"]
+    assert set(kept.values()) == (set() if qtype == "F32" else {qtype.lower()})
+    assert len(kept) == (0 if qtype == "F32" else 4 * config.num_hidden_layers + 1)
 
 
 # -- other backends -------------------------------------------------------------------------------------------

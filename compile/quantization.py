@@ -1,0 +1,153 @@
+"""Group-quantized weights: llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, kept or made, and packed for the CPU.
+
+Every format is codes with a float16 scale (and, for 4-bit, a float16 min) per group of 32 input
+features, w = code * scale + min. Q4_0's w = d * (code - 8) is the same with min = -8d, exactly:
+d * code and 8d are exact in float32 (an 11-bit mantissa times a small integer), so is their sum.
+GGUF blocks are decoded bit for bit and the quantizers follow ggml's reference ones, so a block
+kept from a file and one made here from its float values are the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from .config import CompileError
+
+GROUP = 32
+FORMATS = ("q4_0", "q4_1", "q8_0")
+# The compute kind of each format: 4-bit codes with scale and min, or int8 codes with a scale.
+BITS = {"q4_0": 4, "q4_1": 4, "q8_0": 8}
+
+
+@dataclasses.dataclass
+class Quantized:
+    """A weight [out, in] (Hugging Face orientation) as codes and float16 scales/mins per group."""
+    format: str
+    codes: np.ndarray  # [out, in]: uint8 0..15 (4-bit) or int8
+    scale: np.ndarray  # [out, in / 32] float16
+    min: np.ndarray | None  # [out, in / 32] float16, 4-bit only
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.format]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def map_rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Quantized":
+        """The same row operation (a permutation, a slice) on codes, scales and mins alike."""
+        return Quantized(self.format, fn(self.codes), fn(self.scale), None if self.min is None else fn(self.min))
+
+    def dequantize(self) -> np.ndarray:
+        w = _expand(self.scale.astype(np.float32)) * self.codes.astype(np.float32)
+        return w + _expand(self.min.astype(np.float32)) if self.min is not None else w
+
+
+def _expand(per_group: np.ndarray) -> np.ndarray:
+    return np.repeat(per_group, GROUP, axis=1)
+
+
+def concat_rows(parts: list[Quantized]) -> Quantized | None:
+    """Fused projections (q/k/v, gate/up) as one weight; None when the parts' formats differ."""
+    if len({p.format for p in parts}) != 1:
+        return None
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return Quantized(parts[0].format, cat("codes"), cat("scale"), None if parts[0].min is None else cat("min"))
+
+
+def check_groups(in_features: int, fmt: str, what: str) -> None:
+    if in_features % GROUP:
+        raise CompileError(f"{what}: {in_features} input features are not a multiple of {GROUP}, which {fmt} "
+                           "needs; compile with --quantization none")
+
+
+# -- quantizing float weights (ggml's reference quantizers) ----------------------------------------
+def quantize(weights: np.ndarray, fmt: str) -> Quantized:
+    out, k = weights.shape
+    groups = np.asarray(weights, np.float32).reshape(out, k // GROUP, GROUP)
+    return {"q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1, "q8_0": _quantize_q8_0}[fmt](groups, out, k)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def _quantize_q4_0(groups, out, k):
+    # ggml: the signed value of largest magnitude maps to code 0 (d = max / -8)
+    at = np.abs(groups).argmax(axis=2)[..., None]
+    d = (np.take_along_axis(groups, at, axis=2)[..., 0] / np.float32(-8)).astype(np.float32)
+    codes = np.minimum(15, (groups * _inverse(d)[..., None] + np.float32(8.5)).astype(np.int8)).astype(np.uint8)
+    scale = d.astype(np.float16)
+    return Quantized("q4_0", codes.reshape(out, k), scale, (scale.astype(np.float32) * -8).astype(np.float16))
+
+
+def _quantize_q4_1(groups, out, k):
+    lo, hi = groups.min(axis=2), groups.max(axis=2)
+    d = ((hi - lo) / np.float32(15)).astype(np.float32)
+    codes = np.minimum(15, ((groups - lo[..., None]) * _inverse(d)[..., None] + np.float32(0.5)).astype(np.int8))
+    return Quantized("q4_1", codes.astype(np.uint8).reshape(out, k), d.astype(np.float16), lo.astype(np.float16))
+
+
+def _quantize_q8_0(groups, out, k):
+    d = (np.abs(groups).max(axis=2) / np.float32(127)).astype(np.float32)
+    scaled = (groups * _inverse(d)[..., None]).astype(np.float64)  # roundf: halves away from zero, exactly
+    codes = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int8)
+    return Quantized("q8_0", codes.reshape(out, k), d.astype(np.float16), None)
+
+
+# -- GGUF blocks ------------------------------------------------------------------------------------
+def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized:
+    """Decode llama.cpp blocks (a uint8 array, a block of 32 weights per 18, 20 or 34 bytes)."""
+    fmt = type_name.lower()
+    out, k = shape
+    blocks = np.ascontiguousarray(raw).reshape(out * k // GROUP, -1)
+    d = blocks[:, :2].copy().view(np.float16).reshape(out, k // GROUP)
+    if fmt == "q8_0":
+        return Quantized(fmt, blocks[:, 2:].copy().view(np.int8).reshape(out, k), d, None)
+    packed = blocks[:, 4:] if fmt == "q4_1" else blocks[:, 2:]
+    # the low nibbles of a block's 16 bytes are weights 0..15, the high ones 16..31
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(out, k)
+    if fmt == "q4_1":
+        return Quantized(fmt, codes, d, blocks[:, 2:4].copy().view(np.float16).reshape(out, k // GROUP))
+    return Quantized(fmt, codes, d, (d.astype(np.float32) * -8).astype(np.float16))
+
+
+# -- the CPU layout (model.Linear) ------------------------------------------------------------------
+def packed_shapes(bits: int, in_features: int, tiles: int, tile: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Parameter shapes and dtypes of a quantized Linear with this tile: the codes of a tile's T output
+    features are contiguous per input feature (4-bit: eight inputs' nibbles in one uint32 lane), its
+    scales and mins per group of 32 inputs."""
+    groups = (tiles, in_features // GROUP, tile)
+    shapes = {"scale": (groups, "float16")}
+    if bits == 4:
+        shapes["weight"] = ((tiles, in_features // 8, tile), "uint32")
+        shapes["min"] = (groups, "float16")
+    else:
+        shapes["weight"] = ((tiles, in_features, tile), "int8")
+    return shapes
+
+
+def pack(q: Quantized, tile: int) -> dict[str, np.ndarray]:
+    """[out, in] codes and groups -> packed_shapes' arrays, output features padded to whole tiles with
+    zero codes, scales and mins (padding columns compute to 0 and are sliced off)."""
+    out, k = q.shape
+    tiles = -(-out // tile)
+
+    def tiled(a: np.ndarray) -> np.ndarray:  # [out, n] -> [tiles, n, tile]
+        padded = np.zeros((tiles * tile, a.shape[1]), a.dtype)
+        padded[:out] = a
+        return np.ascontiguousarray(padded.reshape(tiles, tile, -1).transpose(0, 2, 1))
+
+    params = {"scale": tiled(q.scale)}
+    if q.bits == 4:
+        nibbles = q.codes.astype(np.uint32).reshape(out, k // 8, 8) << (4 * np.arange(8, dtype=np.uint32))
+        params["weight"] = tiled(np.bitwise_or.reduce(nibbles, axis=2))
+        params["min"] = tiled(q.min)
+    else:
+        params["weight"] = tiled(q.codes)
+    return params

@@ -1,0 +1,139 @@
+"""Group-quantized weights: the same blocks as llama.cpp, exact dequantization in the compiled matmul,
+and greedy speculative output equal to the same quantized target alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlc_spec.compile.quantization import FORMATS, from_gguf_blocks, pack, quantize
+from test_compile import assert_empty, compile_error, run_forwards
+
+TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
+
+
+def weights(rows=6, cols=96, seed=0):
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero group: scale 0, no division by it
+    w[1, 32:64] = 3.0  # a constant group: max == min
+    return w
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_are_llama_cpp_blocks(fmt):
+    """Our quantizer makes the bytes gguf's reference quantizer makes; decoding them gives gguf's dequantization."""
+    w = weights()
+    raw = gguf.quants.quantize(w, TYPES[fmt])
+    theirs = from_gguf_blocks(raw, fmt.upper(), w.shape)
+    ours = quantize(w, fmt)
+    np.testing.assert_array_equal(ours.codes, theirs.codes)
+    np.testing.assert_array_equal(ours.scale, theirs.scale)
+    if ours.min is not None:
+        np.testing.assert_array_equal(ours.min, theirs.min)
+    np.testing.assert_array_equal(theirs.dequantize(), gguf.quants.dequantize(raw, TYPES[fmt]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_requantizing_dequantized_blocks_is_lossless(fmt):
+    """A draft given the target's dequantized embedding gets the very same blocks back."""
+    q = quantize(weights(seed=1), fmt)
+    again = quantize(q.dequantize(), fmt)
+    np.testing.assert_array_equal(again.codes, q.codes)
+    np.testing.assert_array_equal(again.scale, q.scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_layout_holds_every_code(fmt):
+    """pack's [tiles, in(/8), T] arrays, read back the way model.Linear reads them, give w[out, in]."""
+    w, tile = weights(rows=70, cols=64), 16
+    q = quantize(w, fmt)
+    p = pack(q, tile)
+    out, k = w.shape
+    j, t = np.arange(out) // tile, np.arange(out) % tile
+    cols = np.arange(k)
+    if q.bits == 4:
+        words = p["weight"][j[:, None], cols[None] // 8, t[:, None]]
+        codes = (words >> (4 * (cols[None] % 8)).astype(np.uint32)) & 15
+    else:
+        codes = p["weight"][j[:, None], cols[None], t[:, None]]
+    scale = p["scale"][j[:, None], cols[None] // 32, t[:, None]].astype(np.float32)
+    got = codes.astype(np.float32) * scale
+    if q.bits == 4:
+        got += p["min"][j[:, None], cols[None] // 32, t[:, None]].astype(np.float32)
+    np.testing.assert_array_equal(got, q.dequantize())
+    assert not p["weight"][-1, :, out % tile:].any()  # padding columns are zero
+
+
+# -- compiled models ----------------------------------------------------------------------------------
+def dequantized_copy(src, dst, fmt):
+    """The checkpoint with every linear (and the tied head) replaced by its dequantized weights."""
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "model.safetensors"))
+    for name, w in state.items():
+        if w.ndim == 2:
+            state[name] = torch.from_numpy(quantize(w.numpy(), fmt).dequantize())
+    save_file(state, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tmp_path, fmt):
+    """Dequantization inside the matmul is exact: logits equal the float model's on the dequantized
+    weights, for prefill, decode and verify, and for the tied head's embedding rows."""
+    ckpt = artifacts.checkpoint("quant-tied", vocab_size=320, tie_word_embeddings=True)
+    quantized = artifacts.compile(f"quant-{fmt}", ckpt, quantization=fmt)
+    reference = artifacts.compile(f"quant-{fmt}-reference", dequantized_copy(ckpt, tmp_path / "deq", fmt),
+                                  quantization="none")
+    ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
+    got, want = run_forwards(quantized, ids, (30, 36)), run_forwards(reference, ids, (30, 36))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-6, err_msg=name)
+    config = json.loads((quantized / "mlc_spec_config.json").read_text())["models"]["target"]
+    assert set(config["quantization"].values()) == {fmt} and "lm_head" in config["quantization"]
+    reference_bytes = json.loads((reference / "mlc_spec_config.json").read_text())["models"]["target"]["param_bytes"]
+    assert config["param_bytes"] < reference_bytes / (3 if fmt == "q8_0" else 5)
+
+
+def test_quantized_speculation_equals_quantized_target(artifacts, good_checkpoint):
+    """Greedy speculative decoding over a q4_1 pair emits exactly what the q4_1 target alone emits."""
+    from mlc_spec import Engine
+    from test_speculative import VOCAB, generate_all, prompts
+
+    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=good_checkpoint, noise=0.1)
+    engine = Engine(artifacts.compile("quant-pair", good_checkpoint, draft, quantization="q4_1", max_seq_len=128),
+                    max_batch_size=8)
+    batch = prompts(100, seed=5)
+    alone = generate_all(engine, batch, max_tokens=24, stop_at_eos=False, speculative=False)
+    spec = engine.generate(token_ids=batch[:8], max_tokens=24, stop_at_eos=False, draft_length=4)
+    assert generate_all(engine, batch, max_tokens=24, stop_at_eos=False, draft_length=4) == alone
+    rate = sum(o.stats["acceptance_rate"] for o in spec) / len(spec)
+    assert 0.2 < rate < 1.0  # a draft that partly agrees: accepted and rejected drafts both occurred
+
+
+# -- bad options --------------------------------------------------------------------------------------
+def test_unknown_quantization(tmp_path, capsys, good_checkpoint):
+    err = compile_error(capsys, [str(good_checkpoint), "--quantization", "q3_k", "--output", str(tmp_path / "o" / "a")])
+    assert "unknown --quantization 'q3_k'" in err and "q4_1" in err
+    assert_empty(tmp_path / "o")
+
+
+def test_quantization_needs_the_cpu_layout(tmp_path, capsys, good_checkpoint):
+    err = compile_error(capsys, [str(good_checkpoint), "--device", "opencl", "--quantization", "q4_1",
+                                 "--output", str(tmp_path / "o" / "a")])
+    assert "--quantization none" in err
+    assert_empty(tmp_path / "o")
+
+
+def test_groups_must_divide_the_inputs(tmp_path, capsys):
+    from checkpoints import write_checkpoint
+
+    odd = write_checkpoint(tmp_path / "odd", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    err = compile_error(capsys, [str(odd), "--quantization", "q8_0", "--output", str(tmp_path / "o" / "a")])
+    assert "not a multiple of 32" in err and "--quantization none" in err
+    assert_empty(tmp_path / "o")
