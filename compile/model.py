@@ -101,13 +101,15 @@ class Linear(nn.Module):
         def matmul(xs: te.Tensor, *stored: te.Tensor):
             rows = xs.shape[0]
             k = te.reduce_axis((0, k_dim), name="k")
+            w = stored[0] if self.quantization is None else te.compute(
+                (tiles, k_dim, tile), lambda j, kk, t: self._weight_at(stored, j, kk, t, xs.dtype),
+                name="dequantize")  # a stage of its own: the schedule dequantizes once for all rows of a block
 
             def row(b, i):  # rows past the end of a partial block read zeros
                 return tirx.if_then_else(b * r + i < rows, xs[tirx.min(b * r + i, rows - 1), k], tirx.const(0, xs.dtype))
 
-            y = te.compute(((rows + r - 1) // r, r, tiles, tile),
-                           lambda b, i, j, t: te.sum(row(b, i) * self._weight_at(stored, j, k, t, xs.dtype), axis=k),
-                           name="matmul")
+            y = te.compute(((rows - 1) // r + 1, r, tiles, tile),
+                           lambda b, i, j, t: te.sum(row(b, i) * w[j, k, t], axis=k), name="matmul")
             return te.compute((rows, n_out), lambda i, c: y[i // r, i % r, c // tile, c % tile], name="unpack")
 
         flat = op.reshape(x, (-1, k_dim))

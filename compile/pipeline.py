@@ -49,27 +49,34 @@ class CPUStreamingMatmul(CPUScheduleRule):
         if infos is None:
             return None
         reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
-        tiled = _packed_matmul_tiled(sch, infos[0]) if len(reductions) == 1 and reductions[0] == 0 else None
+        if len(reductions) != 1 or reductions[0] > 1:
+            return None
+        # before the matmul at most a dequantize stage (model.Linear), after it the epilogue
+        dequantize, (info, *epilogues) = infos[:reductions[0]], infos[reductions[0]:]
+        tiled = _packed_matmul_tiled(sch, info)
         if tiled is None:
             return None
-        block = infos[0].block_rv
+        block = info.block_rv
         loops = sch.get_loops(block)
         # A single tile's loop is normalised away: then there is nothing to run in parallel.
         *rows, tiles, lanes, k = loops if tiled else [*loops[:-2], None, *loops[-2:]]
         block_rows = rows[-1] if len(rows) > 1 and _static_extent(sch, rows[-1]) > 1 else None
         outer = [tiles] if tiles is not None else []
         # Quantized weights: k walks groups, then the words of a group, then the 8 inputs of a word,
-        # unrolled so each nibble's shift is a constant and a group's scale and min are loaded once.
-        ks = sch.split(k, [None, GROUP // 8, 8]) if _dequantizes(sch, block) else [k]
+        # unrolled so each nibble's shift is a constant and a group's scale and min are loaded once;
+        # each input's T weights are dequantized once, into registers, for all rows of the block.
+        ks = sch.split(k, [None, GROUP // 8, 8]) if dequantize else [k]
         if block_rows is None:
             sch.reorder(*outer, *([sch.fuse(*rows)] if rows else []), *ks, lanes)
         else:
             sch.reorder(*outer, *rows[:-1], *ks, block_rows, lanes)
             sch.unroll(block_rows)
-        if len(ks) > 1:
+        if dequantize:
             sch.unroll(ks[-1])
+            sch.compute_at(dequantize[0].block_rv, ks[-1])
+            sch.vectorize(sch.get_loops(dequantize[0].block_rv)[-1])
         if tiles is not None:
-            _place_epilogues(sch, [info.block_rv for info in infos[1:]], tiles)
+            _place_epilogues(sch, [e.block_rv for e in epilogues], tiles)
             # parallel and vectorize need the reduction still whole; its init is split off last.
             sch.parallel(tiles)
         sch.vectorize(lanes)
@@ -113,13 +120,6 @@ def _packed_matmul_tiled(sch: s_tir.Schedule, info) -> bool | None:
         if isinstance(idx[0], tirx.IntImm) and idx[0].value == 0:
             return False
     return None
-
-
-def _dequantizes(sch: s_tir.Schedule, block) -> bool:
-    """Whether the block reads a weight per group of its reduction (quantization.py's scales)."""
-    k = sch.get(block).iter_vars[-1].var
-    return any(isinstance(r.min, tirx.FloorDiv) and r.min.a.same_as(k)
-               for region in sch.get(block).reads for r in region.region)
 
 
 def _walks(index, k) -> bool:

@@ -60,7 +60,9 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
 
-    options = CompileOptions(device=device, dtype=dtype)
+    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layers and its copy of the
+    # target's Q8_0 embedding become Q8_0 again (bit for bit): both read what llama.cpp would.
+    options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
     if draft_dir is None:
         return compile_artifact(gguf, None, out, options, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
