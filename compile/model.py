@@ -20,6 +20,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from . import kernels
 from .config import ModelConfig
 from .quantization import BITS, GROUP, packed_shapes
+from .quantized_matmul import quantized_matmul
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
 # verify at the default draft length, and 5 rows x 4 vectors of accumulators fit AVX-512's registers.
@@ -55,14 +56,13 @@ class Linear(nn.Module):
                  quantization: str | None = None):
         self.in_features, self.out_features, self.tile = in_features, out_features, tile
         self.quantization = quantization
-        self.scale = self.min = None
         if quantization is None:
             shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
             self.weight = nn.Parameter(shape)
+            self.scales = None
         else:
             shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, tile), tile)
-            for name, (shape, dtype) in shapes.items():
-                setattr(self, name, nn.Parameter(shape, dtype))
+            self.weight, self.scales = (nn.Parameter(*shapes[name]) for name in ("weight", "scales"))
         self.bias = nn.Parameter((out_features,)) if bias else None
 
     def to(self, dtype=None):
@@ -73,22 +73,27 @@ class Linear(nn.Module):
 
     @property
     def _stored(self) -> list[Tensor]:
-        return [p for p in (self.weight, self.scale, self.min) if p is not None]
+        return [p for p in (self.weight, self.scales) if p is not None]
 
     def _weight_at(self, stored: list[te.Tensor], j, k, t, dtype: str):
         """W[j, k, t] of the packed layout, dequantized to dtype when quantized."""
         if self.quantization is None:
             return stored[0][j, k, t]
-        codes, scale = stored[0], stored[1]
-        s = scale[j, k // GROUP, t].astype(dtype)
+        codes, scales = stored
+        w = scales[j, k // GROUP, 0, t].astype(dtype)
         if BITS[self.quantization] == 8:
-            return codes[j, k, t].astype(dtype) * s
+            return codes[j, k, t].astype(dtype) * w
         shift = ((k % 8) * 4).astype("uint32")
         code = tirx.bitwise_and(tirx.shift_right(codes[j, k // 8, t], shift), tirx.const(15, "uint32"))
-        return code.astype(dtype) * s + stored[2][j, k // GROUP, t].astype(dtype)
+        return code.astype(dtype) * w + scales[j, k // GROUP, 1, t].astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:
-        y = op.matmul(x, self.weight) if self.tile is None else self._packed_matmul(x, row_block)
+        if self.tile is None:
+            y = op.matmul(x, self.weight)
+        elif self.quantization is None:
+            y = self._packed_matmul(x, row_block)
+        else:
+            y = self._quantized_matmul(x, row_block)
         return y + self.bias if self.bias is not None else y
 
     def _packed_matmul(self, x: Tensor, row_block: int) -> Tensor:
@@ -98,23 +103,29 @@ class Linear(nn.Module):
         *lead, k_dim = x.shape
         tiles, tile, n_out, r = packed_tiles(self.out_features, self.tile), self.tile, self.out_features, row_block
 
-        def matmul(xs: te.Tensor, *stored: te.Tensor):
+        def matmul(xs: te.Tensor, w: te.Tensor):
             rows = xs.shape[0]
             k = te.reduce_axis((0, k_dim), name="k")
-            w = stored[0] if self.quantization is None else te.compute(
-                (tiles, k_dim, tile), lambda j, kk, t: self._weight_at(stored, j, kk, t, xs.dtype),
-                name="dequantize")  # a stage of its own: the schedule dequantizes once for all rows of a block
 
-            # Rows past the end of a partial block are skipped, not computed on zeros: a quantized
-            # matmul is compute-bound, and a verify of 2 tokens should not pay for 5.
-            y = te.compute(((rows - 1) // r + 1, r, tiles, tile),
-                           lambda b, i, j, t: te.sum(xs[tirx.min(b * r + i, rows - 1), k] * w[j, k, t], axis=k,
-                                                     where=b * r + i < rows), name="matmul")
+            def row(b, i):  # rows past the end of a partial block read zeros
+                return tirx.if_then_else(b * r + i < rows, xs[tirx.min(b * r + i, rows - 1), k], tirx.const(0, xs.dtype))
+
+            y = te.compute(((rows + r - 1) // r, r, tiles, tile),
+                           lambda b, i, j, t: te.sum(row(b, i) * w[j, k, t], axis=k), name="matmul")
             return te.compute((rows, n_out), lambda i, c: y[i // r, i % r, c // tile, c % tile], name="unpack")
 
         flat = op.reshape(x, (-1, k_dim))
-        y = op.tensor_expr_op(matmul, "packed_matmul", [flat, *self._stored])
+        y = op.tensor_expr_op(matmul, "packed_matmul", [flat, self.weight])
         return op.reshape(y, (*lead, n_out))
+
+    def _quantized_matmul(self, x: Tensor, row_block: int) -> Tensor:
+        *lead, k_dim = x.shape
+        flat = op.reshape(x, (-1, k_dim))
+        kernel = quantized_matmul(BITS[self.quantization], self.in_features, self.out_features, self.tile,
+                                  row_block, x.dtype)
+        y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.scales],
+                            Tensor.placeholder((flat.shape[0], self.out_features), x.dtype))
+        return op.reshape(y, (*lead, self.out_features))
 
     def take_columns(self, ids: Tensor, dtype: str) -> Tensor:
         """Rows of W^T for these ids: the embedding of a model whose embedding is tied to this head."""

@@ -19,7 +19,6 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target.codegen import llvm_get_vector_width
 
-from .quantization import GROUP
 from .targets import model_target
 
 # Output features per tile: four vector registers of accumulators per row.
@@ -49,38 +48,26 @@ class CPUStreamingMatmul(CPUScheduleRule):
         if infos is None:
             return None
         reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reductions) != 1 or reductions[0] > 1:
-            return None
-        # before the matmul at most a dequantize stage (model.Linear), after it the epilogue
-        dequantize, (info, *epilogues) = infos[:reductions[0]], infos[reductions[0]:]
-        tiled = _packed_matmul_tiled(sch, info)
+        tiled = _packed_matmul_tiled(sch, infos[0]) if len(reductions) == 1 and reductions[0] == 0 else None
         if tiled is None:
             return None
-        block = info.block_rv
+        block = infos[0].block_rv
         loops = sch.get_loops(block)
         # A single tile's loop is normalised away: then there is nothing to run in parallel.
         *rows, tiles, lanes, k = loops if tiled else [*loops[:-2], None, *loops[-2:]]
         block_rows = rows[-1] if len(rows) > 1 and _static_extent(sch, rows[-1]) > 1 else None
         outer = [tiles] if tiles is not None else []
-        # Quantized weights: k walks groups, then the words of a group, then the 8 inputs of a word,
-        # unrolled so each nibble's shift is a constant and a group's scale and min are loaded once;
-        # each input's T weights are dequantized once, into registers, for all rows of the block.
-        ks = sch.split(k, [None, GROUP // 8, 8]) if dequantize else [k]
         if block_rows is None:
-            sch.reorder(*outer, *([sch.fuse(*rows)] if rows else []), *ks, lanes)
+            sch.reorder(*outer, *([sch.fuse(*rows)] if rows else []), k, lanes)
         else:
-            sch.reorder(*outer, *rows[:-1], *ks, block_rows, lanes)
+            sch.reorder(*outer, *rows[:-1], k, block_rows, lanes)
             sch.unroll(block_rows)
-        if dequantize:
-            sch.unroll(ks[-1])
-            sch.compute_at(dequantize[0].block_rv, ks[-1])
-            sch.vectorize(sch.get_loops(dequantize[0].block_rv)[-1])
         if tiles is not None:
-            _place_epilogues(sch, [e.block_rv for e in epilogues], tiles)
+            _place_epilogues(sch, [info.block_rv for info in infos[1:]], tiles)
             # parallel and vectorize need the reduction still whole; its init is split off last.
             sch.parallel(tiles)
         sch.vectorize(lanes)
-        init = sch.decompose_reduction(block, ks[0])
+        init = sch.decompose_reduction(block, k)
         sch.vectorize(sch.get_loops(init)[-1])
         return sch
 
@@ -102,7 +89,7 @@ def _place_epilogues(sch: s_tir.Schedule, epilogues: list, tiles) -> None:
 
 
 def _packed_matmul_tiled(sch: s_tir.Schedule, info) -> bool | None:
-    """None unless the block reads a weight indexed [j, k (or k // n), t] by the tile, reduction and lane
+    """None unless the block reads a weight indexed [j, k, t] by the tile, reduction and lane
     iterators (k the only reduction, last); True when the tile iterator is there, False when a
     single tile left the constant 0 in its place."""
     kind = info.dom_kind()
@@ -113,18 +100,13 @@ def _packed_matmul_tiled(sch: s_tir.Schedule, info) -> bool | None:
     j = iters[-3] if len(iters) >= 3 else None
     for region in sch.get(info.block_rv).reads:
         idx = [r.min for r in region.region]
-        if len(idx) != 3 or not (_walks(idx[1], k) and idx[2].same_as(t)):
+        if len(idx) != 3 or not (idx[1].same_as(k) and idx[2].same_as(t)):
             continue
         if j is not None and idx[0].same_as(j):
             return True
         if isinstance(idx[0], tirx.IntImm) and idx[0].value == 0:
             return False
     return None
-
-
-def _walks(index, k) -> bool:
-    """k itself, or k // n: quantized codes pack several inputs per element, scales one per group."""
-    return index.same_as(k) or (isinstance(index, tirx.FloorDiv) and index.a.same_as(k))
 
 
 def cpu_pipeline(target: tvm.target.Target):

@@ -120,16 +120,10 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
 # -- the CPU layout (model.Linear) ------------------------------------------------------------------
 def packed_shapes(bits: int, in_features: int, tiles: int, tile: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Parameter shapes and dtypes of a quantized Linear with this tile: the codes of a tile's T output
-    features are contiguous per input feature (4-bit: eight inputs' nibbles in one uint32 lane), its
-    scales and mins per group of 32 inputs."""
-    groups = (tiles, in_features // GROUP, tile)
-    shapes = {"scale": (groups, "float16")}
-    if bits == 4:
-        shapes["weight"] = ((tiles, in_features // 8, tile), "uint32")
-        shapes["min"] = (groups, "float16")
-    else:
-        shapes["weight"] = ((tiles, in_features, tile), "int8")
-    return shapes
+    features are contiguous per input feature (4-bit: eight inputs' nibbles in one uint32 lane); per
+    group of 32 inputs, the tile's scales then (4-bit) its mins."""
+    codes = ((tiles, in_features // 8, tile), "uint32") if bits == 4 else ((tiles, in_features, tile), "int8")
+    return {"weight": codes, "scales": ((tiles, in_features // GROUP, 2 if bits == 4 else 1, tile), "float16")}
 
 
 def pack(q: Quantized, tile: int) -> dict[str, np.ndarray]:
@@ -143,11 +137,9 @@ def pack(q: Quantized, tile: int) -> dict[str, np.ndarray]:
         padded[:out] = a
         return np.ascontiguousarray(padded.reshape(tiles, tile, -1).transpose(0, 2, 1))
 
-    params = {"scale": tiled(q.scale)}
+    groups = [q.scale] if q.min is None else [q.scale, q.min]
+    scales = np.ascontiguousarray(np.stack([tiled(g) for g in groups], axis=2))
     if q.bits == 4:
         nibbles = q.codes.astype(np.uint32).reshape(out, k // 8, 8) << (4 * np.arange(8, dtype=np.uint32))
-        params["weight"] = tiled(np.bitwise_or.reduce(nibbles, axis=2))
-        params["min"] = tiled(q.min)
-    else:
-        params["weight"] = tiled(q.codes)
-    return params
+        return {"weight": tiled(np.bitwise_or.reduce(nibbles, axis=2)), "scales": scales}
+    return {"weight": tiled(q.codes), "scales": scales}

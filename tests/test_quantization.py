@@ -62,10 +62,10 @@ def test_packed_layout_holds_every_code(fmt):
         codes = (words >> (4 * (cols[None] % 8)).astype(np.uint32)) & 15
     else:
         codes = p["weight"][j[:, None], cols[None], t[:, None]]
-    scale = p["scale"][j[:, None], cols[None] // 32, t[:, None]].astype(np.float32)
-    got = codes.astype(np.float32) * scale
+    groups = p["scales"][j[:, None], cols[None] // 32, :, t[:, None]].astype(np.float32)
+    got = codes.astype(np.float32) * groups[..., 0]
     if q.bits == 4:
-        got += p["min"][j[:, None], cols[None] // 32, t[:, None]].astype(np.float32)
+        got += groups[..., 1]
     np.testing.assert_array_equal(got, q.dequantize())
     assert not p["weight"][-1, :, out % tile:].any()  # padding columns are zero
 
@@ -84,8 +84,9 @@ def dequantized_copy(src, dst, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tmp_path, fmt):
-    """Dequantization inside the matmul is exact: logits equal the float model's on the dequantized
-    weights, for prefill, decode and verify, and for the tied head's embedding rows."""
+    """The quantized matmul computes the float model on the dequantized weights (summed per group,
+    scale * sum(x * code) + min * sum(x), so only float32 rounding differs), for prefill, decode and
+    verify, and the tied head's embedding rows are the dequantized ones."""
     ckpt = artifacts.checkpoint("quant-tied", vocab_size=320, tie_word_embeddings=True)
     quantized = artifacts.compile(f"quant-{fmt}", ckpt, quantization=fmt)
     reference = artifacts.compile(f"quant-{fmt}-reference", dequantized_copy(ckpt, tmp_path / "deq", fmt),
@@ -93,7 +94,7 @@ def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tm
     ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
     got, want = run_forwards(quantized, ids, (30, 36)), run_forwards(reference, ids, (30, 36))
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-5, err_msg=name)
     config = json.loads((quantized / "mlc_spec_config.json").read_text())["models"]["target"]
     assert set(config["quantization"].values()) == {fmt} and "lm_head" in config["quantization"]
     reference_bytes = json.loads((reference / "mlc_spec_config.json").read_text())["models"]["target"]["param_bytes"]
