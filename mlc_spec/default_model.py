@@ -65,11 +65,14 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
     if draft_dir is None:
         return compile_artifact(gguf, None, out, options, log=log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".draft-", dir=out.parent) as tmp:
-        # The complete draft folder is only an input of the compile: the artifact keeps the draft's weights.
-        folder = complete_draft(draft_dir, gguf, Path(tmp) / "draft", log)
-        return compile_artifact(gguf, folder, out, options, log=log)
+    # The complete draft folder stays in the cache beside the artifact: bench --compare-hf loads it
+    # with transformers, as the assistant of the target's GGUF.
+    folder = cache_dir() / "drafts" / _digest(_files(draft_dir))
+    if not (folder / "model.safetensors").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".draft-", dir=folder.parent) as tmp:
+            os.replace(complete_draft(draft_dir, gguf, Path(tmp) / "draft", log), folder)
+    return compile_artifact(gguf, folder, out, options, log=log)
 
 
 def _fingerprint(draft_dir: Path | None) -> str:
@@ -77,9 +80,14 @@ def _fingerprint(draft_dir: Path | None) -> str:
     draft or compiler is compiled afresh."""
     from . import compile as compiler
 
-    files = sorted(Path(compiler.__file__).parent.glob("*.py"))
-    if draft_dir is not None:
-        files += sorted(p for p in draft_dir.iterdir() if p.is_file())
+    return _digest(sorted(Path(compiler.__file__).parent.glob("*.py")) + _files(draft_dir))
+
+
+def _files(folder: Path | None) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder is not None else []
+
+
+def _digest(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode() + b"\0" + file.read_bytes())

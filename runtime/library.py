@@ -6,6 +6,7 @@ installed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,24 @@ from tvm.runtime.vm import VirtualMachine
 from .kv_cache import PagedKVCache
 
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
+
+
+def _physical_cores() -> int:
+    """Cores this process may run on, counting a core's hyperthreads once (llama.cpp's default too)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(cores)
+
+
+# TVM's CPU thread pool, created at the first parallel kernel, otherwise takes half the hardware
+# threads: one thread on a 2-core machine without hyperthreads. (Measured here: SmolLM2 Q4_1 decode
+# 10.2 ms with the default, 7.8 ms with 2 threads.) TVM_NUM_THREADS still overrides.
+os.environ.setdefault("TVM_NUM_THREADS", str(_physical_cores()))
 
 
 def tvm_device(name: str):
