@@ -3,8 +3,12 @@
 A round with k drafts yields E(k) = 1 + sum_{j<k} P(at least j+1 accepted) tokens and costs
 k * (one draft step) + (one verify of k+1 tokens). The controller picks the k with the most tokens per
 second, k = 0 (the target alone) included, so speculation never runs knowingly slower than plain
-decoding. Estimates are running averages; a k whose cost is unknown is tried once, and while k = 0
-wins, one round in PROBE_EVERY still drafts a token so a draft that starts agreeing is noticed.
+decoding. Costs are running averages; acceptance per position is counted (hits over tries, older
+rounds weighing less) plus one pseudo-try at the previous position's rate (0.5 for the first), so one
+probe that agrees moves it most of the way and a position never drafted is expected to do as well as
+the one before it.
+A k whose cost is unknown is tried once, and while k = 0 wins, one round in PROBE_EVERY still drafts a
+token so a draft that starts agreeing is noticed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ _DECAY = 0.9  # weight of the past in the running averages
 class AdaptiveDraftLength:
     def __init__(self, max_k: int):
         self.max_k = max_k
-        self.reach = np.full(max_k, 0.5)  # P(at least j+1 drafts accepted | j+1 drafted)
+        self.hits = np.zeros(max_k)  # rounds that accepted draft j+1 ...
+        self.tries = np.zeros(max_k)  # ... of those that drafted it and accepted the first j
         self.step_cost: float | None = None  # seconds per draft step
         self.verify_cost: dict[int, float] = {}  # k -> seconds of the verify (or decode) forward
         self.rounds_at_zero = 0
@@ -41,8 +46,16 @@ class AdaptiveDraftLength:
         return best
 
     def _tokens_per_second(self, k: int) -> float:
-        expected = 1.0 + float(np.cumprod(self.reach[:k]).sum()) if k else 1.0
+        expected = 1.0 + float(np.cumprod(self.reach()[:k]).sum())
         return expected / (k * (self.step_cost or 0.0) + self._verify_cost(k))
+
+    def reach(self) -> np.ndarray:
+        """P(draft j+1 accepted | the first j were), for each position j."""
+        rates, prior = [], 0.5
+        for hits, tries in zip(self.hits, self.tries):
+            prior = (hits + prior) / (tries + 1)
+            rates.append(prior)
+        return np.array(rates)
 
     def _verify_cost(self, k: int) -> float:
         if k in self.verify_cost:
@@ -67,12 +80,9 @@ class AdaptiveDraftLength:
         self.step_cost = _average(self.step_cost, r.draft_seconds / k)
         drafted = np.array(r.drafted)
         accepted = np.array(r.accepted)
-        for j in range(k):
-            tried = drafted > j
-            if j > 0:
-                tried &= accepted >= j  # reach[j] is conditional on the first j accepted
-            if tried.any():
-                self.reach[j] = _average(self.reach[j], float(np.mean(accepted[tried] > j)))
+        tried = np.array([((drafted > j) & (accepted >= j)).sum() for j in range(self.max_k)])
+        self.hits = _DECAY * self.hits + [(accepted > j).sum() for j in range(self.max_k)]
+        self.tries = _DECAY * self.tries + tried
 
 
 def _average(old: float | None, new: float) -> float:

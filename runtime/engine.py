@@ -60,7 +60,7 @@ class Stats:
             self.accepted_at[:n] += 1
             self.rounds += 1
             self.target_calls_tokens += n + 1
-        self.draft_seconds += r.draft_seconds
+        self.draft_seconds += r.draft_seconds + r.catch_up_seconds
         self.verify_seconds += r.verify_seconds
 
     def merge(self, other: "Stats") -> None:
@@ -385,7 +385,7 @@ class _Generation:
 
     def _proposer(self, engine: Engine, opts: GenerateOptions):
         if self.draft is not None:
-            return DraftModel(self.draft)
+            return DraftModel(self.draft, engine.prefill_chunk)
         if opts.speculative in (True, "ngram"):
             return NGramDraft(engine.target.lib.vocab_size, max_ngram=opts.ngram_size)
         return None

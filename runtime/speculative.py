@@ -56,6 +56,7 @@ class RoundStats:
     accepted: list[int]
     draft_seconds: float
     verify_seconds: float
+    catch_up_seconds: float = 0.0  # the draft feeding tokens of rounds that did not draft
 
 
 class Model:
@@ -86,11 +87,19 @@ class Model:
 class DraftModel:
     """Proposes by running a small model k times; its q rows are its own processed distributions."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, prefill_chunk: int):
         self.model = model
+        self.prefill_chunk = prefill_chunk
 
     def sync(self, seq: Sequence) -> None:
         self.model.sync(seq)
+
+    def catch_up(self, seqs: list[Sequence]) -> None:
+        """Feed the committed tokens the draft lacks but the last (dk after a full acceptance, the tokens
+        of rounds that did not draft), timed apart: each draft step then feeds one token, so its time is
+        the cost per drafted token that draft_length="auto" weighs."""
+        for seq in seqs:
+            self.model.prefill(seq, self.prefill_chunk)
 
     def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
         if k == 0:
@@ -127,6 +136,9 @@ class NGramDraft:
     def sync(self, seq: Sequence) -> None:
         pass
 
+    def catch_up(self, seqs: list[Sequence]) -> None:
+        pass
+
     def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
         drafts = [self.lookup(s.tokens, k) for s in seqs]
         if params.greedy:
@@ -157,6 +169,9 @@ class SpeculativeDecoder:
         k = k if self.proposer is not None else 0
         params = seqs[0].params
         u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
+        start = time.perf_counter()
+        if k:
+            self.proposer.catch_up(seqs)
         t0 = time.perf_counter()
         drafts, q = self.proposer.propose(seqs, k, params, u_draft) if k else ([[] for _ in seqs], None)
         t1 = time.perf_counter()
@@ -169,7 +184,8 @@ class SpeculativeDecoder:
             self.target.sync(seq)
             if self.proposer is not None:
                 self.proposer.sync(seq)
-        return new_tokens, RoundStats([len(d) for d in drafts], [int(n) for n in accepted], t1 - t0, t2 - t1)
+        return new_tokens, RoundStats([len(d) for d in drafts], [int(n) for n in accepted], t1 - t0, t2 - t1,
+                                      t0 - start)
 
     # -- verify and decide ----------------------------------------------------------------------------
     def _verify(self, seqs, drafts, q, params: SamplingParams, u_accept, u_sample):

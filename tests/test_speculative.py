@@ -86,7 +86,7 @@ def test_caches_hold_exactly_the_committed_tokens(engines):
     from mlc_spec.runtime.speculative import DraftModel, SamplingParams, Sequence, SpeculativeDecoder
 
     engine = engines["partial"]
-    decoder = SpeculativeDecoder(engine.target, DraftModel(engine.draft))
+    decoder = SpeculativeDecoder(engine.target, DraftModel(engine.draft, engine.prefill_chunk))
     with engine.session() as session, engine.session() as fresh:
         session.tokens[:] = prompts(1, seed=5)[0][:20]
         seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(0), SamplingParams())
@@ -354,3 +354,17 @@ def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
     for _ in range(40):  # the draft starts agreeing and is cheap: drafting pays again
         ctl.update(RoundStats([1], [1], 0.001, 0.011))
     assert ctl.choose(8) >= 1
+
+
+def test_adaptive_controller_drafts_deeper_after_one_agreeing_probe():
+    """One agreeing round already lifts the acceptance estimate (counted, not a slow running average),
+    and positions never drafted are expected to do as well as the one before: a cheap draft that agrees
+    is given more than one token at once, where a 0.5 prior for them would stay at k = 1."""
+    from mlc_spec.runtime.adaptive import AdaptiveDraftLength
+    from mlc_spec.runtime.speculative import RoundStats
+
+    ctl = AdaptiveDraftLength(8)
+    ctl.update(RoundStats([0], [0], 0.0, 0.010))
+    ctl.update(RoundStats([1], [1], 0.002, 0.011))
+    assert ctl.reach()[0] == pytest.approx(0.75) and ctl.reach()[3] == pytest.approx(0.75)
+    assert ctl.choose(8) >= 2
