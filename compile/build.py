@@ -146,6 +146,7 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
         "config": cfg.to_json(),
         "output_vocab_size": output_vocab_size,
         "quantization": formats,
+        "verify_row_blocks": model.verify_row_blocks,
         "source": ck.source,
         "build_seconds": round(build_seconds, 1),
         "param_bytes": int(sum(p.nbytes for p in params.values())),

@@ -216,6 +216,7 @@ class CausalLM(nn.Module):
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
         layout = layout or WeightLayout()
+        self.quantized = bool(layout.formats)
         self.model = Decoder(c, layout)
         self.lm_head = layout.linear("lm_head", c.hidden_size, min(c.vocab_size, self.output_vocab_size))
         self.dtype = "float32"
@@ -258,6 +259,19 @@ class CausalLM(nn.Module):
     def verify(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         """Logits at every token given: a chain [last, d1..dk] per sequence, or a token tree."""
         return self._all_logits(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK)
+
+    @property
+    def verify_row_blocks(self) -> list[int]:
+        """Row blocks of the extra verify_<r> functions: exactly r rows per weight pass, for verifies of
+        r < VERIFY_ROW_BLOCK tokens. Only quantized models get them: their matmuls are compute-bound on
+        CPUs, so a 2-token verify in blocks of 5 pays for 5 rows; float matmuls wait on memory either way."""
+        return list(range(2, VERIFY_ROW_BLOCK)) if self.quantized else []
+
+    def _verify_rows(self, rows: int):
+        def verify(input_ids: Tensor, paged_kv_cache: PagedKVCache):
+            return self._all_logits(input_ids, paged_kv_cache, rows)
+
+        return verify
 
     def _all_logits(self, input_ids: Tensor, kv: PagedKVCache, row_block: int):
         h = self._hidden(input_ids, kv, row_block)
@@ -342,6 +356,8 @@ class CausalLM(nn.Module):
             "decode": {"input_ids": ids(1), "paged_kv_cache": kv, "$": packed},
             "batch_decode": {"input_ids": ids("batch_size"), "paged_kv_cache": kv, "$": packed},
             "verify": {"input_ids": ids("seq_len"), "paged_kv_cache": kv, "$": packed},
+            **{f"verify_{r}": {"input_ids": ids("seq_len"), "paged_kv_cache": kv, "$": packed}
+               for r in self.verify_row_blocks},
             "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
             "sampling_probs": {"logits": f32("n", v), "temperature": f32("n"),
                                "top_k": nn.spec.Tensor(["n"], "int32"), "top_p": f32("n"), "$": plain},
@@ -351,6 +367,8 @@ class CausalLM(nn.Module):
             "verify_sampling": {"p": f32("n", v), "q": f32("m", v), "draft_tokens": ids("m"),
                                 "indptr": ids("b"), "u_accept": f32("m"), "u_sample": f32("bs"), "$": plain},
         }
+        for r in self.verify_row_blocks:
+            setattr(self, f"verify_{r}", self._verify_rows(r))
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 

@@ -65,7 +65,7 @@ class ModelLibrary:
         # The VM functions the runtime calls, by name (bench wraps them to time compiled code).
         self.functions = {name: self.vm[name] for name in (
             "prefill", "batch_decode", "verify", "sampling_probs", "sample_from_probs", "argmax",
-            "verify_greedy", "verify_sampling")}
+            "verify_greedy", "verify_sampling", *(f"verify_{r}" for r in entry.get("verify_row_blocks", ())))}
 
     def create_kv_cache(self, *, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                         page_size: int) -> PagedKVCache:
@@ -99,8 +99,10 @@ class ModelLibrary:
         """Feed each sequence its tokens (a chain, or a tree given parent pointers); logits at every token."""
         lengths = [len(t) for t in token_lists]
         flat = [t for tokens in token_lists for t in tokens]
+        # a quantized model's verify_<n> computes exactly n rows per weight pass (compile/model.py)
+        verify = self.functions.get(f"verify_{len(flat)}", self.functions["verify"])
         with kv.forward(seq_ids, lengths, tree_parents):
-            logits, _ = self.functions["verify"](self.ids(flat), kv.handle, self.params)
+            logits, _ = verify(self.ids(flat), kv.handle, self.params)
         return logits
 
     # -- kernels (compile/kernels.py) ----------------------------------------------------------------

@@ -92,10 +92,13 @@ def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tm
     reference = artifacts.compile(f"quant-{fmt}-reference", dequantized_copy(ckpt, tmp_path / "deq", fmt),
                                   quantization="none")
     ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
-    got, want = run_forwards(quantized, ids, (30, 36)), run_forwards(reference, ids, (30, 36))
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-5, err_msg=name)
     config = json.loads((quantized / "mlc_spec_config.json").read_text())["models"]["target"]
+    assert config["verify_row_blocks"] == [2, 3, 4]
+    for verified in (2, 3, 4, 5, 7):  # verify_2..verify_4, then blocks of 5 (the last one partial)
+        split = (30, 31 + verified)
+        got, want = run_forwards(quantized, ids, split), run_forwards(reference, ids, split)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-5, err_msg=f"{name} {verified}")
     assert set(config["quantization"].values()) == {fmt} and "lm_head" in config["quantization"]
     reference_bytes = json.loads((reference / "mlc_spec_config.json").read_text())["models"]["target"]["param_bytes"]
     assert config["param_bytes"] < reference_bytes / (3 if fmt == "q8_0" else 5)
