@@ -7,14 +7,13 @@ scale and min are applied once per row. A 4-bit decode is compute-bound on CPUs 
 the float bytes), and this is a fifth fewer vector instructions per weight than dequantizing each
 weight first. Sums accumulate in float32 whatever the model's dtype.
 
-Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows (1 for decode, 5 for
+Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows (1 for decode, 2-5 for
 multi-token forwards); per group, the codes of each input are converted once and serve every row of
 the block, whose partial sums stay in vector registers.
 """
 
 from __future__ import annotations
 
-import tvm_ffi
 from tvm import s_tir, te, tirx
 
 from .quantization import GROUP, packed_shapes
@@ -59,25 +58,7 @@ def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, 
         term(b, i, j, g_axis, t), axis=g_axis), name="matmul")
     y = te.compute((n, out_features), lambda s, c: acc[s // r, s % r, c // tile, c % tile].astype(dtype), name="unpack")
     func = te.create_prim_func([x, weight, scales, y]).with_attr("tirx.noalias", True).without_attr("global_symbol")
-    # after scheduling: TVM schedules only blocks whose bindings are affine, which a predicate is not
-    func = _schedule(func) if r == 1 else _skip_rows_past_the_end(_schedule(func), n, r)
-    return func.with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
-
-
-def _skip_rows_past_the_end(func: tirx.PrimFunc, n, r: int) -> tirx.PrimFunc:
-    """Predicate the [block, row, ...] blocks on row < n, so a verify of 2 tokens in a block of 5
-    multiplies 2 rows, not 5 (te.sum's `where` would say so, but 0.27's create_prim_func drops it)."""
-
-    def predicate(realize):
-        if realize.block.name_hint not in _ROW_BLOCKED:
-            return realize
-        b, i = realize.iter_values[:2]
-        return s_tir.SBlockRealize(realize.iter_values, b * r + i.astype(b.ty.dtype) < n, realize.block)
-
-    return tvm_ffi.structural_map(func, (s_tir.SBlockRealize, predicate))
-
-
-_ROW_BLOCKED = ("group_dot", "matmul")
+    return _schedule(func).with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
 
 
 def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
