@@ -9,6 +9,9 @@ logits and int32 token ids; outputs are passed last (destination-passing style):
     verify_greedy(logits[Np,V], draft[Nq], indptr[B+1], accepted[B], next_token[B])
     verify_sampling(p[Np,V], q[Nq,V], draft[Nq], indptr[B+1], u_accept[Nq], u_sample[B],
                     accepted[B], next_token[B])
+    tree_verify_greedy(logits[N,V], tokens[N], parents[N], indptr[B+1], leaf[B], next_token[B])
+    tree_verify_sampling(p[N,V], q[N,V], tokens[N], parents[N], indptr[B+1], u_accept[N], u_sample[B],
+                         leaf[B], next_token[B])
 
 Sequence b of a verify batch owns target rows indptr[b] .. indptr[b+1]-1 (its k_b drafts plus one bonus
 row) and draft slots indptr[b]-b .. indptr[b]-b+k_b-1, so Nq = Np - B. The numpy reference in
@@ -16,6 +19,13 @@ tests/test_kernels.py is the executable specification. Inputs are assumed sane: 
 decoding is argmax), 0 < top_p <= 1 (top_p <= 0 keeps just the most probable tokens), probability rows
 with some positive entry (a row without one samples token 0), logit rows with some entry above -inf
 (argmax of an all -inf row is -1). A draft id outside [0, V) is rejected.
+
+The tree kernels verify a token tree per sequence: sequence b owns nodes indptr[b] .. indptr[b+1]-1, node 0
+of each its root (the last committed token), parents[] local to the sequence (-1 at the root) and smaller
+than the node's own index (TVM's tree attention order). Every array is indexed by node: logits/p are the
+target's rows at each node, q the draft's distribution at each node (the one its children were drawn
+from; unused at leaves), u_accept the acceptance uniform of each node (unused at roots). They return the
+deepest accepted node (local index, 0 when nothing is accepted) and the token that follows it.
 
 Each kernel is written once as block-based TIR (`kernel(name)`) and scheduled per target
 (`scheduled_kernels(target)`): llvm gets rows in parallel with vectorised elementwise loops, every other
@@ -28,7 +38,8 @@ import tvm
 from tvm import s_tir
 from tvm.script import tirx as T
 
-KERNEL_NAMES = ("sampling_probs", "sample_from_probs", "argmax", "verify_greedy", "verify_sampling")
+KERNEL_NAMES = ("sampling_probs", "sample_from_probs", "argmax", "verify_greedy", "verify_sampling",
+                "tree_verify_greedy", "tree_verify_sampling")
 
 # Softmax numerators exp((l - max) / t) lie in [0, 1], and non-negative floats order like their int32
 # bit patterns, so a threshold is found by bisecting the integers 0 .. bits(1.0).
@@ -497,12 +508,147 @@ def verify_sampling(
                 _inverse_cdf(p, q, row, None, target_mass, vs, u_sample[vs], next_token, v)
 
 
+@T.prim_func(s_tir=True)
+def tree_verify_greedy(
+    var_logits: T.handle,
+    var_tokens: T.handle,
+    var_parents: T.handle,
+    var_indptr: T.handle,
+    var_leaf: T.handle,
+    var_next_token: T.handle,
+):
+    T.func_attr({"tirx.noalias": True})
+    num_nodes, v, batch = T.int64(), T.int64(), T.int64()
+    logits = T.match_buffer(var_logits, (num_nodes, v), "float32")
+    tokens = T.match_buffer(var_tokens, (num_nodes,), "int32")
+    parents = T.match_buffer(var_parents, (num_nodes,), "int32")
+    indptr = T.match_buffer(var_indptr, (batch + 1,), "int32")
+    leaf = T.match_buffer(var_leaf, (batch,), "int32")
+    next_token = T.match_buffer(var_next_token, (batch,), "int32")
+    row_token = T.sblock_alloc_buffer((num_nodes,), "int32")
+    row_logit = T.sblock_alloc_buffer((num_nodes,), "float32")
+    for r in range(num_nodes):
+        _argmax_rows(logits, row_token, row_logit, r, v)
+    for s in range(batch):
+        with T.sblock("tree_greedy_walk"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(indptr[vs : vs + 2], tokens[0:num_nodes], parents[0:num_nodes], row_token[0:num_nodes])
+            T.writes(leaf[vs], next_token[vs])
+            first: T.let[T.int32] = indptr[vs]
+            node: T.int32 = 0
+            # Parents precede children, so one pass in index order follows the path: once the walk
+            # moves to a node, only that node's children (all later) can match.
+            for j in range(indptr[vs + 1] - first):
+                if parents[_i64(first + j)] == node and j > 0:
+                    if tokens[_i64(first + j)] == row_token[_i64(first + node)]:
+                        node = j
+            leaf[vs] = node
+            next_token[vs] = row_token[_i64(first + node)]
+
+
+@T.prim_func(s_tir=True)
+def tree_verify_sampling(
+    var_p: T.handle,
+    var_q: T.handle,
+    var_tokens: T.handle,
+    var_parents: T.handle,
+    var_indptr: T.handle,
+    var_u_accept: T.handle,
+    var_u_sample: T.handle,
+    var_leaf: T.handle,
+    var_next_token: T.handle,
+):
+    """Recursive rejection sampling (Jeon et al. 2024) for siblings drawn without replacement from q.
+
+    At a node with target law r (p at first) and remaining draft mass rest (1 at first), child x is
+    accepted when u * q(x) <= r(x) * rest: u * q_i(x) <= p_i(x) with q_i = q without the earlier
+    siblings, renormalised. On rejection r becomes norm(max(0, r * rest - q)) and rest loses q(x). An
+    earlier sibling's r(x) is already 0 (it was rejected because r(x) < q_i(x)), so the whole q row
+    stands in for q_i without masking. Accepting a child moves there with r = p and rest = 1; the
+    emitted token is drawn from the final r, or from p when nothing was rejected or r emptied.
+    """
+    T.func_attr({"tirx.noalias": True})
+    num_nodes, v, batch = T.int64(), T.int64(), T.int64()
+    p = T.match_buffer(var_p, (num_nodes, v), "float32")
+    q = T.match_buffer(var_q, (num_nodes, v), "float32")
+    tokens = T.match_buffer(var_tokens, (num_nodes,), "int32")
+    parents = T.match_buffer(var_parents, (num_nodes,), "int32")
+    indptr = T.match_buffer(var_indptr, (batch + 1,), "int32")
+    u_accept = T.match_buffer(var_u_accept, (num_nodes,), "float32")
+    u_sample = T.match_buffer(var_u_sample, (batch,), "float32")
+    leaf = T.match_buffer(var_leaf, (batch,), "int32")
+    next_token = T.match_buffer(var_next_token, (batch,), "int32")
+    # Each sequence's law of the emitted token: the residual as it is updated, then p or the residual.
+    law = T.sblock_alloc_buffer((batch, v), "float32")
+    law_mass = T.sblock_alloc_buffer((batch, _CHUNKS), "float32")
+    for s in range(batch):
+        with T.sblock("tree_walk"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(
+                indptr[vs : vs + 2],
+                tokens[0:num_nodes],
+                parents[0:num_nodes],
+                p[0:num_nodes, 0:v],
+                q[0:num_nodes, 0:v],
+                u_accept[0:num_nodes],
+            )
+            # law is scratch the walk writes before it reads it: not an input (compact dataflow).
+            T.writes(leaf[vs], law[vs, 0:v])
+            first: T.let[T.int32] = indptr[vs]
+            node: T.int32 = 0
+            rest: T.float32 = T.float32(1)
+            rejected: T.int32 = 0  # siblings rejected at node: while 0, its law is p itself
+            law_total: T.float32 = T.float32(1)
+            for j in range(indptr[vs + 1] - first):
+                if parents[_i64(first + j)] == node and j > 0:
+                    row: T.let[T.int64] = _i64(first + node)
+                    x: T.let[T.int32] = tokens[_i64(first + j)]
+                    p_x: T.float32 = T.float32(0)  # "target" is reserved in WGSL
+                    q_x: T.float32 = T.float32(0)
+                    # An id outside the vocabulary has target probability 0: rejected, never read.
+                    if 0 <= x and _i64(x) < v:
+                        p_x = T.Select(rejected == 0, p[row, _i64(x)], law[vs, _i64(x)])
+                        q_x = q[row, _i64(x)]
+                    if p_x > T.float32(0) and u_accept[_i64(first + j)] * q_x <= p_x * rest:
+                        node = j
+                        rest = T.float32(1)
+                        rejected = 0
+                    else:
+                        law_total = T.float32(0)
+                        for y in range(v):
+                            w: T.let[T.float32] = T.max(
+                                T.Select(rejected == 0, p[row, y], law[vs, y]) * rest - q[row, y],
+                                T.float32(0),
+                            )
+                            law[vs, y] = w
+                            law_total = law_total + w
+                        if law_total > T.float32(0):
+                            for y in range(v):
+                                law[vs, y] = law[vs, y] / law_total
+                        rest = rest - q_x
+                        rejected = rejected + 1
+            leaf[vs] = node
+            if rejected == 0 or law_total <= T.float32(0):
+                # Nothing rejected, or p == q up to rounding emptied the residual: p is the right law.
+                for y in range(v):
+                    law[vs, y] = p[_i64(first + node), y]
+    for s in range(batch):
+        _chunk_masses("law_chunks", law_mass, law, law, None, None, s, v)
+        with T.sblock("pick"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(law[vs, 0:v], law_mass[vs, 0:_CHUNKS], u_sample[vs])
+            T.writes(next_token[vs])
+            _inverse_cdf(law, law, vs, None, law_mass, vs, u_sample[vs], next_token, v)
+
+
 _KERNELS = {
     "sampling_probs": sampling_probs,
     "sample_from_probs": sample_from_probs,
     "argmax": argmax,
     "verify_greedy": verify_greedy,
     "verify_sampling": verify_sampling,
+    "tree_verify_greedy": tree_verify_greedy,
+    "tree_verify_sampling": tree_verify_sampling,
 }
 
 
@@ -601,6 +747,8 @@ _CPU_SCHEDULES = {
     "argmax": _cpu_rows_parallel("row_argmax"),
     "verify_greedy": _cpu_rows_parallel("row_argmax", "greedy_walk"),
     "verify_sampling": _cpu_rows_parallel("accept_walk", "residual_chunks", "target_chunks"),
+    "tree_verify_greedy": _cpu_rows_parallel("row_argmax", "tree_greedy_walk"),
+    "tree_verify_sampling": _cpu_rows_parallel("tree_walk", "law_chunks"),
 }
 
 
@@ -677,10 +825,24 @@ def _gpu_verify_sampling(sch):
     _gpu_chunked_pick(sch, "residual_chunks", "target_chunks")
 
 
+def _gpu_tree_verify_greedy(sch):
+    _gpu_argmax_rows(sch)
+    _gpu_sequences(sch, "tree_greedy_walk")
+
+
+def _gpu_tree_verify_sampling(sch):
+    # One thread per sequence walks its tree, updating the residual over the vocabulary serially: a
+    # rejection costs O(V) on one thread (the walk's decisions depend on each update's total).
+    _gpu_sequences(sch, "tree_walk")
+    _gpu_chunked_pick(sch, "law_chunks")
+
+
 _GPU_SCHEDULES = {
     "sampling_probs": _gpu_sampling_probs,
     "sample_from_probs": lambda sch: _gpu_chunked_pick(sch, "chunks"),
     "argmax": _gpu_argmax_rows,
     "verify_greedy": _gpu_verify_greedy,
     "verify_sampling": _gpu_verify_sampling,
+    "tree_verify_greedy": _gpu_tree_verify_greedy,
+    "tree_verify_sampling": _gpu_tree_verify_sampling,
 }
