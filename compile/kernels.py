@@ -208,6 +208,12 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
 
 
 @T.macro
+def _copy_row(dst, dst_row, src, src_row, v):
+    for y in range(v):
+        dst[dst_row, y] = src[src_row, y]
+
+
+@T.macro
 def _numerators(logits, temperature, row_max, numer, r, v):
     """numer[r, x] = exp((logits[r, x] - max) / temperature), zero in the padding past V."""
     for x in range(v):
@@ -565,7 +571,7 @@ def tree_verify_sampling(
     siblings, renormalised. On rejection r becomes norm(max(0, r * rest - q)) and rest loses q(x). An
     earlier sibling's r(x) is already 0 (it was rejected because r(x) < q_i(x)), so the whole q row
     stands in for q_i without masking. Accepting a child moves there with r = p and rest = 1; the
-    emitted token is drawn from the final r, or from p when nothing was rejected or r emptied.
+    emitted token is drawn from the final r, or from p where the residual emptied.
     """
     T.func_attr({"tirx.noalias": True})
     num_nodes, v, batch = T.int64(), T.int64(), T.int64()
@@ -578,7 +584,7 @@ def tree_verify_sampling(
     u_sample = T.match_buffer(var_u_sample, (batch,), "float32")
     leaf = T.match_buffer(var_leaf, (batch,), "int32")
     next_token = T.match_buffer(var_next_token, (batch,), "int32")
-    # Each sequence's law of the emitted token: the residual as it is updated, then p or the residual.
+    # Each sequence's law r at its current node, updated in place: p, then the residuals.
     law = T.sblock_alloc_buffer((batch, v), "float32")
     law_mass = T.sblock_alloc_buffer((batch, _CHUNKS), "float32")
     for s in range(batch):
@@ -597,8 +603,8 @@ def tree_verify_sampling(
             first: T.let[T.int32] = indptr[vs]
             node: T.int32 = 0
             rest: T.float32 = T.float32(1)
-            rejected: T.int32 = 0  # siblings rejected at node: while 0, its law is p itself
             law_total: T.float32 = T.float32(1)
+            _copy_row(law, vs, p, _i64(first), v)
             for j in range(indptr[vs + 1] - first):
                 if parents[_i64(first + j)] == node and j > 0:
                     row: T.let[T.int64] = _i64(first + node)
@@ -607,31 +613,27 @@ def tree_verify_sampling(
                     q_x: T.float32 = T.float32(0)
                     # An id outside the vocabulary has target probability 0: rejected, never read.
                     if 0 <= x and _i64(x) < v:
-                        p_x = T.Select(rejected == 0, p[row, _i64(x)], law[vs, _i64(x)])
+                        p_x = law[vs, _i64(x)]
                         q_x = q[row, _i64(x)]
                     if p_x > T.float32(0) and u_accept[_i64(first + j)] * q_x <= p_x * rest:
                         node = j
                         rest = T.float32(1)
-                        rejected = 0
+                        law_total = T.float32(1)
+                        _copy_row(law, vs, p, _i64(first + j), v)
                     else:
                         law_total = T.float32(0)
                         for y in range(v):
-                            w: T.let[T.float32] = T.max(
-                                T.Select(rejected == 0, p[row, y], law[vs, y]) * rest - q[row, y],
-                                T.float32(0),
-                            )
+                            w: T.let[T.float32] = T.max(law[vs, y] * rest - q[row, y], T.float32(0))
                             law[vs, y] = w
                             law_total = law_total + w
                         if law_total > T.float32(0):
                             for y in range(v):
                                 law[vs, y] = law[vs, y] / law_total
                         rest = rest - q_x
-                        rejected = rejected + 1
             leaf[vs] = node
-            if rejected == 0 or law_total <= T.float32(0):
-                # Nothing rejected, or p == q up to rounding emptied the residual: p is the right law.
-                for y in range(v):
-                    law[vs, y] = p[_i64(first + node), y]
+            if law_total <= T.float32(0):
+                # p == q up to rounding emptied the residual: p itself is the right law.
+                _copy_row(law, vs, p, _i64(first + node), v)
     for s in range(batch):
         _chunk_masses("law_chunks", law_mass, law, law, None, None, s, v)
         with T.sblock("pick"):
@@ -831,9 +833,9 @@ def _gpu_tree_verify_greedy(sch):
 
 
 def _gpu_tree_verify_sampling(sch):
-    # One thread per sequence walks its tree, updating the residual over the vocabulary serially: a
-    # rejection costs O(V) on one thread (the walk's decisions depend on each update's total).
-    _gpu_sequences(sch, "tree_walk")
+    # One thread per sequence walks its tree and updates the residual over the vocabulary serially: a
+    # rejection costs O(V) on one thread (each decision depends on the previous update's total).
+    sch.bind(_rows(sch, _block(sch, "tree_walk")), "blockIdx.x")
     _gpu_chunked_pick(sch, "law_chunks")
 
 

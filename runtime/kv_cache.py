@@ -86,9 +86,17 @@ class PagedKVCache:
             completed = True
         finally:
             _end_forward(self.handle)
-            if not completed:
+            if not completed and tree_parents is not None:
+                self.discard_tree(seq_ids)
+            elif not completed:
                 for seq_id, n in zip(seq_ids, lengths):
                     _popn(self.handle, seq_id, n)
 
     def commit_tree(self, seq_ids: Sequence[int], leaves: Sequence[int]) -> None:
-        _commit_tree(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(leaves)))
+        """Keep each sequence's root->leaf path of the last tree forward, drop the rest of it. Due after
+        every tree forward, before the next forward: TVM refuses one while a tree is uncommitted."""
+        _commit_tree(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple([int(leaf) for leaf in leaves]))
+
+    def discard_tree(self, seq_ids: Sequence[int]) -> None:
+        """Drop the whole of the last tree forward (leaf -1: no node kept)."""
+        self.commit_tree(seq_ids, [-1] * len(seq_ids))
