@@ -208,9 +208,60 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
 
 
 @T.macro
-def _copy_row(dst, dst_row, src, src_row, v):
+def _law_from_p(law, p, s, row, v):
     for y in range(v):
-        dst[dst_row, y] = src[src_row, y]
+        with T.sblock("law_from_p"):
+            vy = T.axis.spatial(v, y)
+            T.reads(p[0 : p.shape[0], vy])
+            T.writes(law[s, vy])
+            law[s, vy] = p[row, vy]
+
+
+@T.macro
+def _law_at(law_x, law, s, x, v):
+    """law_x[0] = law[s, x], as a sum over the row: each GPU thread reads only the slice it wrote."""
+    for y in range(v):
+        with T.sblock("law_at_token"):
+            vy = T.axis.reduce(v, y)
+            T.reads(law[s, vy])
+            T.writes(law_x[0])
+            with T.init():
+                law_x[0] = T.float32(0)
+            law_x[0] = law_x[0] + T.Select(T.Cast("int32", vy) == x, law[s, vy], T.float32(0))
+
+
+def _normalised(weight, total):
+    return T.Select(total > T.float32(0), weight / total, T.float32(0))
+
+
+def _next_residual(r, rest, q_y, total):
+    """One residual step at one token, as _residual_step computes it."""
+    return _normalised(T.max(r * rest - q_y, T.float32(0)), total)
+
+
+@T.macro
+def _residual_step(law, residual, q, total, rest, s, row, v):
+    """law = norm(max(0, law * rest - q[row])), all zero if that is empty; total = its sum."""
+    for y in range(v):
+        with T.sblock("residual"):
+            vy = T.axis.spatial(v, y)
+            T.reads(law[s, vy], q[0 : q.shape[0], vy], rest[0])
+            T.writes(residual[s, vy])
+            residual[s, vy] = T.max(law[s, vy] * rest[0] - q[row, vy], T.float32(0))
+    for y in range(v):
+        with T.sblock("residual_total"):
+            vy = T.axis.reduce(v, y)
+            T.reads(residual[s, vy])
+            T.writes(total[0])
+            with T.init():
+                total[0] = T.float32(0)
+            total[0] = total[0] + residual[s, vy]
+    for y in range(v):
+        with T.sblock("law_from_residual"):
+            vy = T.axis.spatial(v, y)
+            T.reads(residual[s, vy], total[0])
+            T.writes(law[s, vy])
+            law[s, vy] = _normalised(residual[s, vy], total[0])
 
 
 @T.macro
@@ -584,7 +635,11 @@ def tree_verify_sampling(
     u_sample = T.match_buffer(var_u_sample, (batch,), "float32")
     leaf = T.match_buffer(var_leaf, (batch,), "int32")
     next_token = T.match_buffer(var_next_token, (batch,), "int32")
-    # Each sequence's law r at its current node, updated in place: p, then the residuals.
+    # What the walk leaves for the emitted token's law, replayed by final_law: the rejections at the leaf
+    # (0 where none, or where the residual emptied and p is the law) with each one's rest and total.
+    rejections = T.sblock_alloc_buffer((batch,), "int32")
+    rest_used = T.sblock_alloc_buffer((num_nodes,), "float32")
+    total_got = T.sblock_alloc_buffer((num_nodes,), "float32")
     law = T.sblock_alloc_buffer((batch, v), "float32")
     law_mass = T.sblock_alloc_buffer((batch, _CHUNKS), "float32")
     for s in range(batch):
@@ -598,42 +653,65 @@ def tree_verify_sampling(
                 q[0:num_nodes, 0:v],
                 u_accept[0:num_nodes],
             )
-            # law is scratch the walk writes before it reads it: not an input (compact dataflow).
-            T.writes(leaf[vs], law[vs, 0:v])
+            T.writes(leaf[vs], rejections[vs], rest_used[0:num_nodes], total_got[0:num_nodes])
+            # The law r at the current node (p, then the residuals) and the next unnormalised residual.
+            current = T.sblock_alloc_buffer((batch, v), "float32")
+            residual = T.sblock_alloc_buffer((batch, v), "float32")
+            # The walk's state, per thread: on GPU every thread of the sequence's block takes the same
+            # path, deciding from the same cross-thread sums, and touches only its own vocabulary slice.
+            node = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            rest = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            rejected = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            law_x = T.sblock_alloc_buffer((1,), "float32", scope="local")  # "target" is reserved in WGSL
+            q_x = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            token = T.sblock_alloc_buffer((1,), "int32", scope="local")
             first: T.let[T.int32] = indptr[vs]
-            node: T.int32 = 0
-            rest: T.float32 = T.float32(1)
-            law_total: T.float32 = T.float32(1)
-            _copy_row(law, vs, p, _i64(first), v)
+            node[0] = 0
+            rest[0] = T.float32(1)
+            total[0] = T.float32(1)
+            rejected[0] = 0
+            _law_from_p(current, p, vs, _i64(first), v)
             for j in range(indptr[vs + 1] - first):
-                if parents[_i64(first + j)] == node and j > 0:
-                    row: T.let[T.int64] = _i64(first + node)
-                    x: T.let[T.int32] = tokens[_i64(first + j)]
-                    p_x: T.float32 = T.float32(0)  # "target" is reserved in WGSL
-                    q_x: T.float32 = T.float32(0)
-                    # An id outside the vocabulary has target probability 0: rejected, never read.
-                    if 0 <= x and _i64(x) < v:
-                        p_x = law[vs, _i64(x)]
-                        q_x = q[row, _i64(x)]
-                    if p_x > T.float32(0) and u_accept[_i64(first + j)] * q_x <= p_x * rest:
-                        node = j
-                        rest = T.float32(1)
-                        law_total = T.float32(1)
-                        _copy_row(law, vs, p, _i64(first + j), v)
+                if parents[_i64(first + j)] == node[0] and j > 0:
+                    token[0] = tokens[_i64(first + j)]
+                    _law_at(law_x, current, vs, token[0], v)
+                    # An id outside the vocabulary has law 0 (no y matched it): rejected, q never read.
+                    q_x[0] = T.if_then_else(
+                        0 <= token[0] and _i64(token[0]) < v,
+                        q[_i64(first + node[0]), _i64(token[0])],
+                        T.float32(0),
+                    )
+                    if law_x[0] > T.float32(0) and u_accept[_i64(first + j)] * q_x[0] <= law_x[0] * rest[0]:
+                        node[0] = j
+                        rest[0] = T.float32(1)
+                        total[0] = T.float32(1)
+                        rejected[0] = 0
+                        _law_from_p(current, p, vs, _i64(first + node[0]), v)
                     else:
-                        law_total = T.float32(0)
-                        for y in range(v):
-                            w: T.let[T.float32] = T.max(law[vs, y] * rest - q[row, y], T.float32(0))
-                            law[vs, y] = w
-                            law_total = law_total + w
-                        if law_total > T.float32(0):
-                            for y in range(v):
-                                law[vs, y] = law[vs, y] / law_total
-                        rest = rest - q_x
-            leaf[vs] = node
-            if law_total <= T.float32(0):
-                # p == q up to rounding emptied the residual: p itself is the right law.
-                _copy_row(law, vs, p, _i64(first + node), v)
+                        _residual_step(current, residual, q, total, rest, vs, _i64(first + node[0]), v)
+                        rest_used[_i64(first + rejected[0])] = rest[0]
+                        total_got[_i64(first + rejected[0])] = total[0]
+                        rejected[0] = rejected[0] + 1
+                        rest[0] = rest[0] - q_x[0]
+            leaf[vs] = node[0]
+            # p == q up to rounding emptied the residual: p itself is the right law, replayed from nothing.
+            rejections[vs] = T.Select(total[0] > T.float32(0), rejected[0], 0)
+    for s, y in T.grid(batch, v):
+        with T.sblock("final_law"):
+            vs, vy = T.axis.remap("SS", [s, y])
+            T.reads(
+                indptr[vs], leaf[vs], rejections[vs], p[0:num_nodes, vy], q[0:num_nodes, vy],
+                rest_used[0:num_nodes], total_got[0:num_nodes],
+            )  # fmt: skip
+            T.writes(law[vs, vy])
+            first: T.let[T.int32] = indptr[vs]
+            row: T.let[T.int64] = _i64(first + leaf[vs])
+            r: T.float32 = p[row, vy]
+            # The walk's residual steps at the leaf again, the same float operations in the same order.
+            for k in range(rejections[vs]):
+                r = _next_residual(r, rest_used[_i64(first + k)], q[row, vy], total_got[_i64(first + k)])
+            law[vs, vy] = r
     for s in range(batch):
         _chunk_masses("law_chunks", law_mass, law, law, None, None, s, v)
         with T.sblock("pick"):
@@ -665,9 +743,13 @@ def kernel(name: str) -> tvm.tirx.PrimFunc:
 
 
 def _block(sch, name):
-    # TVMScript numbers the blocks of a macro's later expansions (row_argmax_1, ...).
-    (match,) = [b for b in _all_blocks(sch) if re.fullmatch(name + r"(_\d+)?", sch.get(b).name_hint)]
+    (match,) = _blocks(sch, name)
     return match
+
+
+def _blocks(sch, name):
+    # TVMScript numbers the blocks of a macro's later expansions (row_argmax_1, ...).
+    return [b for b in _all_blocks(sch) if re.fullmatch(name + r"(_\d+)?", sch.get(b).name_hint)]
 
 
 def _all_blocks(sch):
@@ -750,7 +832,7 @@ _CPU_SCHEDULES = {
     "verify_greedy": _cpu_rows_parallel("row_argmax", "greedy_walk"),
     "verify_sampling": _cpu_rows_parallel("accept_walk", "residual_chunks", "target_chunks"),
     "tree_verify_greedy": _cpu_rows_parallel("row_argmax", "tree_greedy_walk"),
-    "tree_verify_sampling": _cpu_rows_parallel("tree_walk", "law_chunks"),
+    "tree_verify_sampling": _cpu_rows_parallel("tree_walk", "final_law", "law_chunks"),
 }
 
 
@@ -833,9 +915,15 @@ def _gpu_tree_verify_greedy(sch):
 
 
 def _gpu_tree_verify_sampling(sch):
-    # One thread per sequence walks its tree and updates the residual over the vocabulary serially: a
-    # rejection costs O(V) on one thread (each decision depends on the previous update's total).
+    """A thread block per sequence walks its tree, every thread alike; each vocabulary loop is spread
+    over the threads with the same split, so a thread reads only the law entries it wrote."""
+    for name in ("law_from_p", "law_at_token", "residual", "residual_total", "law_from_residual"):
+        for block in _blocks(sch, name):
+            _spread_vocab(sch, block)
     sch.bind(_rows(sch, _block(sch, "tree_walk")), "blockIdx.x")
+    final_law = _block(sch, "final_law")
+    _spread_vocab(sch, final_law)
+    sch.bind(_rows(sch, final_law), "blockIdx.x")
     _gpu_chunked_pick(sch, "law_chunks")
 
 

@@ -230,8 +230,9 @@ class GenerateOptions:
 
 
 def _check_tree(width, depth) -> None:
-    if not (isinstance(width, int) and isinstance(depth, int) and width >= 1 and depth >= 1):
-        raise ValueError(f"tree_width and tree_depth must be integers >= 1, got {width!r} and {depth!r}")
+    if not (isinstance(width, int) and isinstance(depth, int) and width >= 1 and 1 <= depth <= MAX_DRAFT_LENGTH):
+        raise ValueError(f"tree_width must be an integer >= 1 and tree_depth one between 1 and {MAX_DRAFT_LENGTH}, "
+                         f"got {width!r} and {depth!r}")
     if tree_size(width, depth) > MAX_TREE_NODES:
         raise ValueError(f"a tree of width {width} and depth {depth} has {tree_size(width, depth)} nodes; "
                          f"TVM's tree attention takes at most {MAX_TREE_NODES} (root included)")

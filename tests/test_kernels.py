@@ -480,13 +480,19 @@ def test_verify_sampling_ragged_batches(cpu, vocab):
     assert 0 < want[0].sum() < sum(lengths)  # both acceptances and rejections were exercised
 
 
-def test_verify_sampling_edge_cases(cpu):
+def _edge_rows():
+    """p at a node, p at its child, q without p's token 5, and q far above p at token 3."""
     p_row = np.array([0.1, 0.2, 0.0, 0.3, 0.0, 0.25, 0.15, 0.0], np.float32)
     bonus_row = np.array([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5], np.float32)
     q_no_5 = p_row.copy()
     q_no_5[5] = 0.0
     q_no_5 /= q_no_5.sum()
     q_over_3 = np.array([0.05, 0.05, 0.0, 0.6, 0.0, 0.15, 0.15, 0.0], np.float32)
+    return p_row, bonus_row, q_no_5, q_over_3
+
+
+def test_verify_sampling_edge_cases(cpu):
+    p_row, bonus_row, q_no_5, q_over_3 = _edge_rows()
     # one draft per sequence: (q row, drafted token, u_accept)
     cases = [
         (p_row, 2, 0.0),  # q == p and p(x) = 0: rejected, the residual is empty, p is sampled
@@ -644,12 +650,7 @@ def test_tree_verify_sampling_ragged_batches(cpu, vocab):
 
 
 def test_tree_verify_sampling_edge_cases(cpu):
-    p_row = np.array([0.1, 0.2, 0.0, 0.3, 0.0, 0.25, 0.15, 0.0], np.float32)
-    bonus_row = np.array([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5], np.float32)
-    q_no_5 = p_row.copy()
-    q_no_5[5] = 0.0
-    q_no_5 /= q_no_5.sum()
-    q_over_3 = np.array([0.05, 0.05, 0.0, 0.6, 0.0, 0.15, 0.15, 0.0], np.float32)
+    p_row, bonus_row, q_no_5, q_over_3 = _edge_rows()
     # root plus two siblings per tree: (q row at the root, the siblings, their u_accept)
     cases = [
         (p_row, (3, 1), (0.999, 0.999)),  # q == p: both accepted by rule u q <= p; the first wins

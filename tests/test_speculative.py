@@ -456,8 +456,8 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
 
 def test_tree_options_are_validated(engines):
     engine = engines["partial"]
-    for bad in (dict(tree_width=0), dict(tree_depth=0), dict(tree_width=2.5)):
-        with pytest.raises(ValueError, match="tree_width and tree_depth must be integers >= 1"):
+    for bad in (dict(tree_width=0), dict(tree_depth=0), dict(tree_width=2.5), dict(tree_width=1, tree_depth=33)):
+        with pytest.raises(ValueError, match="tree_width must be an integer >= 1 and tree_depth one between 1 and 32"):
             engine.generate(token_ids=[5], speculative="tree", **bad)
     with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
         engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)
