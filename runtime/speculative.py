@@ -187,8 +187,10 @@ class DraftTree:
         kv = self.model.kv
         below_root = [t.tokens[1:] for t in trees]
         parents = [p - 1 for t in trees for p in t.parents[1:]]  # the first level hangs off the cached root
-        logits = self.model.lib.forward_all(kv, ids, below_root, parents)
-        kv.discard_tree(ids)
+        try:
+            logits = self.model.lib.forward_all(kv, ids, below_root, parents)
+        finally:
+            kv.discard_tree()
         offsets = np.cumsum([0] + [len(t) for t in below_root])
         return logits.numpy()[[offsets[b] + node - 1 for b, node in newest]]
 
@@ -327,9 +329,9 @@ class SpeculativeDecoder:
         kv, lib, ids = self.target.kv, self.target.lib, [s.seq_id for s in seqs]
         tokens = [t for tree in trees for t in tree.tokens]
         parents = [p for tree in trees for p in tree.parents]
-        logits = lib.forward_all(kv, ids, [tree.tokens for tree in trees], parents)
+        indptr = np.cumsum([0] + [len(tree.tokens) for tree in trees])
         try:
-            indptr = np.cumsum([0] + [len(tree.tokens) for tree in trees])
+            logits = lib.forward_all(kv, ids, [tree.tokens for tree in trees], parents)
             if params.greedy:
                 leaves, next_tokens = lib.tree_verify_greedy(logits, tokens, parents, indptr)
             else:
@@ -339,10 +341,9 @@ class SpeculativeDecoder:
                                          for u, tree in zip(u_accept, trees)]).astype(np.float32)
                 leaves, next_tokens = lib.tree_verify_sampling(p, _to_device(q, lib), tokens, parents, indptr,
                                                                node_u, u_sample)
-        except BaseException:
-            kv.discard_tree(ids)  # an uncommitted tree blocks every later forward
-            raise
-        kv.commit_tree(ids, leaves)
+            kv.commit_tree(ids, leaves)
+        finally:
+            kv.discard_tree()  # after a failure: an uncommitted tree blocks every later forward
         return leaves, next_tokens
 
 

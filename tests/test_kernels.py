@@ -129,7 +129,7 @@ def ref_tree_walk(p, q, tokens, parents, indptr, u_accept, b, decisions=None):
     first, n, vocab = indptr[b], indptr[b + 1] - indptr[b], p.shape[1]
     node = 0
     while True:
-        law, rest, rejected = p[first + node], 1.0, False
+        law, rest = p[first + node], 1.0
         for j in _children(parents, first, n, node):
             x = tokens[first + j]
             target = law[x] if 0 <= x < vocab else 0.0
@@ -143,11 +143,8 @@ def ref_tree_walk(p, q, tokens, parents, indptr, u_accept, b, decisions=None):
             law = np.maximum(law * rest - q[first + node], 0.0)
             law = law / law.sum() if law.sum() > 0 else law
             rest -= proposal
-            rejected = True
-        else:
-            if not rejected or law.sum() == 0:
-                law = p[first + node]
-            return node, law
+        else:  # every child rejected; an emptied residual means p == q to rounding: p is the law
+            return node, law if law.sum() > 0 else p[first + node]
 
 
 def ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample):
@@ -619,8 +616,8 @@ def test_tree_verify_greedy_cases(cpu):
     logits = rng.standard_normal((indptr[-1], vocab)).astype(np.float32)
     best = ref_argmax(logits)
     # each node holds its parent's argmax half the time: paths of every depth, matches on later siblings
-    tokens = np.where(rng.random(len(parents)) < 0.5, best[np.maximum(parents, 0) + np.repeat(indptr[:-1], np.diff(indptr))],
-                      rng.integers(0, vocab, len(parents))).astype(np.int32)
+    parent_rows = np.maximum(parents, 0) + np.repeat(indptr[:-1], np.diff(indptr))
+    tokens = np.where(rng.random(len(parents)) < 0.5, best[parent_rows], rng.integers(0, vocab, len(parents)))
     leaf, next_token = cpu.tree_verify_greedy(logits, tokens, parents, indptr)
     want = ref_tree_verify_greedy(logits, tokens, parents, indptr)
     np.testing.assert_array_equal(leaf, want[0])
@@ -632,7 +629,7 @@ def test_tree_verify_greedy_cases(cpu):
 def test_tree_verify_greedy_follows_a_later_sibling(cpu):
     logits = np.zeros((4, 5), np.float32)
     logits[0, 3] = logits[2, 1] = logits[3, 4] = 1.0  # root -> 3, node 2 -> 1
-    # root's children 7-wrong, 3 (a match at the second sibling); node 2's child 1 matches
+    # the root's children: 2 (wrong), then 3 (the match); node 2's child 1 matches too
     tokens, parents = [0, 2, 3, 1], [-1, 0, 0, 2]
     leaf, next_token = cpu.tree_verify_greedy(logits, tokens, parents, _ragged([3]))
     assert leaf[0] == 3 and next_token[0] == 4

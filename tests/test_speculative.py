@@ -445,7 +445,7 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
         return real(*args)
 
     monkeypatch.setattr(lib, "tree_verify_greedy", fail_on_third)
-    prompt = prompts(100)[40]
+    prompt = prompts(100)[7]
     with engine.session() as session:
         with pytest.raises(RuntimeError, match="injected"):
             session.generate(token_ids=prompt, max_tokens=40, stop_at_eos=False, speculative="tree")
