@@ -295,6 +295,9 @@ def test_padded_vocabularies_align(artifacts, draft_vocab):
     assert any(t >= 304 for out in ref for t in out), "the test needs the target to emit padding ids"
     spec = [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, draft_length=4)]
     assert spec == ref
+    tree = engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, speculative="tree", tree_width=3,
+                           tree_depth=2)
+    assert [o.token_ids for o in tree] == ref
     sampled = engine.generate(token_ids=batch, max_tokens=30, temperature=1.0, seed=1, stop_at_eos=False)
     assert all(0 <= t < 320 for o in sampled for t in o.token_ids)
 
@@ -452,6 +455,14 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
         check_caches_consistent(engine, session)
         out = session.generate(token_ids=prompt, max_tokens=40, stop_at_eos=False, speculative="tree")
     assert out.token_ids == reference[7]
+
+
+def test_sampled_tree_with_top_k_one_is_the_greedy_output(engines, reference):
+    """top_k = 1 leaves q and p one token each: fewer tokens than the tree is wide, and sampling that can
+    only emit the target's argmax."""
+    got = generate_all(engines["partial"], prompts(100)[:16], max_tokens=40, stop_at_eos=False, speculative="tree",
+                       tree_width=3, tree_depth=3, temperature=1.0, top_k=1, seed=0)
+    assert got == reference[:16]
 
 
 def test_tree_options_are_validated(engines):
