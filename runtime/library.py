@@ -110,8 +110,8 @@ class ModelLibrary:
 
     def tree_verify_greedy(self, logits, tokens, parents, indptr) -> tuple[np.ndarray, np.ndarray]:
         dev = self.dev
-        leaf, nxt = self.functions["tree_verify_greedy"](logits, _array(tokens, "int32", dev), _array(parents, "int32", dev),
-                                                         _array(indptr, "int32", dev))
+        leaf, nxt = self.functions["tree_verify_greedy"](
+            logits, _array(tokens, "int32", dev), _array(parents, "int32", dev), _array(indptr, "int32", dev))
         return leaf.numpy(), nxt.numpy()
 
     def tree_verify_sampling(self, p, q, tokens, parents, indptr, u_accept, u_sample) -> tuple[np.ndarray, np.ndarray]:
