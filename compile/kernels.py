@@ -9,6 +9,9 @@ logits and int32 token ids; outputs are passed last (destination-passing style):
     verify_greedy(logits[Np,V], draft[Nq], indptr[B+1], accepted[B], next_token[B])
     verify_sampling(p[Np,V], q[Nq,V], draft[Nq], indptr[B+1], u_accept[Nq], u_sample[B],
                     accepted[B], next_token[B])
+    tree_verify_greedy(logits[N,V], tokens[N], parents[N], indptr[B+1], leaf[B], next_token[B])
+    tree_verify_sampling(p[N,V], q[N,V], tokens[N], parents[N], indptr[B+1], u_accept[N], u_sample[B],
+                         leaf[B], next_token[B])
 
 Sequence b of a verify batch owns target rows indptr[b] .. indptr[b+1]-1 (its k_b drafts plus one bonus
 row) and draft slots indptr[b]-b .. indptr[b]-b+k_b-1, so Nq = Np - B. The numpy reference in
@@ -16,6 +19,13 @@ tests/test_kernels.py is the executable specification. Inputs are assumed sane: 
 decoding is argmax), 0 < top_p <= 1 (top_p <= 0 keeps just the most probable tokens), probability rows
 with some positive entry (a row without one samples token 0), logit rows with some entry above -inf
 (argmax of an all -inf row is -1). A draft id outside [0, V) is rejected.
+
+The tree kernels verify a token tree per sequence: sequence b owns nodes indptr[b] .. indptr[b+1]-1, node 0
+of each its root (the last committed token), parents[] local to the sequence (-1 at the root) and smaller
+than the node's own index (TVM's tree attention order). Every array is indexed by node: logits/p are the
+target's rows at each node, q the draft's distribution at each node (the one its children were drawn
+from; unused at leaves), u_accept the acceptance uniform of each node (unused at roots). They return the
+deepest accepted node (local index, 0 when nothing is accepted) and the token that follows it.
 
 Each kernel is written once as block-based TIR (`kernel(name)`) and scheduled per target
 (`scheduled_kernels(target)`): llvm gets rows in parallel with vectorised elementwise loops, every other
@@ -28,7 +38,8 @@ import tvm
 from tvm import s_tir
 from tvm.script import tirx as T
 
-KERNEL_NAMES = ("sampling_probs", "sample_from_probs", "argmax", "verify_greedy", "verify_sampling")
+KERNEL_NAMES = ("sampling_probs", "sample_from_probs", "argmax", "verify_greedy", "verify_sampling",
+                "tree_verify_greedy", "tree_verify_sampling")
 
 # Softmax numerators exp((l - max) / t) lie in [0, 1], and non-negative floats order like their int32
 # bit patterns, so a threshold is found by bisecting the integers 0 .. bits(1.0).
@@ -194,6 +205,63 @@ def _inverse_cdf(p, q, row, qrow, mass, s, u, out, v):
                 if run > goal:
                     token = T.Cast("int32", x)
     out[s] = T.Select(token >= 0, token, last_positive)
+
+
+@T.macro
+def _law_from_p(law, p, s, row, v):
+    for y in range(v):
+        with T.sblock("law_from_p"):
+            vy = T.axis.spatial(v, y)
+            T.reads(p[0 : p.shape[0], vy])
+            T.writes(law[s, vy])
+            law[s, vy] = p[row, vy]
+
+
+@T.macro
+def _law_at(law_x, law, s, x, v):
+    """law_x[0] = law[s, x], as a sum over the row: each GPU thread reads only the slice it wrote."""
+    for y in range(v):
+        with T.sblock("law_at_token"):
+            vy = T.axis.reduce(v, y)
+            T.reads(law[s, vy])
+            T.writes(law_x[0])
+            with T.init():
+                law_x[0] = T.float32(0)
+            law_x[0] = law_x[0] + T.Select(T.Cast("int32", vy) == x, law[s, vy], T.float32(0))
+
+
+def _normalised(weight, total):
+    return T.Select(total > T.float32(0), weight / total, T.float32(0))
+
+
+def _next_residual(r, rest, q_y, total):
+    """One residual step at one token, as _residual_step computes it."""
+    return _normalised(T.max(r * rest - q_y, T.float32(0)), total)
+
+
+@T.macro
+def _residual_step(law, residual, q, total, rest, s, row, v):
+    """law = norm(max(0, law * rest - q[row])), all zero if that is empty; total = its sum."""
+    for y in range(v):
+        with T.sblock("residual"):
+            vy = T.axis.spatial(v, y)
+            T.reads(law[s, vy], q[0 : q.shape[0], vy], rest[0])
+            T.writes(residual[s, vy])
+            residual[s, vy] = T.max(law[s, vy] * rest[0] - q[row, vy], T.float32(0))
+    for y in range(v):
+        with T.sblock("residual_total"):
+            vy = T.axis.reduce(v, y)
+            T.reads(residual[s, vy])
+            T.writes(total[0])
+            with T.init():
+                total[0] = T.float32(0)
+            total[0] = total[0] + residual[s, vy]
+    for y in range(v):
+        with T.sblock("law_from_residual"):
+            vy = T.axis.spatial(v, y)
+            T.reads(residual[s, vy], total[0])
+            T.writes(law[s, vy])
+            law[s, vy] = _normalised(residual[s, vy], total[0])
 
 
 @T.macro
@@ -497,12 +565,170 @@ def verify_sampling(
                 _inverse_cdf(p, q, row, None, target_mass, vs, u_sample[vs], next_token, v)
 
 
+@T.prim_func(s_tir=True)
+def tree_verify_greedy(
+    var_logits: T.handle,
+    var_tokens: T.handle,
+    var_parents: T.handle,
+    var_indptr: T.handle,
+    var_leaf: T.handle,
+    var_next_token: T.handle,
+):
+    T.func_attr({"tirx.noalias": True})
+    num_nodes, v, batch = T.int64(), T.int64(), T.int64()
+    logits = T.match_buffer(var_logits, (num_nodes, v), "float32")
+    tokens = T.match_buffer(var_tokens, (num_nodes,), "int32")
+    parents = T.match_buffer(var_parents, (num_nodes,), "int32")
+    indptr = T.match_buffer(var_indptr, (batch + 1,), "int32")
+    leaf = T.match_buffer(var_leaf, (batch,), "int32")
+    next_token = T.match_buffer(var_next_token, (batch,), "int32")
+    row_token = T.sblock_alloc_buffer((num_nodes,), "int32")
+    row_logit = T.sblock_alloc_buffer((num_nodes,), "float32")
+    for r in range(num_nodes):
+        _argmax_rows(logits, row_token, row_logit, r, v)
+    for s in range(batch):
+        with T.sblock("tree_greedy_walk"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(indptr[vs : vs + 2], tokens[0:num_nodes], parents[0:num_nodes], row_token[0:num_nodes])
+            T.writes(leaf[vs], next_token[vs])
+            first: T.let[T.int32] = indptr[vs]
+            node: T.int32 = 0
+            # Parents precede children, so one pass in index order follows the path: once the walk
+            # moves to a node, only that node's children (all later) can match.
+            for j in range(indptr[vs + 1] - first):
+                if parents[_i64(first + j)] == node and j > 0:
+                    if tokens[_i64(first + j)] == row_token[_i64(first + node)]:
+                        node = j
+            leaf[vs] = node
+            next_token[vs] = row_token[_i64(first + node)]
+
+
+@T.prim_func(s_tir=True)
+def tree_verify_sampling(
+    var_p: T.handle,
+    var_q: T.handle,
+    var_tokens: T.handle,
+    var_parents: T.handle,
+    var_indptr: T.handle,
+    var_u_accept: T.handle,
+    var_u_sample: T.handle,
+    var_leaf: T.handle,
+    var_next_token: T.handle,
+):
+    """Recursive rejection sampling (Jeon et al. 2024) for siblings drawn without replacement from q.
+
+    At a node with target law r (p at first) and remaining draft mass rest (1 at first), child x is
+    accepted when u * q(x) <= r(x) * rest: u * q_i(x) <= p_i(x) with q_i = q without the earlier
+    siblings, renormalised. On rejection r becomes norm(max(0, r * rest - q)) and rest loses q(x). An
+    earlier sibling's r(x) is already 0 (it was rejected because r(x) < q_i(x)), so the whole q row
+    stands in for q_i without masking. Accepting a child moves there with r = p and rest = 1; the
+    emitted token is drawn from the final r, or from p where the residual emptied.
+    """
+    T.func_attr({"tirx.noalias": True})
+    num_nodes, v, batch = T.int64(), T.int64(), T.int64()
+    p = T.match_buffer(var_p, (num_nodes, v), "float32")
+    q = T.match_buffer(var_q, (num_nodes, v), "float32")
+    tokens = T.match_buffer(var_tokens, (num_nodes,), "int32")
+    parents = T.match_buffer(var_parents, (num_nodes,), "int32")
+    indptr = T.match_buffer(var_indptr, (batch + 1,), "int32")
+    u_accept = T.match_buffer(var_u_accept, (num_nodes,), "float32")
+    u_sample = T.match_buffer(var_u_sample, (batch,), "float32")
+    leaf = T.match_buffer(var_leaf, (batch,), "int32")
+    next_token = T.match_buffer(var_next_token, (batch,), "int32")
+    # What the walk leaves for the emitted token's law, replayed by final_law: the rejections at the leaf
+    # (0 where none, or where the residual emptied and p is the law) with each one's rest and total.
+    rejections = T.sblock_alloc_buffer((batch,), "int32")
+    rest_used = T.sblock_alloc_buffer((num_nodes,), "float32")
+    total_got = T.sblock_alloc_buffer((num_nodes,), "float32")
+    law = T.sblock_alloc_buffer((batch, v), "float32")
+    law_mass = T.sblock_alloc_buffer((batch, _CHUNKS), "float32")
+    for s in range(batch):
+        with T.sblock("tree_walk"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(
+                indptr[vs : vs + 2],
+                tokens[0:num_nodes],
+                parents[0:num_nodes],
+                p[0:num_nodes, 0:v],
+                q[0:num_nodes, 0:v],
+                u_accept[0:num_nodes],
+            )
+            T.writes(leaf[vs], rejections[vs], rest_used[0:num_nodes], total_got[0:num_nodes])
+            # The law r at the current node (p, then the residuals) and the next unnormalised residual.
+            current = T.sblock_alloc_buffer((batch, v), "float32")
+            residual = T.sblock_alloc_buffer((batch, v), "float32")
+            # The walk's state, per thread: on GPU every thread of the sequence's block takes the same
+            # path, deciding from the same cross-thread sums, and touches only its own vocabulary slice.
+            node = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            rest = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            rejected = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            law_x = T.sblock_alloc_buffer((1,), "float32", scope="local")  # "target" is reserved in WGSL
+            q_x = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            token = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            first: T.let[T.int32] = indptr[vs]
+            node[0] = 0
+            rest[0] = T.float32(1)
+            total[0] = T.float32(1)
+            rejected[0] = 0
+            _law_from_p(current, p, vs, _i64(first), v)
+            for j in range(indptr[vs + 1] - first):
+                if parents[_i64(first + j)] == node[0] and j > 0:
+                    token[0] = tokens[_i64(first + j)]
+                    _law_at(law_x, current, vs, token[0], v)
+                    # An id outside the vocabulary has law 0 (no y matched it): rejected, q never read.
+                    q_x[0] = T.if_then_else(
+                        0 <= token[0] and _i64(token[0]) < v,
+                        q[_i64(first + node[0]), _i64(token[0])],
+                        T.float32(0),
+                    )
+                    if law_x[0] > T.float32(0) and u_accept[_i64(first + j)] * q_x[0] <= law_x[0] * rest[0]:
+                        node[0] = j
+                        rest[0] = T.float32(1)
+                        total[0] = T.float32(1)
+                        rejected[0] = 0
+                        _law_from_p(current, p, vs, _i64(first + node[0]), v)
+                    else:
+                        _residual_step(current, residual, q, total, rest, vs, _i64(first + node[0]), v)
+                        rest_used[_i64(first + rejected[0])] = rest[0]
+                        total_got[_i64(first + rejected[0])] = total[0]
+                        rejected[0] = rejected[0] + 1
+                        rest[0] = rest[0] - q_x[0]
+            leaf[vs] = node[0]
+            # p == q up to rounding emptied the residual: p itself is the right law, replayed from nothing.
+            rejections[vs] = T.Select(total[0] > T.float32(0), rejected[0], 0)
+    for s, y in T.grid(batch, v):
+        with T.sblock("final_law"):
+            vs, vy = T.axis.remap("SS", [s, y])
+            T.reads(
+                indptr[vs], leaf[vs], rejections[vs], p[0:num_nodes, vy], q[0:num_nodes, vy],
+                rest_used[0:num_nodes], total_got[0:num_nodes],
+            )  # fmt: skip
+            T.writes(law[vs, vy])
+            first: T.let[T.int32] = indptr[vs]
+            row: T.let[T.int64] = _i64(first + leaf[vs])
+            r: T.float32 = p[row, vy]
+            # The walk's residual steps at the leaf again, the same float operations in the same order.
+            for k in range(rejections[vs]):
+                r = _next_residual(r, rest_used[_i64(first + k)], q[row, vy], total_got[_i64(first + k)])
+            law[vs, vy] = r
+    for s in range(batch):
+        _chunk_masses("law_chunks", law_mass, law, law, None, None, s, v)
+        with T.sblock("pick"):
+            vs = T.axis.spatial(batch, s)
+            T.reads(law[vs, 0:v], law_mass[vs, 0:_CHUNKS], u_sample[vs])
+            T.writes(next_token[vs])
+            _inverse_cdf(law, law, vs, None, law_mass, vs, u_sample[vs], next_token, v)
+
+
 _KERNELS = {
     "sampling_probs": sampling_probs,
     "sample_from_probs": sample_from_probs,
     "argmax": argmax,
     "verify_greedy": verify_greedy,
     "verify_sampling": verify_sampling,
+    "tree_verify_greedy": tree_verify_greedy,
+    "tree_verify_sampling": tree_verify_sampling,
 }
 
 
@@ -517,9 +743,13 @@ def kernel(name: str) -> tvm.tirx.PrimFunc:
 
 
 def _block(sch, name):
-    # TVMScript numbers the blocks of a macro's later expansions (row_argmax_1, ...).
-    (match,) = [b for b in _all_blocks(sch) if re.fullmatch(name + r"(_\d+)?", sch.get(b).name_hint)]
+    (match,) = _blocks(sch, name)
     return match
+
+
+def _blocks(sch, name):
+    # TVMScript numbers the blocks of a macro's later expansions (row_argmax_1, ...).
+    return [b for b in _all_blocks(sch) if re.fullmatch(name + r"(_\d+)?", sch.get(b).name_hint)]
 
 
 def _all_blocks(sch):
@@ -601,6 +831,8 @@ _CPU_SCHEDULES = {
     "argmax": _cpu_rows_parallel("row_argmax"),
     "verify_greedy": _cpu_rows_parallel("row_argmax", "greedy_walk"),
     "verify_sampling": _cpu_rows_parallel("accept_walk", "residual_chunks", "target_chunks"),
+    "tree_verify_greedy": _cpu_rows_parallel("row_argmax", "tree_greedy_walk"),
+    "tree_verify_sampling": _cpu_rows_parallel("tree_walk", "final_law", "law_chunks"),
 }
 
 
@@ -677,10 +909,30 @@ def _gpu_verify_sampling(sch):
     _gpu_chunked_pick(sch, "residual_chunks", "target_chunks")
 
 
+def _gpu_tree_verify_greedy(sch):
+    _gpu_argmax_rows(sch)
+    _gpu_sequences(sch, "tree_greedy_walk")
+
+
+def _gpu_tree_verify_sampling(sch):
+    """A thread block per sequence walks its tree, every thread alike; each vocabulary loop is spread
+    over the threads with the same split, so a thread reads only the law entries it wrote."""
+    for name in ("law_from_p", "law_at_token", "residual", "residual_total", "law_from_residual"):
+        for block in _blocks(sch, name):
+            _spread_vocab(sch, block)
+    sch.bind(_rows(sch, _block(sch, "tree_walk")), "blockIdx.x")
+    final_law = _block(sch, "final_law")
+    _spread_vocab(sch, final_law)
+    sch.bind(_rows(sch, final_law), "blockIdx.x")
+    _gpu_chunked_pick(sch, "law_chunks")
+
+
 _GPU_SCHEDULES = {
     "sampling_probs": _gpu_sampling_probs,
     "sample_from_probs": lambda sch: _gpu_chunked_pick(sch, "chunks"),
     "argmax": _gpu_argmax_rows,
     "verify_greedy": _gpu_verify_greedy,
     "verify_sampling": _gpu_verify_sampling,
+    "tree_verify_greedy": _gpu_tree_verify_greedy,
+    "tree_verify_sampling": _gpu_tree_verify_sampling,
 }

@@ -333,6 +333,16 @@ class CausalLM(nn.Module):
         return self._kernel("verify_sampling", [p, q, draft_tokens, indptr, u_accept, u_sample],
                             [(batch, "int32"), (batch, "int32")])
 
+    def tree_verify_greedy(self, logits: Tensor, tokens: Tensor, parents: Tensor, indptr: Tensor):
+        batch = (indptr.shape[0] - 1,)
+        return self._kernel("tree_verify_greedy", [logits, tokens, parents, indptr], [(batch, "int32"), (batch, "int32")])
+
+    def tree_verify_sampling(self, p: Tensor, q: Tensor, tokens: Tensor, parents: Tensor, indptr: Tensor,
+                             u_accept: Tensor, u_sample: Tensor):
+        batch = (u_sample.shape[0],)
+        return self._kernel("tree_verify_sampling", [p, q, tokens, parents, indptr, u_accept, u_sample],
+                            [(batch, "int32"), (batch, "int32")])
+
     def _kernel(self, name: str, args: list[Tensor], outs: list[tuple]):
         placeholders = [Tensor.placeholder(shape, dtype) for shape, dtype in outs]
         result = op.tensor_ir_op(
@@ -366,6 +376,10 @@ class CausalLM(nn.Module):
             "verify_greedy": {"logits": f32("n", v), "draft_tokens": ids("m"), "indptr": ids("b"), "$": plain},
             "verify_sampling": {"p": f32("n", v), "q": f32("m", v), "draft_tokens": ids("m"),
                                 "indptr": ids("b"), "u_accept": f32("m"), "u_sample": f32("bs"), "$": plain},
+            "tree_verify_greedy": {"logits": f32("n", v), "tokens": ids("n"), "parents": ids("n"), "indptr": ids("b"),
+                                   "$": plain},
+            "tree_verify_sampling": {"p": f32("n", v), "q": f32("n", v), "tokens": ids("n"), "parents": ids("n"),
+                                     "indptr": ids("b"), "u_accept": f32("n"), "u_sample": f32("bs"), "$": plain},
         }
         for r in self.verify_row_blocks:
             setattr(self, f"verify_{r}", self._verify_rows(r))

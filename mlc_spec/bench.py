@@ -3,8 +3,10 @@
 Everything is measured in the same process, one after another, so ratios hold on a noisy machine:
 memory bandwidth (a large numpy copy), target decode cost and the bandwidth it achieves, the cost of a
 verify forward of k+1 tokens against one decode, the draft's decode cost, acceptance per draft
-position, end-to-end greedy tokens per second with and without speculation, and the share of time
-spent outside the compiled code (Python and the host side of TVM calls).
+position, end-to-end greedy tokens per second with and without speculation (draft chains, draft token
+trees and n-gram lookup side by side), and the share of time spent outside the compiled code (Python
+and the host side of TVM calls). The repetitive workload asks for a passage repeated or lightly
+edited, where n-gram lookup and deep acceptance pay most.
 """
 
 from __future__ import annotations
@@ -26,14 +28,28 @@ DEFAULT_PROMPTS = [
     "What is the difference between a virus and a bacterium?",
     "Describe a good morning routine.",
 ]
+PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished "
+           "the great lens until it shone, and wound the clockwork that turned the light. Ships far out at sea "
+           "counted its flashes and knew exactly where the rocks lay.")
+REPETITIVE_PROMPTS = [
+    f"Repeat the following passage word for word:\n\n{PASSAGE}",
+    f"Rewrite the following passage, changing 'lighthouse keeper' to 'old sailor' and nothing else:\n\n{PASSAGE}",
+    f"Copy this passage, then copy it again:\n\n{PASSAGE}",
+    f"Fix any mistakes in the following passage and return all of it:\n\n{PASSAGE.replace('the', 'teh', 2)}",
+]
+WORKLOADS = {"chat": DEFAULT_PROMPTS, "repetitive": REPETITIVE_PROMPTS}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure decode, verify, acceptance and speculative speedup")
     p.add_argument("artifact", nargs="?", help="artifact folder (default: the embedded default pair)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--prompts", help="a file with one prompt per line (default: built-in chat prompts)")
-    p.add_argument("--draft-length", type=int, nargs="+", default=[2, 4, 6], help="k values to run end to end")
+    p.add_argument("--prompts", help="a file with one prompt per line (default: the --workload's prompts)")
+    p.add_argument("--workload", choices=WORKLOADS, default="chat",
+                   help="built-in prompts: chat questions, or a passage to repeat or edit (default chat)")
+    p.add_argument("--draft-length", type=int, nargs="+", default=[2, 4, 6],
+                   help="k values (chains) and depths (trees) to run end to end")
+    p.add_argument("--tree-width", type=int, default=2, help="children per node of the token trees (default 2)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
@@ -46,14 +62,14 @@ def run(args) -> int:
 
     artifact = Path(args.artifact) if args.artifact else _default_artifact()
     engine = Engine(artifact, device=args.device)
-    prompts = _prompts(engine, args.prompts)
+    prompts = _prompts(engine, args.prompts, args.workload)
     results = {"artifact": str(artifact), "device": args.device, "prompts": len(prompts),
-               "max_tokens": args.max_tokens}
+               "workload": "file" if args.prompts else args.workload, "max_tokens": args.max_tokens}
     results["memory_bandwidth_gbs"] = memory_bandwidth()
     results["costs"] = forward_costs(engine)
     results["decode_bandwidth_gbs"] = (engine.config["models"]["target"]["param_bytes"]
                                        / results["costs"]["target_decode_ms"] / 1e6)
-    results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length)
+    results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
     if args.compare_hf:
         results["hf"] = compare_hf(engine, prompts, args.max_tokens)
     if args.compare_llamacpp:
@@ -71,11 +87,11 @@ def _default_artifact() -> Path:
     return default_artifact()
 
 
-def _prompts(engine, path: str | None) -> list[list[int]]:
+def _prompts(engine, path: str | None, workload: str = "chat") -> list[list[int]]:
     """Each prompt as a user turn in the model's chat template (as chat sends it), raw without one."""
     from .chat import ChatTemplate
 
-    texts = Path(path).read_text().splitlines() if path else DEFAULT_PROMPTS
+    texts = Path(path).read_text().splitlines() if path else WORKLOADS[workload]
     template = ChatTemplate.of(engine)
     if template.is_fallback:
         return [engine.encode(t) for t in texts if t.strip()]
@@ -125,11 +141,17 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
     return costs
 
 
-def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int]) -> dict:
+def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int], tree_width: int) -> dict:
+    """Per k: the draft's chain, its tree of depth k (where it fits TVM's tree size) and n-gram lookup."""
+    from .runtime.speculative import MAX_TREE_NODES, tree_size
+
     runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
     for k in draft_lengths:
         if engine.has_draft:
             runs[f"draft k={k}"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length=k)
+            if tree_size(tree_width, k) <= MAX_TREE_NODES:
+                runs[f"tree w={tree_width} d={k}"] = _generate(engine, prompts, max_tokens, speculative="tree",
+                                                              tree_width=tree_width, tree_depth=k)
         runs[f"ngram k={k}"] = _generate(engine, prompts, max_tokens, speculative="ngram", draft_length=k)
     if engine.has_draft:
         runs["draft auto"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length="auto")
@@ -159,7 +181,8 @@ def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
         for lib, original in zip(libs, originals):
             lib.functions.update(original)
     total = time.perf_counter() - start
-    k = opts["draft_length"] if opts["draft_length"] != "auto" else int((drafted > 0).sum())
+    k = opts.get("tree_depth", opts.get("draft_length"))
+    k = int((drafted > 0).sum()) if k == "auto" else k
     return {
         "tokens": tokens,
         "tokens_per_second": tokens / total,
@@ -237,7 +260,7 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 def format_table(r: dict) -> str:
     c = r["costs"]
     lines = [
-        f"artifact: {r['artifact']} ({r['prompts']} prompts, {r['max_tokens']} tokens each, greedy)",
+        f"artifact: {r['artifact']} ({r['prompts']} {r['workload']} prompts, {r['max_tokens']} tokens each, greedy)",
         f"memory bandwidth (numpy copy): {r['memory_bandwidth_gbs']:.1f} GB/s",
         f"target decode: {c['target_decode_ms']:.2f} ms/token, weights read at {r['decode_bandwidth_gbs']:.1f} GB/s "
         f"({r['decode_bandwidth_gbs'] / r['memory_bandwidth_gbs']:.0%} of the copy bandwidth)",
@@ -245,10 +268,10 @@ def format_table(r: dict) -> str:
     ]
     if "draft_over_target" in c:
         lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
-    lines.append(f"{'run':<13}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
+    lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-        lines.append(f"{name:<13}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
+        lines.append(f"{name:<16}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
                      f"{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}")
     for name in ("hf", "llamacpp"):
         if name in r:

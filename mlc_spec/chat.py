@@ -41,7 +41,8 @@ HELP = """commands:
   /reset               start a new conversation
   /stats               acceptance per draft position, mean accepted length, tok/s (last turn, all turns)
   /set NAME VALUE      change an option: temperature, top_p, top_k, seed (or none), max_tokens,
-                       draft_length, draft (on/off), system (the rest of the line; empty removes it)
+                       draft_length, draft (on/off), draft_shape (chain/tree), tree_width, tree_depth,
+                       system (the rest of the line; empty removes it)
   /set                 show the options
   /help                this list
   /exit                leave (Ctrl-D too); Ctrl-C stops a reply"""
@@ -56,6 +57,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-draft", action="store_true", help="run the target alone")
     p.add_argument("--draft-length", type=draft_length, default="auto",
                    help="tokens drafted per round, or auto: chosen from measured acceptance and costs (default auto)")
+    p.add_argument("--draft", dest="draft_shape", type=draft_shape, default="chain",
+                   help="chain: the draft proposes --draft-length tokens; tree: a token tree of --tree-width children "
+                        "under every node of its first --tree-depth levels, verified in one forward (default chain)")
+    p.add_argument("--tree-width", type=int, default=2, help="children per tree node (default 2)")
+    p.add_argument("--tree-depth", type=int, default=4, help="levels of the tree below its root (default 4)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
@@ -75,11 +81,15 @@ class Settings:
     draft_length: int | str = "auto"
     draft: bool = True
     system: str | None = None
+    draft_shape: str = "chain"
+    tree_width: int = 2
+    tree_depth: int = 4
 
     def options(self) -> dict:
         """Keyword arguments of Session.stream but `speculative` (see Chat); raises ValueError on a bad value."""
         options = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                       max_tokens=self.max_tokens, draft_length=self.draft_length)
+                       max_tokens=self.max_tokens, draft_length=self.draft_length, tree_width=self.tree_width,
+                       tree_depth=self.tree_depth)
         GenerateOptions.make(**options)
         return options
 
@@ -101,6 +111,12 @@ def draft_length(value: str) -> int | str:
     return "auto" if value == "auto" else int(value)
 
 
+def draft_shape(value: str) -> str:
+    if value not in ("chain", "tree"):
+        raise ValueError(value)
+    return value
+
+
 def _optional_int(value: str) -> int | None:
     return None if value.lower() in ("none", "") else int(value)
 
@@ -113,7 +129,8 @@ def _on_off(value: str) -> bool:
 
 SETTABLE: dict[str, Callable[[str], object]] = {
     "temperature": float, "top_p": float, "top_k": int, "seed": _optional_int, "max_tokens": int,
-    "draft_length": draft_length, "draft": _on_off, "system": lambda v: v or None,
+    "draft_length": draft_length, "draft": _on_off, "system": lambda v: v or None, "draft_shape": draft_shape,
+    "tree_width": int, "tree_depth": int,
 }
 
 
@@ -176,8 +193,11 @@ class Chat:
         self.turns = 0
 
     @property
-    def speculative(self) -> bool:
-        return self.settings.draft and self.engine.has_draft
+    def speculative(self) -> bool | str:
+        """The runtime's speculative option: False, True (the draft's chain) or "tree"."""
+        if not (self.settings.draft and self.engine.has_draft):
+            return False
+        return "tree" if self.settings.draft_shape == "tree" else True
 
     @functools.cached_property
     def target_step_seconds(self) -> float:
@@ -307,7 +327,7 @@ class StopOnInterrupt:
 
 def run(args) -> int:
     settings = Settings(args.temperature, args.top_p, args.top_k, args.seed, args.max_tokens, args.draft_length,
-                        not args.no_draft, args.system)
+                        not args.no_draft, args.system, args.draft_shape, args.tree_width, args.tree_depth)
     settings.options()  # a bad option or device fails before anything is loaded or compiled
     tvm_device(args.device)
     console = Console(interactive=sys.stdin.isatty())

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 from .kv_cache import CacheFullError
 from .library import ModelLibrary, tvm_device
 from .adaptive import AdaptiveDraftLength
-from .speculative import DraftModel, Model, NGramDraft, RoundStats, SamplingParams, Sequence, SpeculativeDecoder
+from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, Model, NGramDraft, RoundStats, SamplingParams,
+                          Sequence, SpeculativeDecoder, tree_size)
 
 CONFIG_FILE = "mlc_spec_config.json"
 AUTO_MAX_DRAFT = 8
@@ -110,8 +111,8 @@ class Engine:
 
     def _load(self, role: str) -> Model:
         lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)
-        # One page of slack per sequence for the k drafted tokens beyond max_seq_len.
-        pages = -(-self.max_seq_len // self.page_size) + 1
+        # Slack per sequence for a verify forward's tokens beyond max_seq_len: room for a full token tree.
+        pages = -(-self.max_seq_len // self.page_size) + -(-MAX_TREE_NODES // self.page_size)
         kv = lib.create_kv_cache(max_batch_size=self.max_batch_size,
                                  max_total_seq_len=pages * self.page_size * self.max_batch_size,
                                  prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
@@ -197,28 +198,44 @@ class GenerateOptions:
     draft_length: int | str = 4
     stop_at_eos: bool = True
     ngram_size: int = 3
+    tree_width: int = 2
+    tree_depth: int = 4
 
     @classmethod
     def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: str | list[str] | None = None, speculative: bool | str = True,
-             draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3) -> "GenerateOptions":
+             draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3, tree_width: int = 2,
+             tree_depth: int = 4) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
-        "ngram", or False (the target alone). draft_length: k, or "auto" to choose k each round from
-        measured acceptance and costs (runtime/adaptive.py). Sampled tokens depend on k (the uniforms
-        are drawn per round), so a seed reproduces a sampled output with a fixed k; greedy output never
-        depends on k."""
+        "ngram", "tree" (the draft model proposes a token tree: tree_width children under every node of
+        the first tree_depth levels, verified in one forward; draft_length does not apply), or False (the
+        target alone). draft_length: k, or "auto" to choose k each round from measured acceptance and
+        costs (runtime/adaptive.py). Sampled tokens depend on k and the tree's shape (the uniforms are
+        drawn per round), so a seed reproduces a sampled output with a fixed k or shape; greedy output
+        never depends on them."""
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if draft_length != "auto" and not (isinstance(draft_length, int) and 0 <= draft_length <= MAX_DRAFT_LENGTH):
             raise ValueError(f"draft_length must be between 0 and {MAX_DRAFT_LENGTH}, or 'auto', got {draft_length!r}")
-        if speculative not in (True, False, "draft", "ngram"):
-            raise ValueError(f"speculative must be True, False, 'draft' or 'ngram', got {speculative!r}")
+        if speculative not in (True, False, "draft", "ngram", "tree"):
+            raise ValueError(f"speculative must be True, False, 'draft', 'ngram' or 'tree', got {speculative!r}")
         if ngram_size < 1:
             raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
+        _check_tree(tree_width, tree_depth)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_tokens), sampling, seed, stops, speculative, draft_length, stop_at_eos, int(ngram_size))
+        return cls(int(max_tokens), sampling, seed, stops, speculative, draft_length, stop_at_eos, int(ngram_size),
+                   int(tree_width), int(tree_depth))
+
+
+def _check_tree(width, depth) -> None:
+    if not (isinstance(width, int) and isinstance(depth, int) and width >= 1 and 1 <= depth <= MAX_DRAFT_LENGTH):
+        raise ValueError(f"tree_width must be an integer >= 1 and tree_depth one between 1 and {MAX_DRAFT_LENGTH}, "
+                         f"got {width!r} and {depth!r}")
+    if tree_size(width, depth) > MAX_TREE_NODES:
+        raise ValueError(f"a tree of width {width} and depth {depth} has {tree_size(width, depth)} nodes; "
+                         f"TVM's tree attention takes at most {MAX_TREE_NODES} (root included)")
 
 
 class Session:
@@ -323,11 +340,16 @@ class _Generation:
             raise ValueError(f"a batch of {len(sessions)} exceeds the engine's max_batch_size {engine.max_batch_size}")
         self.engine = engine
         self.opts = opts
-        self.draft = engine.draft if opts.speculative in (True, "draft") else None
-        if opts.speculative == "draft" and self.draft is None:
+        self.draft = engine.draft if opts.speculative in (True, "draft", "tree") else None
+        if opts.speculative in ("draft", "tree") and self.draft is None:
             raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
+        self.tree = opts.speculative == "tree"
+        if self.tree and tree_size(opts.tree_width, opts.tree_depth) * len(sessions) > engine.prefill_chunk:
+            raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
+                             f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
         self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
-        self.adaptive = AdaptiveDraftLength(AUTO_MAX_DRAFT) if opts.draft_length == "auto" else None
+        self.adaptive = (AdaptiveDraftLength(AUTO_MAX_DRAFT) if opts.draft_length == "auto" and not self.tree
+                         else None)
         self.stats = Stats()
         self.requests = []
         seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
@@ -384,6 +406,8 @@ class _Generation:
         return [self.decoder.target] + ([self.draft] if self.draft is not None else [])
 
     def _proposer(self, engine: Engine, opts: GenerateOptions):
+        if self.tree:
+            return DraftTree(self.draft, engine.prefill_chunk, opts.tree_width)
         if self.draft is not None:
             return DraftModel(self.draft, engine.prefill_chunk)
         if opts.speculative in (True, "ngram"):
@@ -391,13 +415,15 @@ class _Generation:
         return None
 
     def _draft_length(self, active: list[_Request]) -> int:
-        """Never draft past max_tokens or the cache's per-sequence length."""
+        """The chain's k or the tree's depth; never drafting past max_tokens or the cache's per-sequence length."""
         room = min(min(r.opts.max_tokens - len(r.generated), self.engine.max_seq_len - len(r.session.tokens))
                    for r in active)
         limit = max(0, room - 1)
         if self.decoder.proposer is None:
             return 0
-        return self.adaptive.choose(limit) if self.adaptive is not None else min(self.opts.draft_length, limit)
+        if self.adaptive is not None:
+            return self.adaptive.choose(limit)
+        return min(self.opts.tree_depth if self.tree else self.opts.draft_length, limit)
 
     def _truncate(self, req: _Request, drop: int) -> None:
         """A stop inside an accepted run: forget what came after it, in the caches too."""

@@ -37,6 +37,7 @@ class PagedKVCache:
         self.max_batch_size = max_batch_size
         self.total_pages = self.available_pages()
         self._live: set[int] = set()
+        self._uncommitted_tree: list[int] = []  # the sequences of a tree forward not yet committed
 
     def add_sequence(self, seq_id: int) -> None:
         if len(self._live) >= self.max_batch_size:
@@ -80,15 +81,28 @@ class PagedKVCache:
         if tree_parents is not None:
             args.append(ShapeTuple(list(tree_parents)))
         _begin_forward(*args)
+        if tree_parents is not None:
+            self._uncommitted_tree = list(seq_ids)
         completed = False
         try:
             yield
             completed = True
         finally:
             _end_forward(self.handle)
-            if not completed:
+            if not completed and tree_parents is not None:
+                self.discard_tree()
+            elif not completed:
                 for seq_id, n in zip(seq_ids, lengths):
                     _popn(self.handle, seq_id, n)
 
     def commit_tree(self, seq_ids: Sequence[int], leaves: Sequence[int]) -> None:
-        _commit_tree(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(leaves)))
+        """Keep each sequence's root->leaf path of the last tree forward, drop the rest of it. Due after
+        every tree forward, before the next forward: TVM refuses one while a tree is uncommitted."""
+        _commit_tree(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple([int(leaf) for leaf in leaves]))
+        self._uncommitted_tree = []
+
+    def discard_tree(self) -> None:
+        """Drop the whole of an uncommitted tree forward (leaf -1: no node kept); a no-op when there is
+        none, so cleanup may call it whatever happened (a second drop would pop committed tokens)."""
+        if self._uncommitted_tree:
+            self.commit_tree(self._uncommitted_tree, [-1] * len(self._uncommitted_tree))

@@ -65,7 +65,8 @@ class ModelLibrary:
         # The VM functions the runtime calls, by name (bench wraps them to time compiled code).
         self.functions = {name: self.vm[name] for name in (
             "prefill", "batch_decode", "verify", "sampling_probs", "sample_from_probs", "argmax",
-            "verify_greedy", "verify_sampling", *(f"verify_{r}" for r in entry.get("verify_row_blocks", ())))}
+            "verify_greedy", "verify_sampling", "tree_verify_greedy", "tree_verify_sampling",
+            *(f"verify_{r}" for r in entry.get("verify_row_blocks", ())))}
 
     def create_kv_cache(self, *, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                         page_size: int) -> PagedKVCache:
@@ -128,3 +129,16 @@ class ModelLibrary:
             p, q, _array(draft_tokens, "int32", dev), _array(indptr, "int32", dev),
             _array(u_accept, "float32", dev), _array(u_sample, "float32", dev))
         return accepted.numpy(), nxt.numpy()
+
+    def tree_verify_greedy(self, logits, tokens, parents, indptr) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.dev
+        leaf, nxt = self.functions["tree_verify_greedy"](
+            logits, _array(tokens, "int32", dev), _array(parents, "int32", dev), _array(indptr, "int32", dev))
+        return leaf.numpy(), nxt.numpy()
+
+    def tree_verify_sampling(self, p, q, tokens, parents, indptr, u_accept, u_sample) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.dev
+        leaf, nxt = self.functions["tree_verify_sampling"](
+            p, q, _array(tokens, "int32", dev), _array(parents, "int32", dev), _array(indptr, "int32", dev),
+            _array(u_accept, "float32", dev), _array(u_sample, "float32", dev))
+        return leaf.numpy(), nxt.numpy()

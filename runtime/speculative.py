@@ -9,6 +9,10 @@ A round, for every sequence at once (gpt-fast's shape):
 Invariant between rounds: each cache holds a prefix of the sequence's committed tokens and never more
 than all but the last; the target holds exactly all but the last. With k = 0 the same code is plain
 target decoding, so speculative and target-only runs share every kernel that decides a token.
+
+A token tree (DraftTree) replaces the chain with a tree of depth k rooted at the last committed token;
+the target verifies it in one tree-attention forward, the tree kernels pick the accepted root->leaf
+path, and commit_tree keeps exactly that path in the target's cache.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ import numpy as np
 
 from .kv_cache import PagedKVCache
 from .library import ModelLibrary
+
+MAX_TREE_NODES = 256  # TVM's tree attention limit, root included
+
+
+def tree_size(width: int, depth: int) -> int:
+    """Nodes of the tree DraftTree grows, root included: width children under every node above depth."""
+    return sum(width ** level for level in range(depth + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +95,8 @@ class Model:
             self.lib.forward_last(self.kv, [seq.seq_id], [seq.tokens[lo:min(end, lo + chunk)]])
 
 
-class DraftModel:
-    """Proposes by running a small model k times; its q rows are its own processed distributions."""
+class _ModelDraft:
+    """What chain and tree drafts share: a draft model kept a prefix of the committed tokens."""
 
     def __init__(self, model: Model, prefill_chunk: int):
         self.model = model
@@ -101,11 +112,15 @@ class DraftModel:
         for seq in seqs:
             self.model.prefill(seq, self.prefill_chunk)
 
+
+class DraftModel(_ModelDraft):
+    """Proposes by running a small model k times; its q rows are its own processed distributions."""
+
     def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
         if k == 0:
             return [[] for _ in seqs], None
         model, ids = self.model, [s.seq_id for s in seqs]
-        feeds = [s.tokens[model.cached(s):] for s in seqs]  # the last token, and dk after a full acceptance
+        feeds = [s.tokens[model.cached(s):] for s in seqs]  # the last token (catch_up fed the rest)
         steps, q_rows = [], []
         for j in range(k):
             logits = model.lib.forward_last(model.kv, ids, feeds)
@@ -121,6 +136,104 @@ class DraftModel:
         # Sequence-major rows for the kernel: sequence b owns q rows b*k .. b*k+k-1.
         q = None if params.greedy else np.stack(q_rows, axis=1).reshape(len(seqs) * k, -1)
         return drafts, q
+
+
+@dataclasses.dataclass
+class Tree:
+    """One sequence's draft tree. Node 0 is the root, the last committed token (parent -1); every other
+    node's parent precedes it, the order TVM's tree attention and the tree kernels expect."""
+    tokens: list[int]
+    parents: list[int]
+
+    def path(self, leaf: int) -> list[int]:
+        """The tokens below the root down to leaf."""
+        tokens = []
+        while leaf > 0:
+            tokens.append(self.tokens[leaf])
+            leaf = self.parents[leaf]
+        return tokens[::-1]
+
+
+class DraftTree(_ModelDraft):
+    """Proposes a tree of the given depth: each node of the newest level gets `width` children, the
+    draft's likeliest tokens when greedy, drawn without replacement from its q when sampling (as the
+    recursive rejection sampling of tree_verify_sampling requires), fewer where q has fewer tokens.
+
+    The tree grows a level per draft forward. TVM's cache appends a tree forward's tokens in place until
+    they are committed, so a later forward cannot attach to an uncommitted tree: each level re-feeds the
+    tree below the root as one tree forward (the draft is small), reads the newest level's logits and
+    drops those tokens again. The root goes in once (catch_up fed the committed tokens before it), so
+    its cache ends each round as the chain draft's does.
+    """
+
+    def __init__(self, model: Model, prefill_chunk: int, width: int):
+        super().__init__(model, prefill_chunk)
+        self.width = width
+
+    def propose(self, seqs: list[Sequence], depth: int, params: SamplingParams, u_draft: np.ndarray | None):
+        """The trees, and when sampling each node's q row ([nodes of all trees, V], zero at leaves)."""
+        model, ids = self.model, [s.seq_id for s in seqs]
+        trees = [Tree([s.tokens[-1]], [-1]) for s in seqs]
+        newest = [(b, 0) for b in range(len(seqs))]  # (sequence, node) of the newest level, one per row
+        logits = model.lib.forward_last(model.kv, ids, [s.tokens[model.cached(s):] for s in seqs]).numpy()
+        q_rows = {}
+        for level in range(depth):
+            if level:
+                logits = self._newest_logits(ids, trees, newest)
+            weights = logits if params.greedy else self._probs(logits, params)
+            if not params.greedy:
+                q_rows.update(zip(newest, weights))
+            newest = self._add_children(trees, newest, weights, params, u_draft)
+        if params.greedy:
+            return trees, None
+        offsets = np.cumsum([0] + [len(t.tokens) for t in trees])
+        q = np.zeros((offsets[-1], model.lib.vocab_size), np.float32)
+        for (b, node), row in q_rows.items():
+            q[offsets[b] + node] = row
+        return trees, q
+
+    def _newest_logits(self, ids: list[int], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
+        """The draft's logits at the newest nodes: each tree below its (cached) root fed, then dropped."""
+        kv = self.model.kv
+        below_root = [t.tokens[1:] for t in trees]
+        parents = [p - 1 for t in trees for p in t.parents[1:]]  # the first level hangs off the cached root
+        try:
+            logits = self.model.lib.forward_all(kv, ids, below_root, parents)
+        finally:
+            kv.discard_tree()
+        offsets = np.cumsum([0] + [len(t) for t in below_root])
+        return logits.numpy()[[offsets[b] + node - 1 for b, node in newest]]
+
+    def _probs(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+        lib = self.model.lib
+        return lib.sampling_probs(_to_device(logits, lib), *_row_params(params, len(logits))).numpy()
+
+    def _add_children(self, trees: list[Tree], parents: list[tuple[int, int]], weights: np.ndarray,
+                      params: SamplingParams, u_draft: np.ndarray | None) -> list[tuple[int, int]]:
+        """Give each parent up to width children picked from its row of weights without replacement (the
+        argmax, or a draw in proportion to q, of what earlier siblings left); returns them, row order."""
+        lib = self.model.lib
+        removed = -np.inf if params.greedy else 0.0
+        weights = weights.copy()
+        counts = np.minimum(self.width, (weights > removed).sum(axis=1))
+        first_child = []
+        for (b, node), count in zip(parents, counts):  # a parent's children are adjacent
+            first_child.append(len(trees[b].tokens))
+            trees[b].tokens += [-1] * count
+            trees[b].parents += [node] * count
+        for i in range(self.width):
+            rows = np.flatnonzero(counts > i)
+            if not rows.size:
+                break
+            children = [(parents[r][0], first_child[r] + i) for r in rows]
+            if params.greedy:
+                picks = lib.argmax(_to_device(weights[rows], lib))
+            else:  # a node's draw uses the node's own uniform, so it is fixed whatever the batch
+                picks = lib.sample_from_probs(_to_device(weights[rows], lib), [u_draft[b, n - 1] for b, n in children])
+            for (b, n), token in zip(children, picks):
+                trees[b].tokens[n] = int(token)
+            weights[rows, picks] = removed
+        return [(b, first_child[r] + i) for r, (b, _) in enumerate(parents) for i in range(counts[r])]
 
 
 class NGramDraft:
@@ -160,32 +273,59 @@ class NGramDraft:
 
 
 class SpeculativeDecoder:
-    def __init__(self, target: Model, proposer: DraftModel | NGramDraft | None):
+    def __init__(self, target: Model, proposer: DraftModel | DraftTree | NGramDraft | None):
         self.target = target
         self.proposer = proposer
 
     def round(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], RoundStats]:
-        """Run one round; returns the new committed tokens of each sequence (accepted drafts + 1)."""
+        """Run one round (k: drafts per chain, or the tree's depth); returns the new committed tokens of
+        each sequence (accepted drafts + 1)."""
         k = k if self.proposer is not None else 0
+        if k and isinstance(self.proposer, DraftTree):
+            return self._tree_round(seqs, k)
         params = seqs[0].params
         u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
-        start = time.perf_counter()
-        if k:
-            self.proposer.catch_up(seqs)
+        (drafts, q), draft_seconds, catch_up_seconds = (self._propose(seqs, k, params, u_draft) if k
+                                                         else (([[] for _ in seqs], None), 0.0, 0.0))
         t0 = time.perf_counter()
-        drafts, q = self.proposer.propose(seqs, k, params, u_draft) if k else ([[] for _ in seqs], None)
-        t1 = time.perf_counter()
         accepted, next_tokens = self._verify(seqs, drafts, q, params, u_accept, u_sample)
-        t2 = time.perf_counter()
+        verify_seconds = time.perf_counter() - t0
+        accepted_drafts = [d[:n] for d, n in zip(drafts, accepted)]
+        return (self._commit(seqs, accepted_drafts, next_tokens),
+                RoundStats([len(d) for d in drafts], [int(n) for n in accepted], draft_seconds, verify_seconds,
+                           catch_up_seconds))
+
+    def _tree_round(self, seqs: list[Sequence], depth: int) -> tuple[list[list[int]], RoundStats]:
+        params = seqs[0].params
+        # one draw per non-root node for drafting and one for accepting it: a width-1 tree draws as a chain
+        u_draft, u_accept, u_sample = _uniforms(seqs, tree_size(self.proposer.width, depth) - 1, params.greedy)
+        (trees, q), draft_seconds, catch_up_seconds = self._propose(seqs, depth, params, u_draft)
+        t0 = time.perf_counter()
+        leaves, next_tokens = self._verify_tree(seqs, trees, q, params, u_accept, u_sample)
+        verify_seconds = time.perf_counter() - t0
+        paths = [tree.path(leaf) for tree, leaf in zip(trees, leaves)]
+        return (self._commit(seqs, paths, next_tokens),
+                RoundStats([depth] * len(seqs), [len(p) for p in paths], draft_seconds, verify_seconds,
+                           catch_up_seconds))
+
+    def _propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft):
+        """The proposer's catch-up, then its proposal: (proposal, drafting seconds, catch-up seconds)."""
+        start = time.perf_counter()
+        self.proposer.catch_up(seqs)
+        t0 = time.perf_counter()
+        proposal = self.proposer.propose(seqs, k, params, u_draft)
+        return proposal, time.perf_counter() - t0, t0 - start
+
+    def _commit(self, seqs: list[Sequence], accepted: list[list[int]], next_tokens) -> list[list[int]]:
+        """The accepted drafts and the target's next token join each sequence; caches back to the invariant."""
         new_tokens = []
-        for seq, d, n, t in zip(seqs, drafts, accepted, next_tokens):
-            new_tokens.append(d[:n] + [int(t)])
+        for seq, drafts, t in zip(seqs, accepted, next_tokens):
+            new_tokens.append(drafts + [int(t)])
             seq.tokens.extend(new_tokens[-1])
             self.target.sync(seq)
             if self.proposer is not None:
                 self.proposer.sync(seq)
-        return new_tokens, RoundStats([len(d) for d in drafts], [int(n) for n in accepted], t1 - t0, t2 - t1,
-                                      t0 - start)
+        return new_tokens
 
     # -- verify and decide ----------------------------------------------------------------------------
     def _verify(self, seqs, drafts, q, params: SamplingParams, u_accept, u_sample):
@@ -204,6 +344,29 @@ class SpeculativeDecoder:
         # a proposer may draft fewer than k for a sequence: its first len(d) acceptance uniforms
         flat_u = np.concatenate([u[:len(d)] for u, d in zip(u_accept, drafts)]).astype(np.float32)
         return target.lib.verify_sampling(p, _to_device(q, target.lib), flat_drafts, indptr, flat_u, u_sample)
+
+    def _verify_tree(self, seqs, trees: list[Tree], q, params: SamplingParams, u_accept, u_sample):
+        """One tree-attention forward of the target over every tree, the tree kernel's walk, and the
+        commit that keeps only each accepted root->leaf path in the target's cache."""
+        kv, lib, ids = self.target.kv, self.target.lib, [s.seq_id for s in seqs]
+        tokens = [t for tree in trees for t in tree.tokens]
+        parents = [p for tree in trees for p in tree.parents]
+        indptr = np.cumsum([0] + [len(tree.tokens) for tree in trees])
+        try:
+            logits = lib.forward_all(kv, ids, [tree.tokens for tree in trees], parents)
+            if params.greedy:
+                leaves, next_tokens = lib.tree_verify_greedy(logits, tokens, parents, indptr)
+            else:
+                p = lib.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
+                # node n's acceptance uniform is its sequence's n-th; the root has none
+                node_u = np.concatenate([np.concatenate([[0.0], u[:len(tree.tokens) - 1]])
+                                         for u, tree in zip(u_accept, trees)]).astype(np.float32)
+                leaves, next_tokens = lib.tree_verify_sampling(p, _to_device(q, lib), tokens, parents, indptr,
+                                                               node_u, u_sample)
+            kv.commit_tree(ids, leaves)
+        finally:
+            kv.discard_tree()  # after a failure: an uncommitted tree blocks every later forward
+        return leaves, next_tokens
 
 
 def _row_params(params: SamplingParams, rows: int):

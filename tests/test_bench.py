@@ -22,10 +22,30 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     assert set(r["costs"]["verify_over_decode"]) == {str(k) for k in range(1, 9)}
     assert r["costs"]["target_decode_ms"] > 0 and r["costs"]["draft_over_target"] > 0
     runs = r["end_to_end"]
-    assert set(runs) == {"target_only", "draft k=2", "draft k=4", "ngram k=2", "ngram k=4", "draft auto"}
+    assert set(runs) == {"target_only", "draft k=2", "draft k=4", "tree w=2 d=2", "tree w=2 d=4", "ngram k=2",
+                         "ngram k=4", "draft auto"}
     assert all(run["tokens"] == 24 for run in runs.values())
     assert runs["target_only"]["speedup"] == 1.0
-    assert len(runs["draft k=4"]["acceptance_per_position"]) == 4
+    assert len(runs["draft k=4"]["acceptance_per_position"]) == len(runs["tree w=2 d=4"]["acceptance_per_position"]) == 4
+    # the partially agreeing draft gets part of each tree accepted
+    assert runs["tree w=2 d=4"]["acceptance_rate"] > 0
     assert 0 <= runs["draft k=4"]["host_share"] <= 1
     assert r["hf"]["plain_tokens_per_second"] > 0 and r["hf"]["assisted_tokens_per_second"] > 0
-    assert "verify(k) / decode" in table and "draft k=4" in table
+    assert "verify(k) / decode" in table and "draft k=4" in table and "tree w=2 d=4" in table
+    assert r["workload"] == "file"
+
+
+def test_repetitive_workload_repeats_a_passage(artifacts):
+    from mlc_spec import Engine
+    from mlc_spec.bench import PASSAGE, REPETITIVE_PROMPTS, _prompts
+
+    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=320)
+    engine = Engine(artifacts.compile("llama-gqa2-untied", target))
+    prompts = _prompts(engine, None, "repetitive")
+    assert len(prompts) == len(REPETITIVE_PROMPTS)
+    passage = engine.encode(PASSAGE, add_special_tokens=False)
+    assert all(_contains(p, passage[1:-1]) for p in prompts[:3])  # tokens at the passage's edges may merge
+
+
+def _contains(tokens, part):
+    return any(tokens[i:i + len(part)] == part for i in range(len(tokens) - len(part) + 1))

@@ -194,16 +194,20 @@ def test_a_second_ctrl_c_interrupts_at_once():
 
 
 # -- the command: piped and on a terminal -------------------------------------------------------------------
-@pytest.mark.parametrize("draft", [True, False], ids=["speculative", "target-alone"])
-def test_piped_chat_gives_the_greedy_reply(tiny_pair, engine, draft):
-    """FM: the chat's rendering, prefix reuse or speculative loop changes what the target would say."""
+DRAFT_ARGS = {"speculative": [], "tree": ["--draft", "tree", "--tree-width", "3", "--tree-depth", "2"],
+              "target-alone": ["--no-draft"]}
+
+
+@pytest.mark.parametrize("mode", DRAFT_ARGS)
+def test_piped_chat_gives_the_greedy_reply(tiny_pair, engine, mode):
+    """FM: the chat's rendering, prefix reuse or speculative loop (chain or tree) changes what the target would say."""
     prompts = ["hello there", "the quick brown fox", "numbers like 12345"]
-    done = run_piped(prompts, "--model", str(tiny_pair), "--max-tokens", str(MAX_TOKENS), *([] if draft else ["--no-draft"]))
+    done = run_piped(prompts, "--model", str(tiny_pair), "--max-tokens", str(MAX_TOKENS), *DRAFT_ARGS[mode])
     assert done.returncode == 0, done.stderr
     assert done.stdout == "".join(f"{reply}\n" for reply in greedy_replies(engine, prompts))
     summaries = [line for line in done.stderr.splitlines() if "tok/s" in line]
     assert len(summaries) == 3 and "\x1b" not in done.stderr
-    assert all(("acceptance" in s) == draft and ("target alone" in s) for s in summaries)
+    assert all(("acceptance" in s) == (mode != "target-alone") and ("target alone" in s) for s in summaries)
 
 
 def test_piped_reset_and_set(tiny_pair, engine):
@@ -243,6 +247,7 @@ def test_terminal_chat(tiny_pair, engine, draft):
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--draft-length", "99"], "draft_length must be between 0 and 32"),
     (["--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["--draft", "tree", "--tree-depth", "8"], "a tree of width 2 and depth 8 has 511 nodes"),
     (["--model", "/no/such/model"], "/no/such/model: no such file or folder"),
 ])
 def test_bad_options_are_one_line_errors(capsys, args, message):

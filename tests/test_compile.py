@@ -110,7 +110,8 @@ def test_exported_functions(artifacts):
     config = json.loads((artifact / "mlc_spec_config.json").read_text())
     lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
     for name in ("embed", "prefill", "decode", "batch_decode", "verify", "create_paged_kv_cache", "sampling_probs",
-                 "sample_from_probs", "argmax", "verify_greedy", "verify_sampling"):
+                 "sample_from_probs", "argmax", "verify_greedy", "verify_sampling", "tree_verify_greedy",
+                 "tree_verify_sampling"):
         assert lib.vm[name] is not None
 
 

@@ -104,6 +104,8 @@ MODES = {
     "greedy speculative": dict(draft_length=4),
     "greedy target-only": dict(speculative=False),
     "sampled speculative": dict(draft_length=4, temperature=0.8, top_p=0.9, seed=3),
+    "greedy tree": dict(speculative="tree", tree_width=2, tree_depth=3),
+    "sampled tree": dict(speculative="tree", tree_width=2, tree_depth=3, temperature=0.8, top_p=0.9, seed=3),
 }
 LOGIT_TOLERANCE = 1e-4
 
@@ -155,16 +157,18 @@ def test_same_tokens_and_decisions_across_codegens(codegen_outputs, name, mode):
 
 
 @pytest.mark.parametrize("name", CODEGENS)
-def test_greedy_speculative_is_exact_on_each_codegen(codegen_outputs, name):
-    assert codegen_outputs[name]["greedy speculative"][0] == codegen_outputs[name]["greedy target-only"][0]
+@pytest.mark.parametrize("mode", ["greedy speculative", "greedy tree"])
+def test_greedy_speculative_is_exact_on_each_codegen(codegen_outputs, name, mode):
+    assert codegen_outputs[name][mode][0] == codegen_outputs[name]["greedy target-only"][0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # The GPU schedules of the kernels, on OpenCL (pocl) and WebGPU (lavapipe)
 
-# A statistical test (100,000 sequences, far too many workgroups for a CPU-emulated GPU); its decisions
+# Statistical tests (tens of thousands of sequences, far too many workgroups for a CPU-emulated GPU); its decisions
 # are covered by the ragged and edge cases.
-_STATISTICAL_KERNEL_TESTS = {"test_first_emitted_token_follows_the_target"}
+_STATISTICAL_KERNEL_TESTS = {"test_first_emitted_token_follows_the_target",
+                             "test_tree_first_emitted_token_follows_the_target"}
 
 
 class _Recorder:

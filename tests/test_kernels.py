@@ -101,6 +101,61 @@ def ref_verify_sampling(p, q, draft, indptr, u_accept, u_sample):
     return np.array(accepted, np.int32), np.array(next_token, np.int32)
 
 
+def ref_tree_verify_greedy(logits, tokens, parents, indptr):
+    best = np.argmax(logits, axis=1)
+    leaves, next_token = [], []
+    for b in range(len(indptr) - 1):
+        first, n = indptr[b], indptr[b + 1] - indptr[b]
+        node, moved = 0, True
+        while moved:
+            moved = False
+            for j in _children(parents, first, n, node):
+                if tokens[first + j] == best[first + node]:
+                    node, moved = j, True
+                    break
+        leaves.append(node)
+        next_token.append(best[first + node])
+    return np.array(leaves, np.int32), np.array(next_token, np.int32)
+
+
+def _children(parents, first, n, node):
+    return [j for j in range(1, n) if parents[first + j] == node]
+
+
+def ref_tree_walk(p, q, tokens, parents, indptr, u_accept, b, decisions=None):
+    """Recursive rejection sampling down sequence b's tree: (deepest accepted node, law of the next
+    token). Records each tested node's decision in decisions when given."""
+    p, q = p.astype(np.float64), q.astype(np.float64)
+    first, n, vocab = indptr[b], indptr[b + 1] - indptr[b], p.shape[1]
+    node = 0
+    while True:
+        law, rest = p[first + node], 1.0
+        for j in _children(parents, first, n, node):
+            x = tokens[first + j]
+            target = law[x] if 0 <= x < vocab else 0.0
+            proposal = q[first + node, x] if 0 <= x < vocab else 0.0
+            accept = target > 0 and u_accept[first + j] * proposal <= target * rest
+            if decisions is not None:
+                decisions[first + j] = accept
+            if accept:
+                node = j
+                break
+            law = np.maximum(law * rest - q[first + node], 0.0)
+            law = law / law.sum() if law.sum() > 0 else law
+            rest -= proposal
+        else:  # every child rejected; an emptied residual means p == q to rounding: p is the law
+            return node, law if law.sum() > 0 else p[first + node]
+
+
+def ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample):
+    leaves, next_token = [], []
+    for b in range(len(indptr) - 1):
+        node, law = ref_tree_walk(p, q, tokens, parents, indptr, u_accept, b)
+        leaves.append(node)
+        next_token.append(ref_sample(law, u_sample[b]))
+    return np.array(leaves, np.int32), np.array(next_token, np.int32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Compiled CPU kernels
 
@@ -146,6 +201,22 @@ class CpuKernels:
         return self._call(
             "verify_sampling",
             [_f32(p), _f32(q), _i32(draft), _i32(indptr), _f32(u_accept), _f32(u_sample)],
+            [(batch, "int32"), (batch, "int32")],
+        )
+
+    def tree_verify_greedy(self, logits, tokens, parents, indptr):
+        batch = (len(indptr) - 1,)
+        return self._call(
+            "tree_verify_greedy",
+            [_f32(logits), _i32(tokens), _i32(parents), _i32(indptr)],
+            [(batch, "int32"), (batch, "int32")],
+        )
+
+    def tree_verify_sampling(self, p, q, tokens, parents, indptr, u_accept, u_sample):
+        batch = (len(indptr) - 1,)
+        return self._call(
+            "tree_verify_sampling",
+            [_f32(p), _f32(q), _i32(tokens), _i32(parents), _i32(indptr), _f32(u_accept), _f32(u_sample)],
             [(batch, "int32"), (batch, "int32")],
         )
 
@@ -406,13 +477,19 @@ def test_verify_sampling_ragged_batches(cpu, vocab):
     assert 0 < want[0].sum() < sum(lengths)  # both acceptances and rejections were exercised
 
 
-def test_verify_sampling_edge_cases(cpu):
+def _edge_rows():
+    """p at a node, p at its child, q without p's token 5, and q far above p at token 3."""
     p_row = np.array([0.1, 0.2, 0.0, 0.3, 0.0, 0.25, 0.15, 0.0], np.float32)
     bonus_row = np.array([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5], np.float32)
     q_no_5 = p_row.copy()
     q_no_5[5] = 0.0
     q_no_5 /= q_no_5.sum()
     q_over_3 = np.array([0.05, 0.05, 0.0, 0.6, 0.0, 0.15, 0.15, 0.0], np.float32)
+    return p_row, bonus_row, q_no_5, q_over_3
+
+
+def test_verify_sampling_edge_cases(cpu):
+    p_row, bonus_row, q_no_5, q_over_3 = _edge_rows()
     # one draft per sequence: (q row, drafted token, u_accept)
     cases = [
         (p_row, 2, 0.0),  # q == p and p(x) = 0: rejected, the residual is empty, p is sampled
@@ -445,6 +522,200 @@ def test_verify_sampling_out_of_vocab_draft_is_rejected(cpu):
             p, q, np.array([bad], np.int32), _ragged([1]), np.zeros(1), np.array([0.6], np.float32)
         )
         assert accepted[0] == 0 and next_token[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# token trees: tree_verify_greedy and tree_verify_sampling
+
+
+def _full_tree_parents(width, depth):
+    """The shape the runtime drafts: every node above depth has width children, numbered level by level."""
+    parents, level = [-1], [0]
+    for _ in range(depth):
+        nxt = []
+        for node in level:
+            for _ in range(width):
+                nxt.append(len(parents))
+                parents.append(node)
+        level = nxt
+    return parents
+
+
+def _random_tree(rng, n, max_width):
+    """Any parent before its child, at most max_width children each: siblings need not be adjacent."""
+    parents = [-1]
+    for j in range(1, n):
+        open_nodes = [i for i in range(j) if parents.count(i) < max_width]
+        parents.append(int(rng.choice(open_nodes)))
+    return parents
+
+
+def _tree_batch(rng, count, max_width=4):
+    """Parent pointers of a ragged batch: full trees (chains among them), random trees, a lone root."""
+    shapes = [_full_tree_parents(w, d) for w, d in ((1, 4), (2, 3), (3, 2), (4, 1), (2, 1)) if w <= max_width]
+    shapes += [_random_tree(rng, int(n), max_width) for n in rng.integers(1, 24, count - len(shapes) - 1)] + [[-1]]
+    indptr = np.concatenate([[0], np.cumsum([len(t) for t in shapes])]).astype(np.int32)
+    return np.concatenate(shapes).astype(np.int32), indptr
+
+
+def _without_replacement(rng, weights, width):
+    """width tokens from each row of weights, one after another, each from what the earlier left."""
+    weights = np.array(weights, np.float64)
+    drawn = np.zeros((len(weights), width), np.int32)
+    for i in range(width):
+        cdf = np.cumsum(weights, axis=1)
+        drawn[:, i] = np.argmax(cdf > rng.random((len(weights), 1)) * cdf[:, -1:], axis=1)
+        weights[np.arange(len(weights)), drawn[:, i]] = 0.0
+    return drawn
+
+
+def _draw_siblings(rng, q, tokens, parents, indptr):
+    """Each node's children drawn without replacement from the q row of that node."""
+    for b in range(len(indptr) - 1):
+        first, n = indptr[b], indptr[b + 1] - indptr[b]
+        for node in range(n):
+            children = _children(parents, first, n, node)
+            if children:
+                tokens[first + np.array(children)] = _without_replacement(rng, q[first + node][None], len(children))[0]
+
+
+def _tree_sampling_case(rng, count, vocab):
+    """A ragged batch of trees: q near p, siblings drawn from q without replacement, stable uniforms."""
+    parents, indptr = _tree_batch(rng, count, max_width=min(4, vocab))
+    nodes = indptr[-1]
+    p = _processed(rng, nodes, vocab)
+    q = (0.6 * p + 0.4 * _processed(rng, nodes, vocab)).astype(np.float32)
+    if vocab > 3:  # some mass where p is zero (q's own zeros come from _processed)
+        q[np.arange(nodes), np.argmin(p, axis=1)] += 0.05
+        q /= q.sum(axis=1, keepdims=True)
+    widest = max(len(_children(parents, indptr[b], indptr[b + 1] - indptr[b], j))
+                 for b in range(count) for j in range(indptr[b + 1] - indptr[b]))
+    assert (q > 0).sum(axis=1).min() >= widest, "every node's siblings must fit in q's support"
+    tokens = rng.integers(0, vocab, nodes).astype(np.int32)
+    _draw_siblings(rng, q, tokens, parents, indptr)
+
+    def decisions(u):
+        tested = np.zeros(nodes, np.int8) - 1
+        for b in range(count):
+            ref_tree_walk(p, q, tokens, parents, indptr, u, b, tested)
+        return tested
+
+    u_accept = _stable_uniforms(rng, nodes, decisions)
+
+    def next_tokens(u):
+        return ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u)[1]
+
+    u_sample = _stable_uniforms(rng, count, next_tokens)
+    return p, q, tokens, parents, indptr, u_accept, u_sample
+
+
+def test_tree_verify_greedy_cases(cpu):
+    vocab = 33
+    rng = np.random.default_rng(150)
+    parents, indptr = _tree_batch(rng, 12)
+    logits = rng.standard_normal((indptr[-1], vocab)).astype(np.float32)
+    best = ref_argmax(logits)
+    # each node holds its parent's argmax half the time: paths of every depth, matches on later siblings
+    parent_rows = np.maximum(parents, 0) + np.repeat(indptr[:-1], np.diff(indptr))
+    tokens = np.where(rng.random(len(parents)) < 0.5, best[parent_rows], rng.integers(0, vocab, len(parents)))
+    leaf, next_token = cpu.tree_verify_greedy(logits, tokens, parents, indptr)
+    want = ref_tree_verify_greedy(logits, tokens, parents, indptr)
+    np.testing.assert_array_equal(leaf, want[0])
+    np.testing.assert_array_equal(next_token, want[1])
+    assert 0 < (want[0] > 0).sum() < len(want[0])  # some trees accept a path, some nothing
+    assert leaf[-1] == 0 and next_token[-1] == best[-1]  # a lone root: the target's next token
+
+
+def test_tree_verify_greedy_follows_a_later_sibling(cpu):
+    logits = np.zeros((4, 5), np.float32)
+    logits[0, 3] = logits[2, 1] = logits[3, 4] = 1.0  # root -> 3, node 2 -> 1
+    # the root's children: 2 (wrong), then 3 (the match); node 2's child 1 matches too
+    tokens, parents = [0, 2, 3, 1], [-1, 0, 0, 2]
+    leaf, next_token = cpu.tree_verify_greedy(logits, tokens, parents, _ragged([3]))
+    assert leaf[0] == 3 and next_token[0] == 4
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_tree_verify_sampling_ragged_batches(cpu, vocab):
+    rng = np.random.default_rng(160 + vocab)
+    case = _tree_sampling_case(rng, 24 if vocab < 1000 else 8, vocab)
+    got = cpu.tree_verify_sampling(*case)
+    want = ref_tree_verify_sampling(*case)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert 0 < (want[0] > 0).sum() < len(want[0])  # acceptances and full rejections both exercised
+
+
+def test_tree_verify_sampling_edge_cases(cpu):
+    p_row, bonus_row, q_no_5, q_over_3 = _edge_rows()
+    # root plus two siblings per tree: (q row at the root, the siblings, their u_accept)
+    cases = [
+        (p_row, (3, 1), (0.999, 0.999)),  # q == p: both accepted by rule u q <= p; the first wins
+        (q_over_3, (3, 5), (0.999, 0.5)),  # 3 rejected; 5 accepted: u q(5) <= norm(max(0, p - q))(5) * 0.4
+        (np.full(8, 0.125, np.float32), (4, 7), (0.0, 0.0)),  # p(x) = 0 < q(x): both rejected even at u = 0
+        (q_no_5, (5, 3), (0.999, 0.5)),  # q(x) = 0 < p(x): accepted whatever u is
+        (np.full(8, 0.125, np.float32), (4, 99), (0.0, 0.0)),  # an id outside the vocabulary: rejected
+    ]
+    indptr = _ragged([2] * len(cases))
+    p = np.stack([row for _ in cases for row in (p_row, bonus_row, bonus_row)])
+    q = np.stack([row for c in cases for row in (c[0], bonus_row, bonus_row)])
+    tokens = np.array([t for c in cases for t in (0,) + c[1]], np.int32)
+    parents = np.array([-1, 0, 0] * len(cases), np.int32)
+    u_accept = np.array([u for c in cases for u in (0.0,) + c[2]], np.float32)
+    u_sample = np.array([0.35, 0.6, 0.9, 0.1, 0.45], np.float32)
+    leaf, next_token = cpu.tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample)
+    want = ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample)
+    np.testing.assert_array_equal(leaf, want[0])
+    np.testing.assert_array_equal(next_token, want[1])
+    np.testing.assert_array_equal(leaf, [1, 2, 0, 1, 0])
+    assert bonus_row[next_token[[0, 1, 3]]].min() > 0  # after an acceptance: the child's p
+    # both rejected: residual of p after 0.125 everywhere twice; p(4) = p(7) = 0 so it stays in p's support
+    assert p_row[next_token[2]] > 0 and p_row[next_token[4]] > 0
+
+
+def test_tree_zero_residual_falls_back_to_p(cpu):
+    """q == p, yet rounding rejects: the residual max(0, p - q) is empty and the token comes from p."""
+    p_row = np.array([0.5, 0.25, 0.25, 0.0], np.float32)
+    p = np.stack([p_row, p_row])
+    tokens, parents = [0, 1], [-1, 0]
+    # u = 1.5 lies outside U[0, 1): it forces the rejection of q(x) == p(x) that only rounding causes
+    u_accept = np.array([0.0, 1.5], np.float32)
+    for u_sample, want in ((0.1, 0), (0.6, 1), (0.9, 2)):
+        leaf, next_token = cpu.tree_verify_sampling(p, p, tokens, parents, _ragged([1]), u_accept,
+                                                    np.array([u_sample], np.float32))
+        assert leaf[0] == 0 and next_token[0] == want
+
+
+def test_width_one_trees_decide_like_chains(cpu):
+    """A chain is the width-1 tree: same accepted count and token from the same uniforms, greedy and sampled."""
+    rng = np.random.default_rng(170)
+    lengths = list(range(9)) + list(rng.integers(0, 9, 15))
+    p, q, draft, indptr, u_accept, u_sample = _sampling_case(rng, lengths, 1000)
+    parents = np.concatenate([np.arange(-1, k) for k in lengths]).astype(np.int32)
+    roots = indptr[:-1]
+    node_of_draft = np.delete(np.arange(indptr[-1]), roots)  # draft slot s is tree node s + its sequence + 1
+    tokens = np.zeros(indptr[-1], np.int32)
+    tokens[node_of_draft] = draft
+    tree_u = np.zeros(indptr[-1], np.float32)
+    tree_u[node_of_draft] = u_accept
+    # q rows by node: a draft's q belongs to its parent, the node it was drawn from; leaves have none
+    tree_q = np.zeros_like(p)
+    tree_q[node_of_draft - 1] = q
+    chain = cpu.verify_sampling(p, q, draft, indptr, u_accept, u_sample)
+    tree = cpu.tree_verify_sampling(p, tree_q, tokens, parents, indptr, tree_u, u_sample)
+    np.testing.assert_array_equal(tree[0], chain[0])
+    np.testing.assert_array_equal(tree[1], chain[1])
+    assert 0 < chain[0].sum() < sum(lengths)
+    logits = rng.standard_normal(p.shape).astype(np.float32)
+    # greedy drafts that hold the target's argmax at their parent most of the time
+    greedy_draft = np.where(rng.random(len(draft)) < 0.7, ref_argmax(logits)[node_of_draft - 1], draft)
+    greedy_tokens = np.zeros(indptr[-1], np.int32)
+    greedy_tokens[node_of_draft] = greedy_draft
+    tree = cpu.tree_verify_greedy(logits, greedy_tokens, parents, indptr)
+    chain = cpu.verify_greedy(logits, greedy_draft, indptr)
+    np.testing.assert_array_equal(tree[0], chain[0])
+    np.testing.assert_array_equal(tree[1], chain[1])
+    assert chain[0].max() > 2
 
 
 def test_kernels_are_deterministic(cpu):
@@ -525,6 +796,49 @@ def test_first_emitted_token_follows_the_target(cpu, case):
     target = p_rows[0].astype(np.float64)
     assert observed[target == 0].sum() == 0
     expected = target[target > 0] / target.sum() * len(lengths)
+    assert _chi_square_p_value(observed[target > 0], expected) > CHI_SQUARE_ALPHA
+
+
+@pytest.mark.parametrize("case", range(len(CHI_SQUARE_CASES)))
+def test_tree_first_emitted_token_follows_the_target(cpu, case):
+    """Recursive rejection sampling over siblings drawn without replacement from q keeps p: trees of
+    depth 2 (the walk descends), top-k/top-p-truncated rows, q with mass where p is 0, and q == p."""
+    vocab, temperature, top_k, top_p, target_logits, draft_logits = CHI_SQUARE_CASES[case]
+    draft_logits = target_logits if draft_logits is None else draft_logits
+    rng = np.random.default_rng(200 + case)
+    settings = (np.full(2, temperature, np.float32), np.full(2, top_k), np.full(2, top_p, np.float32))
+    # row 0: the distributions at the root, under test; row 1: every deeper node's
+    p_rows = cpu.sampling_probs(np.array([target_logits, rng.standard_normal(vocab)], np.float32), *settings)
+    q_rows = cpu.sampling_probs(np.array([draft_logits, rng.standard_normal(vocab)], np.float32), *settings)
+    width = int(min(3, (q_rows > 0).sum(axis=1).min()))
+    shape = np.array(_full_tree_parents(width, 2), np.int32)
+    sequences, nodes = CHI_SQUARE_SEQUENCES // 2, len(shape)
+    level_one = np.flatnonzero(shape == 0)
+
+    p = np.repeat(p_rows[1:2], sequences * nodes, axis=0)
+    q = np.repeat(q_rows[1:2], sequences * nodes, axis=0)
+    p[::nodes], q[::nodes] = p_rows[0], q_rows[0]
+    tokens = np.zeros((sequences, nodes), np.int32)
+    tokens[:, level_one] = _without_replacement(rng, np.repeat(q_rows[:1], sequences, axis=0), width)
+    for node in level_one:
+        children = np.flatnonzero(shape == node)
+        tokens[:, children] = _without_replacement(rng, np.repeat(q_rows[1:], sequences, axis=0), width)
+    parents = np.tile(shape, sequences)
+    indptr = (np.arange(sequences + 1) * nodes).astype(np.int32)
+    u_accept = rng.random(sequences * nodes).astype(np.float32)
+    u_sample = rng.random(sequences).astype(np.float32)
+
+    leaf, next_token = cpu.tree_verify_sampling(p, q, tokens.ravel(), parents, indptr, u_accept, u_sample)
+    on_level_one = np.where(leaf > width, shape[leaf], leaf)  # the accepted path's first node
+    first = np.where(leaf > 0, tokens[np.arange(sequences), on_level_one], next_token)
+    observed = np.bincount(first, minlength=vocab)
+    target = p_rows[0].astype(np.float64)
+    assert observed[target == 0].sum() == 0
+    # the walk descends to depth 2 unless the root's q has no mass where p has (case 0: all rejected)
+    assert (leaf > width).any() == (p_rows[0] * q_rows[0]).any()
+    # every sibling at the root rejected: happens unless q == p there, where u q(x) <= p(x) always
+    assert (leaf == 0).any() != np.array_equal(p_rows[0], q_rows[0])
+    expected = target[target > 0] / target.sum() * sequences
     assert _chi_square_p_value(observed[target > 0], expected) > CHI_SQUARE_ALPHA
 
 

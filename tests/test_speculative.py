@@ -202,10 +202,11 @@ def exact_first_two(ckpt, prompt, temperature, top_k):
     return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
 
 
-@pytest.mark.parametrize("speculative", [False, True, "ngram"])
+@pytest.mark.parametrize("speculative", [False, True, "ngram", "tree"])
 def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, speculative):
     """FM4/FM5 end to end: speculative sampling keeps the target's distribution (chi-square, 20k draws).
-    The n-gram case drafts from a prompt that repeats itself, with a one-hot q."""
+    The n-gram case drafts from a prompt that repeats itself, with a one-hot q; the tree case drafts
+    three levels of two siblings drawn without replacement."""
     from scipy.stats import chisquare
 
     engine = engines["partial"]
@@ -217,7 +218,7 @@ def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, specul
     batch = 16
     for call in range(20000 // batch):
         outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
-                               speculative=speculative, draft_length=3, stop_at_eos=False)
+                               speculative=speculative, draft_length=3, tree_width=2, tree_depth=3, stop_at_eos=False)
         for o in outs:
             counts[tuple(o.token_ids[:2])] += 1
     keys = sorted(exact)
@@ -294,6 +295,9 @@ def test_padded_vocabularies_align(artifacts, draft_vocab):
     assert any(t >= 304 for out in ref for t in out), "the test needs the target to emit padding ids"
     spec = [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, draft_length=4)]
     assert spec == ref
+    tree = engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, speculative="tree", tree_width=3,
+                           tree_depth=2)
+    assert [o.token_ids for o in tree] == ref
     sampled = engine.generate(token_ids=batch, max_tokens=30, temperature=1.0, seed=1, stop_at_eos=False)
     assert all(0 <= t < 320 for o in sampled for t in o.token_ids)
 
@@ -368,3 +372,120 @@ def test_adaptive_controller_drafts_deeper_after_one_agreeing_probe():
     ctl.update(RoundStats([1], [1], 0.002, 0.011))
     assert ctl.reach()[0] == pytest.approx(0.75) and ctl.reach()[3] == pytest.approx(0.75)
     assert ctl.choose(8) >= 2
+
+
+# -- token trees ------------------------------------------------------------------------------------------------
+TREE_SHAPES = [(1, 4), (2, 3), (3, 3), (4, 2)]  # (width, depth); width 1 is the chain of length depth
+
+
+@pytest.mark.parametrize("width,depth", TREE_SHAPES)
+def test_greedy_tree_equals_target_alone(engines, reference, width, depth):
+    got = generate_all(engines["partial"], prompts(100), max_tokens=40, stop_at_eos=False, speculative="tree",
+                       tree_width=width, tree_depth=depth)
+    mismatched = [i for i, (a, b) in enumerate(zip(got, reference)) if a != b]
+    assert not mismatched, f"{len(mismatched)} of 100 prompts differ, first {mismatched[:5]}"
+
+
+def test_greedy_tree_with_an_always_agreeing_draft(engines, reference):
+    """FM2 for trees: every level accepted, so the draft never saw the deepest node before the next round."""
+    outs = engines["self"].generate(token_ids=prompts(100)[:8], max_tokens=40, stop_at_eos=False,
+                                    speculative="tree", tree_width=2, tree_depth=4)
+    assert [o.token_ids for o in outs] == reference[:8]
+    assert outs[0].stats["acceptance_rate"] == 1.0
+
+
+def test_width_one_tree_is_the_chain(engines):
+    """Same tokens and the same acceptance at every position as a chain of length depth."""
+    batch = prompts(16, seed=4)
+    chain = engines["partial"].generate(token_ids=batch, max_tokens=40, stop_at_eos=False, draft_length=4)
+    tree = engines["partial"].generate(token_ids=batch, max_tokens=40, stop_at_eos=False, speculative="tree",
+                                       tree_width=1, tree_depth=4)
+    assert [o.token_ids for o in tree] == [o.token_ids for o in chain]
+    assert tree[0].stats["accepted_per_position"] == chain[0].stats["accepted_per_position"]
+    assert tree[0].stats["rounds"] == chain[0].stats["rounds"]
+
+
+def test_wider_trees_accept_more_per_target_forward(engines):
+    batch = prompts(16, seed=6)
+
+    def mean_accepted(width):  # batches of 4: four trees of 85 nodes fit one forward
+        return np.mean([engines["partial"].generate(token_ids=batch[i:i + 4], max_tokens=40, stop_at_eos=False,
+                                                    speculative="tree", tree_width=width, tree_depth=3)[0]
+                        .stats["mean_accepted_length"] for i in range(0, len(batch), 4)])
+
+    lengths = [mean_accepted(width) for width in (1, 2, 4)]
+    assert lengths[0] < lengths[1] < lengths[2], lengths
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_tree_round_leaves_the_caches_on_the_committed_tokens(engines, temperature):
+    """FM1 for trees: after each round the target holds exactly the accepted path (all committed tokens
+    but the last), the draft a prefix of them, and the next step's logits equal a fresh prefill's."""
+    from mlc_spec.runtime.speculative import DraftTree, SamplingParams, Sequence, SpeculativeDecoder
+
+    engine = engines["partial"]
+    decoder = SpeculativeDecoder(engine.target, DraftTree(engine.draft, engine.prefill_chunk, width=3))
+    params = SamplingParams(temperature=temperature)
+    with engine.session() as session, engine.session() as fresh:
+        session.tokens[:] = prompts(100)[21]
+        seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(0), params)
+        for m in (engine.target, engine.draft):
+            m.prefill(seq, 64)
+        accepted = []
+        for _ in range(12):
+            new_tokens, stats = decoder.round([seq], 3)
+            accepted += stats.accepted
+            assert engine.target.cached(seq) == len(seq.tokens) - 1
+            assert engine.draft.cached(seq) == len(seq.tokens) - len(new_tokens[0])  # up to the round's root
+        assert 0 < sum(accepted) < 3 * len(accepted)  # partial acceptance, where rollback bugs live
+        fresh.tokens[:] = list(seq.tokens)
+        fseq = Sequence(fresh.seq_id, fresh.tokens, np.random.default_rng(0), params)
+        engine.target.prefill(fseq, 64)
+        lib = engine.target.lib
+        a = lib.forward_last(engine.target.kv, [seq.seq_id], [[seq.tokens[-1]]]).numpy()
+        b = lib.forward_last(engine.target.kv, [fseq.seq_id], [[fseq.tokens[-1]]]).numpy()
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monkeypatch):
+    """An error between the target's tree forward and its commit discards the tree: the cache keeps the
+    committed tokens and TVM accepts the next forward."""
+    engine = engines["partial"]
+    lib = engine.target.lib
+    real = lib.tree_verify_greedy
+    calls = []
+
+    def fail_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(lib, "tree_verify_greedy", fail_on_third)
+    prompt = prompts(100)[7]
+    with engine.session() as session:
+        with pytest.raises(RuntimeError, match="injected"):
+            session.generate(token_ids=prompt, max_tokens=40, stop_at_eos=False, speculative="tree")
+        check_caches_consistent(engine, session)
+        out = session.generate(token_ids=prompt, max_tokens=40, stop_at_eos=False, speculative="tree")
+    assert out.token_ids == reference[7]
+
+
+def test_sampled_tree_with_top_k_one_is_the_greedy_output(engines, reference):
+    """top_k = 1 leaves q and p one token each: fewer tokens than the tree is wide, and sampling that can
+    only emit the target's argmax."""
+    got = generate_all(engines["partial"], prompts(100)[:16], max_tokens=40, stop_at_eos=False, speculative="tree",
+                       tree_width=3, tree_depth=3, temperature=1.0, top_k=1, seed=0)
+    assert got == reference[:16]
+
+
+def test_tree_options_are_validated(engines):
+    engine = engines["partial"]
+    for bad in (dict(tree_width=0), dict(tree_depth=0), dict(tree_width=2.5), dict(tree_width=1, tree_depth=33)):
+        with pytest.raises(ValueError, match="tree_width must be an integer >= 1 and tree_depth one between 1 and 32"):
+            engine.generate(token_ids=[5], speculative="tree", **bad)
+    with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
+        engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)
+    engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=7, max_tokens=2)  # 255 nodes fit
+    with pytest.raises(ValueError, match="3 trees of 255 nodes exceed the 512 tokens a forward may carry"):
+        engine.generate(token_ids=[[5]] * 3, speculative="tree", tree_width=2, tree_depth=7)

@@ -6,8 +6,9 @@ Two halves (tools/device_check.sh runs them):
            nvcc), and assembles under WORK/site what the GPU machine lacks: a runtime-only TVM (the
            package without libtvm_compiler.so), tvm_ffi for that machine's Python, and mlc_spec.
   run      there, with only WORK/site added to the path: greedy tokens and verify decisions of every
-           CUDA artifact against the CPU reference (identical in float32; a mismatch rate in float16),
-           the largest logit difference, then tokens per second. Writes WORK/report.json.
+           CUDA artifact, drafting chains and token trees, against the CPU reference (identical in
+           float32; a mismatch rate in float16), the largest logit difference, then tokens per
+           second. Writes WORK/report.json.
 With --cpu-only the CPU stands in for CUDA, so both halves run (and are tested) without a GPU.
 """
 
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16")
 NUM_PROMPTS = 50
 MAX_TOKENS = 40
-DRAFT_LENGTH = 4
+DRAFT_LENGTH = 4  # also the depth of the token trees
+TREE_WIDTH = 2
 BATCH = 8
 # What a runtime never imports: the compiler library, headers and sources for building extensions.
 _NOT_RUNTIME = ("libtvm_compiler.so", "3rdparty", "include", "src", "web", "__pycache__")
@@ -207,6 +209,8 @@ def _outputs(folder: Path, device: str, batch: list[list[int]]) -> dict:
     engine = Engine(folder, device=device, max_batch_size=BATCH)
     common = dict(max_tokens=MAX_TOKENS, stop_at_eos=False)
     return {"speculative": generate_with_decisions(engine, batch, draft_length=DRAFT_LENGTH, **common),
+            "tree": generate_with_decisions(engine, batch, speculative="tree", tree_width=TREE_WIDTH,
+                                            tree_depth=DRAFT_LENGTH, **common),
             "target-only": generate_with_decisions(engine, batch, speculative=False, **common)}
 
 
