@@ -7,8 +7,10 @@ decoding. Costs are running averages; acceptance per position is counted (hits o
 rounds weighing less) plus one pseudo-try at the previous position's rate (0.5 for the first), so one
 probe that agrees moves it most of the way and a position never drafted is expected to do as well as
 the one before it.
-A k whose cost is unknown is tried once, and while k = 0 wins, one round in PROBE_EVERY still drafts a
-token so a draft that starts agreeing is noticed.
+A k whose cost is unknown is tried once, and while k = 0 wins a round still drafts one token now and
+then, so a draft that starts agreeing is noticed: after PROBE_EVERY rounds, then twice as many after
+each probe that found no agreement (a probe costs a verify and the draft's catch-up), back to
+PROBE_EVERY after one that did.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from .speculative import RoundStats
 
 PROBE_EVERY = 16
+_MAX_PROBE_EVERY = 256
 _DECAY = 0.9  # weight of the past in the running averages
 
 
@@ -29,6 +32,8 @@ class AdaptiveDraftLength:
         self.step_cost: float | None = None  # seconds per draft step
         self.verify_cost: dict[int, float] = {}  # k -> seconds of the verify (or decode) forward
         self.rounds_at_zero = 0
+        self.probe_every = PROBE_EVERY
+        self.probing = False
 
     def choose(self, limit: int) -> int:
         """The k for the next round, at most limit."""
@@ -39,9 +44,11 @@ class AdaptiveDraftLength:
             if k not in self.verify_cost:
                 return k
         best = max(range(limit + 1), key=self._tokens_per_second)
+        self.probing = False
         if best == 0:
             self.rounds_at_zero += 1
-            if self.rounds_at_zero % PROBE_EVERY == 0:
+            if self.rounds_at_zero >= self.probe_every:
+                self.rounds_at_zero, self.probing = 0, True
                 return 1
         return best
 
@@ -73,6 +80,8 @@ class AdaptiveDraftLength:
         return (1 - w) * self.verify_cost[lo] + w * self.verify_cost[hi]
 
     def update(self, r: RoundStats) -> None:
+        if self.probing:
+            self.probe_every = PROBE_EVERY if any(r.accepted) else min(2 * self.probe_every, _MAX_PROBE_EVERY)
         k = max(r.drafted)
         self.verify_cost[k] = _average(self.verify_cost.get(k), r.verify_seconds)
         if k == 0:

@@ -333,14 +333,16 @@ def test_ngram_lookup_prefers_the_longest_latest_match():
 
 # -- FM9: adaptive draft length ----------------------------------------------------------------------------------
 def test_auto_draft_length_is_exact_and_stops_drafting_when_it_does_not_pay(engines, reference):
-    """On these tiny models a draft step costs as much as a target step (both are call overhead), so
-    no acceptance can pay for drafting: auto settles on the target alone, probing now and then."""
+    """On these tiny models a draft step costs as much as a target step (both are call overhead), so a
+    draft that is sometimes wrong cannot pay: auto settles on the target alone, probing now and then.
+    (The self-draft, always right, breaks exactly even: k+1 tokens for k+1 calls; only exactness holds.)"""
     batch = prompts(100)[:8]
     for name in DRAFTS:
         outs = engines[name].generate(token_ids=batch, max_tokens=40, stop_at_eos=False, draft_length="auto")
         assert [o.token_ids for o in outs] == reference[:8]
         stats = outs[0].stats
-        assert sum(stats["drafted_per_position"]) / stats["rounds"] < 1.0, (name, stats["drafted_per_position"])
+        if name != "self":
+            assert sum(stats["drafted_per_position"]) / stats["rounds"] < 1.0, (name, stats["drafted_per_position"])
 
 
 def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
@@ -355,6 +357,11 @@ def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
         ctl.update(RoundStats([1], [0], 0.004, 0.012))
     choices = [ctl.choose(8) for _ in range(2 * PROBE_EVERY)]
     assert choices.count(0) == 2 * PROBE_EVERY - 2 and choices.count(1) == 2  # probes only
+    gaps = []  # probes that find no agreement come ever more rarely
+    for _ in range(3):
+        gaps.append(next(n for n in range(1, 10 * PROBE_EVERY) if ctl.choose(8) == 1))
+        ctl.update(RoundStats([1], [0], 0.004, 0.012))
+    assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1], gaps
     for _ in range(40):  # the draft starts agreeing and is cheap: drafting pays again
         ctl.update(RoundStats([1], [1], 0.001, 0.011))
     assert ctl.choose(8) >= 1
