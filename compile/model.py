@@ -20,7 +20,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from . import kernels
 from .config import ModelConfig
 from .quantization import BITS, GROUP, packed_shapes
-from .quantized_matmul import quantized_matmul
+from .quantized_matmul import code_at, quantized_matmul
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
 # verify at the default draft length, and 5 rows x 4 vectors of accumulators fit AVX-512's registers.
@@ -80,12 +80,9 @@ class Linear(nn.Module):
         if self.quantization is None:
             return stored[0][j, k, t]
         codes, scales = stored
-        w = scales[j, k // GROUP, 0, t].astype(dtype)
-        if BITS[self.quantization] == 8:
-            return codes[j, k, t].astype(dtype) * w
-        shift = ((k % 8) * 4).astype("uint32")
-        code = tirx.bitwise_and(tirx.shift_right(codes[j, k // 8, t], shift), tirx.const(15, "uint32"))
-        return code.astype(dtype) * w + scales[j, k // GROUP, 1, t].astype(dtype)
+        bits = BITS[self.quantization]
+        w = code_at(codes, bits, j, k, t).astype(dtype) * scales[j, k // GROUP, 0, t].astype(dtype)
+        return w + scales[j, k // GROUP, 1, t].astype(dtype) if bits == 4 else w
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:
         if self.tile is None:

@@ -19,6 +19,14 @@ from tvm import s_tir, te, tirx
 from .quantization import GROUP, packed_shapes
 
 
+def code_at(weight: te.Tensor, bits: int, j, k, t):
+    """The integer code of input k, output lane t of tile j (quantization.packed_shapes' layout)."""
+    if bits == 8:
+        return weight[j, k, t]
+    shift = ((k % 8) * 4).astype("uint32")
+    return tirx.bitwise_and(tirx.shift_right(weight[j, k // 8, t], shift), tirx.const(15, "uint32"))
+
+
 def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, row_block: int,
                      dtype: str) -> tirx.PrimFunc:
     """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales, y)."""
@@ -34,15 +42,10 @@ def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, 
     def row(b, i):
         return tirx.min(b * r + i, n - 1)
 
-    def code(j, k, t):
-        if bits == 8:
-            return weight[j, k, t].astype("float32")
-        shift = ((k % 8) * 4).astype("uint32")
-        return tirx.bitwise_and(tirx.shift_right(weight[j, k // 8, t], shift), tirx.const(15, "uint32")).astype("float32")
-
     kk = te.reduce_axis((0, GROUP), "kk")
     dot = te.compute((blocks, r, tiles, groups, tile), lambda b, i, j, g, t: te.sum(
-        x[row(b, i), g * GROUP + kk].astype("float32") * code(j, g * GROUP + kk, t), axis=kk),
+        x[row(b, i), g * GROUP + kk].astype("float32") * code_at(weight, bits, j, g * GROUP + kk, t).astype("float32"),
+        axis=kk),
         name="group_dot")
     if bits == 4:
         kx = te.reduce_axis((0, GROUP), "kx")
