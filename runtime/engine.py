@@ -108,6 +108,13 @@ class Engine:
         self.target = self._load("target")
         self.draft = self._load("draft") if "draft" in self.config["models"] else None
         self._seq_ids = itertools.count()
+        self._auto: dict[str, AdaptiveDraftLength] = {}
+
+    def auto_draft_length(self, proposer) -> AdaptiveDraftLength:
+        """draft_length="auto"'s controller for this kind of proposer, one per engine: what a request
+        learns of costs and acceptance carries over to the next (a chat's turns, a bench's prompts), so
+        a short request does not pay again for measuring and probing."""
+        return self._auto.setdefault(type(proposer).__name__, AdaptiveDraftLength(AUTO_MAX_DRAFT))
 
     def _load(self, role: str) -> Model:
         lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)
@@ -348,8 +355,8 @@ class _Generation:
             raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
                              f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
         self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
-        self.adaptive = (AdaptiveDraftLength(AUTO_MAX_DRAFT) if opts.draft_length == "auto" and not self.tree
-                         else None)
+        self.adaptive = (engine.auto_draft_length(self.decoder.proposer)
+                         if opts.draft_length == "auto" and not self.tree and self.decoder.proposer else None)
         self.stats = Stats()
         self.requests = []
         seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
@@ -400,7 +407,9 @@ class _Generation:
             session.tokens[:] = prompt
             for m in self._models():
                 m.keep(req.seq, min(common, len(prompt) - 1))
-                m.prefill(req.seq, self.engine.prefill_chunk)
+            # The draft is fed by its proposer's catch-up when a round first drafts: under
+            # draft_length="auto" a draft that does not pay never reads the prompt at all.
+            self.decoder.target.prefill(req.seq, self.engine.prefill_chunk)
 
     def _models(self) -> list[Model]:
         return [self.decoder.target] + ([self.draft] if self.draft is not None else [])

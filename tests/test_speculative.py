@@ -496,3 +496,13 @@ def test_tree_options_are_validated(engines):
     engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=7, max_tokens=2)  # 255 nodes fit
     with pytest.raises(ValueError, match="3 trees of 255 nodes exceed the 512 tokens a forward may carry"):
         engine.generate(token_ids=[[5]] * 3, speculative="tree", tree_width=2, tree_depth=7)
+
+
+def test_auto_draft_length_carries_over_between_requests(engines, reference):
+    """auto's controller belongs to the engine: once a request has found the draft useless, the next
+    short request neither re-measures it nor probes it, and its output is still the target's."""
+    engine, batch = engines["random"], prompts(100)
+    engine.generate(token_ids=batch[:8], max_tokens=40, stop_at_eos=False, draft_length="auto")
+    out = engine.generate(token_ids=batch[0], max_tokens=10, stop_at_eos=False, draft_length="auto")
+    assert out.token_ids == reference[0][:10]
+    assert sum(out.stats["drafted_per_position"]) == 0, out.stats["drafted_per_position"]
