@@ -43,7 +43,9 @@ class AdaptiveDraftLength:
         for k in (0, 1):  # measure the plain step and one draft step before modelling anything
             if k not in self.verify_cost:
                 return k
-        best = max(range(limit + 1), key=self._tokens_per_second)
+        # tokens a round of k drafts yields on average: 1 + sum over j < k of P(first j+1 accepted)
+        expected = np.concatenate([[1.0], 1.0 + np.cumsum(np.cumprod(self.reach()))])
+        best = max(range(limit + 1), key=lambda k: expected[k] / self._round_cost(k))
         self.probing = False
         if best == 0:
             self.rounds_at_zero += 1
@@ -52,9 +54,8 @@ class AdaptiveDraftLength:
                 return 1
         return best
 
-    def _tokens_per_second(self, k: int) -> float:
-        expected = 1.0 + float(np.cumprod(self.reach()[:k]).sum())
-        return expected / (k * (self.step_cost or 0.0) + self._verify_cost(k))
+    def _round_cost(self, k: int) -> float:
+        return k * (self.step_cost or 0.0) + self._verify_cost(k)
 
     def reach(self) -> np.ndarray:
         """P(draft j+1 accepted | the first j were), for each position j."""
@@ -87,11 +88,10 @@ class AdaptiveDraftLength:
         if k == 0:
             return
         self.step_cost = _average(self.step_cost, r.draft_seconds / k)
-        drafted = np.array(r.drafted)
-        accepted = np.array(r.accepted)
-        tried = np.array([((drafted > j) & (accepted >= j)).sum() for j in range(self.max_k)])
-        self.hits = _DECAY * self.hits + [(accepted > j).sum() for j in range(self.max_k)]
-        self.tries = _DECAY * self.tries + tried
+        position = np.arange(self.max_k)
+        drafted, accepted = np.array(r.drafted)[:, None], np.array(r.accepted)[:, None]
+        self.hits = _DECAY * self.hits + (accepted > position).sum(axis=0)
+        self.tries = _DECAY * self.tries + ((drafted > position) & (accepted >= position)).sum(axis=0)
 
 
 def _average(old: float | None, new: float) -> float:
