@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .config import CompileError, ModelConfig
-from .quantization import FORMATS, Quantized, check_groups, concat_rows, pack, quantize
+from .quantization import FORMATS, Quantized, check_groups, concat_rows, pack, quantize, tile_rows
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
             formats[name] = weight.format
             out.update({f"{name}.{part}": a for part, a in pack(weight, tile).items()})
         else:
-            out[f"{name}.weight"] = (_pack(weight.T, tile) if tile is not None else weight.T).astype(dtype)
+            out[f"{name}.weight"] = (tile_rows(weight, tile) if tile is not None else weight.T).astype(dtype)
     return {name: np.ascontiguousarray(w) for name, w in out.items()}, formats
 
 
@@ -158,15 +158,6 @@ def _linear_weight(sources: list[str], ck: Checkpoint, quantization: str, get, n
         check_groups(weight.shape[1], quantization, name)
         return quantize(weight, quantization)
     return weight
-
-
-def _pack(weight: np.ndarray, tile: int) -> np.ndarray:
-    """[in, out] -> [ceil(out / tile), in, tile], zero-padded."""
-    k, n = weight.shape
-    tiles = -(-n // tile)
-    padded = np.zeros((k, tiles * tile), weight.dtype)
-    padded[:, :n] = weight
-    return padded.reshape(k, tiles, tile).transpose(1, 0, 2)
 
 
 def _getter(tensors: Mapping[str, np.ndarray]):

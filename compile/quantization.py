@@ -130,16 +130,19 @@ def pack(q: Quantized, tile: int) -> dict[str, np.ndarray]:
     """[out, in] codes and groups -> packed_shapes' arrays, output features padded to whole tiles with
     zero codes, scales and mins (padding columns compute to 0 and are sliced off)."""
     out, k = q.shape
-    tiles = -(-out // tile)
-
-    def tiled(a: np.ndarray) -> np.ndarray:  # [out, n] -> [tiles, n, tile]
-        padded = np.zeros((tiles * tile, a.shape[1]), a.dtype)
-        padded[:out] = a
-        return np.ascontiguousarray(padded.reshape(tiles, tile, -1).transpose(0, 2, 1))
-
     groups = [q.scale] if q.min is None else [q.scale, q.min]
-    scales = np.ascontiguousarray(np.stack([tiled(g) for g in groups], axis=2))
+    scales = np.ascontiguousarray(np.stack([tile_rows(g, tile) for g in groups], axis=2))
     if q.bits == 4:
         nibbles = q.codes.astype(np.uint32).reshape(out, k // 8, 8) << (4 * np.arange(8, dtype=np.uint32))
-        return {"weight": tiled(np.bitwise_or.reduce(nibbles, axis=2)), "scales": scales}
-    return {"weight": tiled(q.codes), "scales": scales}
+        return {"weight": tile_rows(np.bitwise_or.reduce(nibbles, axis=2), tile), "scales": scales}
+    return {"weight": tile_rows(q.codes, tile), "scales": scales}
+
+
+def tile_rows(a: np.ndarray, tile: int) -> np.ndarray:
+    """[out, n] -> [ceil(out / tile), n, tile], the rows (output features) zero-padded to whole tiles:
+    the CPU layout of model.Linear, for float weights and for codes, scales and mins alike."""
+    out = a.shape[0]
+    tiles = -(-out // tile)
+    padded = np.zeros((tiles * tile, a.shape[1]), a.dtype)
+    padded[:out] = a
+    return np.ascontiguousarray(padded.reshape(tiles, tile, -1).transpose(0, 2, 1))
