@@ -8,7 +8,6 @@ leaves nothing half-written behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -21,15 +20,15 @@ import numpy as np
 import tvm
 from safetensors.numpy import save_file
 
-from ..runtime.engine import CONFIG_FILE
+from ..interface.artifact import ArtifactConfig, BuildOptions, ModelEntry, with_files, write_config
+from . import kernels, workarounds
 from .checkpoint import QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .model import CausalLM, WeightLayout
-from .pipeline import pipeline_for, tir_pipeline_for, weight_tile
-from .targets import model_target, resolve_target
+from .pipeline import pipeline_for, tir_pipeline_for
+from .streaming_matmul import weight_tile
+from .targets import model_target, required_cpu_features, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
-
-FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -51,6 +50,7 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
                      options: CompileOptions | None = None, log: Callable[[str], None] = print) -> Path:
     opts = options or CompileOptions()
     _check_options(opts)
+    workarounds.register()
     tvm_target = resolve_target(opts.device, opts.cuda_arch, opts.cpu_target)
     log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
     checkpoints = {"target": load_checkpoint(target)}
@@ -66,8 +66,8 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
         models = {role: _build_model(role, checkpoints[role], configs[role], vocab, tvm_target, opts, staging, log)
                   for role in checkpoints}
         log(f"write: {out}")
-        _write_config(staging, checkpoints["target"], configs, models, tvm_target, opts, draft is not None)
         (staging / "tokenizer.json").write_text(checkpoints["target"].tokenizer_json)
+        _write_config(staging, checkpoints["target"], configs, models, tvm_target, opts)
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -114,7 +114,7 @@ def _replace(staging: Path, out: Path) -> None:
 
 
 def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
-                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> dict:
+                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> ModelEntry:
     tile = weight_tile(model_target(target))
     quantization = _quantization(role, opts, tile, target)
     log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) "
@@ -139,18 +139,18 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     executable.export_library(str(staging / library))
     build_seconds = time.perf_counter() - start
     save_file(params, str(staging / f"{role}.safetensors"))
-    return {
-        "library": library,
-        "params": f"{role}.safetensors",
-        "param_names": param_names,
-        "config": cfg.to_json(),
-        "output_vocab_size": output_vocab_size,
-        "quantization": formats,
-        "verify_row_blocks": model.verify_row_blocks,
-        "source": ck.source,
-        "build_seconds": round(build_seconds, 1),
-        "param_bytes": int(sum(p.nbytes for p in params.values())),
-    }
+    return ModelEntry(
+        library=library,
+        params=f"{role}.safetensors",
+        param_names=tuple(param_names),
+        config=cfg.to_json(),
+        output_vocab_size=output_vocab_size,
+        quantization=dict(formats),
+        verify_row_blocks=tuple(model.verify_row_blocks),
+        source=str(ck.source),
+        build_seconds=round(build_seconds, 1),
+        param_bytes=int(sum(p.nbytes for p in params.values())),
+    )
 
 
 def _quantization(role: str, opts: CompileOptions, tile: int | None, target: tvm.target.Target) -> str:
@@ -177,24 +177,25 @@ def _check_shapes(params: dict[str, np.ndarray], named_params, role: str) -> Non
             raise CompileError(f"{role} weight {name}: shape {got}, model expects {want}; the checkpoint does not match its config.json")
 
 
-def _write_config(staging: Path, target_ck: Checkpoint, configs: dict, models: dict, target: tvm.target.Target,
-                  opts: CompileOptions, has_draft: bool) -> None:
-    config = {
-        "format": FORMAT_VERSION,
-        "device": opts.device,
-        "target": json.loads(json.dumps(_target_dict(target))),
-        "dtype": opts.dtype,
-        "vocab_size": configs["target"].vocab_size,
-        "shared_vocab_size": min(c.vocab_size for c in configs.values()),
-        "special_tokens": special_tokens(target_ck, configs["target"]),
-        "chat_template": target_ck.tokenizer_config.get("chat_template"),
-        "build": {"max_seq_len": opts.max_seq_len, "page_size": opts.page_size,
-                  "prefill_chunk_size": opts.prefill_chunk_size, "cuda_arch": opts.cuda_arch if opts.device == "cuda" else None},
-        "models": models,
-        "speculative": has_draft,
-        "versions": {"mlc_spec": _version(), "tvm": tvm.__version__, "python": platform.python_version()},
-    }
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+def _write_config(staging: Path, target_ck: Checkpoint, configs: dict, models: dict[str, ModelEntry],
+                  target: tvm.target.Target, opts: CompileOptions) -> None:
+    config = ArtifactConfig(
+        device=opts.device,
+        target=_target_dict(target),
+        dtype=opts.dtype,
+        vocab_size=configs["target"].vocab_size,
+        shared_vocab_size=min(c.vocab_size for c in configs.values()),
+        special_tokens=special_tokens(target_ck, configs["target"]),
+        chat_template=target_ck.tokenizer_config.get("chat_template"),
+        build=BuildOptions(opts.max_seq_len, opts.page_size, opts.prefill_chunk_size,
+                           opts.cuda_arch if opts.device == "cuda" else None),
+        models=models,
+        kernels=kernels.signatures(),
+        cpu_features=required_cpu_features(target),
+        files={},
+        versions={"mlc_spec": _version(), "tvm": tvm.__version__, "python": platform.python_version()},
+    )
+    write_config(staging, with_files(config, staging))
 
 
 def _target_dict(target: tvm.target.Target) -> dict:

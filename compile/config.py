@@ -69,10 +69,6 @@ class ModelConfig:
         except KeyError as err:
             raise CompileError(f"{where}: missing field {err.args[0]!r}; is this a {arch} config?") from None
 
-    @property
-    def group_size(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise CompileError(

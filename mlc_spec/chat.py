@@ -23,7 +23,9 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .runtime.engine import CONFIG_FILE, ArtifactError, Engine, GenerateOptions, Stats
+from .interface.artifact import ArtifactError, is_artifact
+from .runtime.engine import Engine, GenerateOptions, Stats
+from .runtime.speculative import SamplingParams
 from .runtime.library import tvm_device
 
 # Used when an artifact has no chat template: plain role-prefixed lines, the reply ending where the model
@@ -55,35 +57,38 @@ def add_parser(subparsers) -> None:
                                    "(default: SmolLM2-135M-Instruct with the shipped draft, compiled on first use)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, vulkan, metal, opencl or webgpu (default cpu)")
     p.add_argument("--no-draft", action="store_true", help="run the target alone")
-    p.add_argument("--draft-length", type=draft_length, default="auto",
+    p.add_argument("--draft-length", type=draft_length, default=Settings.draft_length,
                    help="tokens drafted per round, or auto: chosen from measured acceptance and costs (default auto)")
-    p.add_argument("--draft", dest="draft_shape", type=draft_shape, default="chain",
+    p.add_argument("--draft", dest="draft_shape", type=draft_shape, default=Settings.draft_shape,
                    help="chain: the draft proposes --draft-length tokens; tree: a token tree of --tree-width children "
                         "under every node of its first --tree-depth levels, verified in one forward (default chain)")
-    p.add_argument("--tree-width", type=int, default=2, help="children per tree node (default 2)")
-    p.add_argument("--tree-depth", type=int, default=4, help="levels of the tree below its root (default 4)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--tree-width", type=int, default=Settings.tree_width, help="children per tree node (default %(default)s)")
+    p.add_argument("--tree-depth", type=int, default=Settings.tree_depth,
+                   help="levels of the tree below its root (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 is greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus sampling mass (default %(default)s: off)")
+    p.add_argument("--top-k", type=int, default=Settings.top_k,
+                   help="sample among the k likeliest tokens (default %(default)s: off)")
     p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help="longest reply in tokens (default %(default)s)")
     p.add_argument("--system", help="system message of every conversation")
     p.set_defaults(run=run)
 
 
 @dataclasses.dataclass
 class Settings:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    """The chat's options: the API's defaults (GenerateOptions) but for longer replies and draft length auto."""
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    top_k: int = SamplingParams.top_k
     seed: int | None = None
     max_tokens: int = 512
     draft_length: int | str = "auto"
     draft: bool = True
     system: str | None = None
     draft_shape: str = "chain"
-    tree_width: int = 2
-    tree_depth: int = 4
+    tree_width: int = GenerateOptions.tree_width
+    tree_depth: int = GenerateOptions.tree_depth
 
     def options(self) -> dict:
         """Keyword arguments of Session.stream but `speculative` (see Chat); raises ValueError on a bad value."""
@@ -148,8 +153,8 @@ class ChatTemplate:
 
     @classmethod
     def of(cls, engine: Engine) -> "ChatTemplate":
-        special = engine.config["special_tokens"]
-        return cls(engine.chat_template, special.get("bos_token"), special.get("eos_token"))
+        special = engine.config.special_tokens
+        return cls(engine.chat_template, special.bos_token, special.eos_token)
 
     def render(self, messages: list[dict]) -> str:
         try:
@@ -358,7 +363,7 @@ def resolve_model(model: str | None, device: str, log: Callable[[str], None]) ->
 
         return default_artifact(device, log)
     path = Path(model)
-    if (path / CONFIG_FILE).is_file():
+    if is_artifact(path):
         return path
     if not path.exists():
         raise ArtifactError(f"{path}: no such file or folder; give an artifact folder (from mlc_spec compile), "

@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .kv_cache import CacheFullError
-from .library import ModelLibrary, tvm_device
+from ..interface.artifact import ArtifactError, read_artifact
+from .kv_cache import CacheFullError, pages_for
+from .library import ModelLibrary, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
 from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, Model, NGramDraft, RoundStats, SamplingParams,
                           Sequence, SpeculativeDecoder, tree_size)
 
-CONFIG_FILE = "mlc_spec_config.json"
 AUTO_MAX_DRAFT = 8
 MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
-
-
-class ArtifactError(ValueError):
-    """An artifact folder that cannot be loaded, reported as one line with the fix."""
 
 
 @dataclasses.dataclass
@@ -90,23 +85,28 @@ class Stats:
 
 class Engine:
     def __init__(self, artifact: str | Path, device: str = "cpu", *, max_batch_size: int = 8,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, check_hashes: bool = False):
+        """check_hashes: compare every file's sha256 with the artifact's record (sizes are always checked)."""
         self.folder = Path(artifact)
-        self.config = _read_config(self.folder)
-        if device != self.config["device"]:
-            raise ArtifactError(f"{self.folder} was compiled for {self.config['device']}, not {device}; "
+        self.config = read_artifact(self.folder, check_hashes)
+        if device != self.config.device:
+            raise ArtifactError(f"{self.folder} was compiled for {self.config.device}, not {device}; "
                                 f"recompile with --device {device}")
+        missing = missing_cpu_features(self.config.cpu_features)
+        if missing:
+            raise ArtifactError(f"{self.folder} was compiled for a CPU with {', '.join(missing)}, which this one "
+                                "lacks; recompile it on this machine")
         self.dev = tvm_device(device)
-        build = self.config["build"]
-        self.max_seq_len = max_seq_len or build["max_seq_len"]
-        self.page_size = build["page_size"]
-        self.prefill_chunk = build["prefill_chunk_size"]
+        build = self.config.build
+        self.max_seq_len = max_seq_len or build.max_seq_len
+        self.page_size = build.page_size
+        self.prefill_chunk = build.prefill_chunk_size
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.eos_ids = frozenset(self.config["special_tokens"]["eos_token_ids"])
-        self.chat_template = self.config.get("chat_template")
+        self.eos_ids = frozenset(self.config.special_tokens.eos_token_ids)
+        self.chat_template = self.config.chat_template
         self.target = self._load("target")
-        self.draft = self._load("draft") if "draft" in self.config["models"] else None
+        self.draft = self._load("draft") if self.config.has_draft else None
         self._seq_ids = itertools.count()
         self._auto: dict[str, AdaptiveDraftLength] = {}
 
@@ -117,9 +117,9 @@ class Engine:
         return self._auto.setdefault(type(proposer).__name__, AdaptiveDraftLength(AUTO_MAX_DRAFT))
 
     def _load(self, role: str) -> Model:
-        lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)
+        lib = ModelLibrary(self.folder, self.config.models[role], self.config.kernels, self.dev)
         # Slack per sequence for a verify forward's tokens beyond max_seq_len: room for a full token tree.
-        pages = -(-self.max_seq_len // self.page_size) + -(-MAX_TREE_NODES // self.page_size)
+        pages = pages_for(self.max_seq_len, self.page_size) + pages_for(MAX_TREE_NODES, self.page_size)
         kv = lib.create_kv_cache(max_batch_size=self.max_batch_size,
                                  max_total_seq_len=pages * self.page_size * self.max_batch_size,
                                  prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
@@ -207,19 +207,21 @@ class GenerateOptions:
     ngram_size: int = 3
     tree_width: int = 2
     tree_depth: int = 4
+    observer: Callable[[RoundStats], None] | None = None
 
     @classmethod
     def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: str | list[str] | None = None, speculative: bool | str = True,
              draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3, tree_width: int = 2,
-             tree_depth: int = 4) -> "GenerateOptions":
+             tree_depth: int = 4, observer: Callable[[RoundStats], None] | None = None) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
         "ngram", "tree" (the draft model proposes a token tree: tree_width children under every node of
         the first tree_depth levels, verified in one forward; draft_length does not apply), or False (the
         target alone). draft_length: k, or "auto" to choose k each round from measured acceptance and
         costs (runtime/adaptive.py). Sampled tokens depend on k and the tree's shape (the uniforms are
         drawn per round), so a seed reproduces a sampled output with a fixed k or shape; greedy output
-        never depends on them."""
+        never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
+        acceptances and committed tokens, and the round's timing)."""
         sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
         sampling.validate()
         if max_tokens < 1:
@@ -233,7 +235,7 @@ class GenerateOptions:
         _check_tree(tree_width, tree_depth)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return cls(int(max_tokens), sampling, seed, stops, speculative, draft_length, stop_at_eos, int(ngram_size),
-                   int(tree_width), int(tree_depth))
+                   int(tree_width), int(tree_depth), observer)
 
 
 def _check_tree(width, depth) -> None:
@@ -354,7 +356,7 @@ class _Generation:
         if self.tree and tree_size(opts.tree_width, opts.tree_depth) * len(sessions) > engine.prefill_chunk:
             raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
                              f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
-        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
+        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts), opts.observer)
         self.adaptive = (engine.auto_draft_length(self.decoder.proposer)
                          if opts.draft_length == "auto" and not self.tree and self.decoder.proposer else None)
         self.stats = Stats()
@@ -383,11 +385,11 @@ class _Generation:
             active = list(self.requests)
             while active:
                 k = self._draft_length(active)
-                new_tokens, rstats = self.decoder.round([r.seq for r in active], k)
+                rstats = self.decoder.round([r.seq for r in active], k)
                 self.stats.add_round(rstats)
                 if self.adaptive is not None:
                     self.adaptive.update(rstats)
-                for req, tokens in zip(active, new_tokens):
+                for req, tokens in zip(active, rstats.tokens):
                     delta, kept = req.accept(tokens, self.engine.max_seq_len)
                     self._truncate(req, len(tokens) - kept)
                     req.text += delta
@@ -478,9 +480,3 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]
 
-
-def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: not an mlc_spec artifact (no {CONFIG_FILE}); compile one with `mlc_spec compile`")
-    return json.loads(path.read_text())

@@ -15,6 +15,9 @@ import torch
 import tvm
 
 from mlc_spec.cli import main as cli
+from mlc_spec.compile import kernels
+from mlc_spec.consistency import forward_logits
+from mlc_spec.interface.artifact import read_artifact
 from mlc_spec.runtime.library import ModelLibrary
 
 SHAPES = {
@@ -43,16 +46,12 @@ def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
 
 def run_forwards(artifact: Path, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
     """prefill ids[:a], decode ids[a], verify ids[a+1:b] through the compiled library."""
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
-    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
-    kv.add_sequence(0)
-    a, b = split
-    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
-    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
-    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
-    assert kv.length(0) == b
-    return out
+    return forward_logits(artifact, "cpu", ids, split)
+
+
+def target_library(artifact: Path) -> ModelLibrary:
+    config = read_artifact(artifact)
+    return ModelLibrary(artifact, config.models["target"], config.kernels, tvm.cpu())
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -105,23 +104,22 @@ def test_artifact_layout_and_config(artifacts):
 
 
 def test_exported_functions(artifacts):
+    """The forwards, the cache constructor and every registry kernel, whose signatures the artifact records."""
     arch, opts = SHAPES["llama-gqa2-untied"]
     artifact = artifacts.compile("llama-gqa2-untied", artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts))
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
-    for name in ("embed", "prefill", "decode", "batch_decode", "verify", "create_paged_kv_cache", "sampling_probs",
-                 "sample_from_probs", "argmax", "verify_greedy", "verify_sampling", "tree_verify_greedy",
-                 "tree_verify_sampling"):
+    lib = target_library(artifact)
+    recorded = [k.name for k in read_artifact(artifact).kernels]
+    assert recorded == list(kernels.KERNEL_NAMES)
+    for name in ("prefill", "batch_decode", "verify", "create_paged_kv_cache", *recorded):
         assert lib.vm[name] is not None
 
 
 def test_decode_and_tree_verify_agree_with_chain(artifacts):
-    """The single-sequence decode function, and a token tree on CPU (upstream's swapped kernels fail here)."""
+    """Decode after a token tree on CPU (upstream's swapped kernels fail here)."""
     arch, opts = SHAPES["llama-gqa2-untied"]
     ckpt = artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
     artifact = artifacts.compile("llama-gqa2-untied", ckpt)
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    lib = target_library(artifact)
     kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
     prompt = list(range(5, 25))
     kv.add_sequence(0)
@@ -135,8 +133,7 @@ def test_decode_and_tree_verify_agree_with_chain(artifacts):
     np.testing.assert_allclose(logits[2], ref_ac[-1], atol=1e-4)
     kv.commit_tree([0], [3])  # keep a, b, d
     assert kv.length(0) == len(prompt) + 3
-    with kv.forward([0], [1]):
-        decoded, _ = lib.vm["decode"](lib.ids([44]), kv.handle, lib.params)
+    decoded = lib.forward_last(kv, [0], [[44]])
     np.testing.assert_allclose(decoded.numpy()[0], hf_logits(ckpt, prompt + [40, 41, 43, 44])[-1], atol=1e-4)
 
 
