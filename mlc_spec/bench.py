@@ -63,6 +63,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .runtime.engine import Engine
 
+    _check_options(args)
     artifact = Path(args.artifact) if args.artifact else _default_artifact()
     engine = Engine(artifact, device=args.device)
     prompts = _prompts(engine, args.prompts, args.workload)
@@ -84,6 +85,13 @@ def run(args) -> int:
     return 0
 
 
+def _check_options(args) -> None:
+    """The API's own checks, before minutes of measuring rather than after."""
+    for k in args.draft_length:
+        GenerateOptions.make(max_tokens=args.max_tokens, draft_length=k)
+    GenerateOptions.make(tree_width=args.tree_width, tree_depth=1)
+
+
 def _default_artifact() -> Path:
     from .default_model import default_artifact
 
@@ -94,11 +102,14 @@ def _prompts(engine, path: str | None, workload: str = "chat") -> list[list[int]
     """Each prompt as a user turn in the model's chat template (as chat sends it), raw without one."""
     from .chat import ChatTemplate
 
-    texts = Path(path).read_text().splitlines() if path else WORKLOADS[workload]
+    texts = [t for t in (Path(path).read_text(errors="replace").splitlines() if path else WORKLOADS[workload])
+             if t.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no prompts; write one per line, or leave out --prompts for the built-in ones")
     template = ChatTemplate.of(engine)
     if template.is_fallback:
-        return [engine.encode(t) for t in texts if t.strip()]
-    return [template.encode(engine, [{"role": "user", "content": t}]) for t in texts if t.strip()]
+        return [engine.encode(t) for t in texts]
+    return [template.encode(engine, [{"role": "user", "content": t}]) for t in texts]
 
 
 # -- measurements ---------------------------------------------------------------------------------------------

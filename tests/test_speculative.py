@@ -488,8 +488,11 @@ def test_sampled_tree_with_top_k_one_is_the_greedy_output(engines, reference):
 
 def test_tree_options_are_validated(engines):
     engine = engines["partial"]
-    for bad in (dict(tree_width=0), dict(tree_depth=0), dict(tree_width=2.5), dict(tree_width=1, tree_depth=33)):
-        with pytest.raises(ValueError, match="tree_width must be an integer >= 1 and tree_depth one between 1 and 32"):
+    for bad, message in ((dict(tree_width=0), "tree_width must be >= 1"),
+                         (dict(tree_depth=0), "tree_depth must be between 1 and 32"),
+                         (dict(tree_width=2.5), "tree_width must be an integer"),
+                         (dict(tree_width=1, tree_depth=33), "tree_depth must be between 1 and 32")):
+        with pytest.raises(ValueError, match=message):
             engine.generate(token_ids=[5], speculative="tree", **bad)
     with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
         engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)
