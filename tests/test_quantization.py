@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlc_spec.compile.quantization import FORMATS, from_gguf_blocks, pack, quantize
+from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
 from test_compile import assert_empty, compile_error, run_forwards
 
 TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
@@ -50,7 +50,7 @@ def test_requantizing_dequantized_blocks_is_lossless(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_packed_layout_holds_every_code(fmt):
-    """pack's [tiles, in(/8), T] arrays, read back the way model.Linear reads them, give w[out, in]."""
+    """pack's arrays, read back the way model.Linear reads them, give w[out, in]."""
     w, tile = weights(rows=70, cols=64), 16
     q = quantize(w, fmt)
     p = pack(q, tile)
@@ -59,9 +59,9 @@ def test_packed_layout_holds_every_code(fmt):
     cols = np.arange(k)
     if q.bits == 4:
         words = p["weight"][j[:, None], cols[None] // 8, t[:, None]]
-        codes = (words >> (4 * (cols[None] % 8)).astype(np.uint32)) & 15
+        codes = (words >> code_offset(4, cols[None]).astype(np.uint32)) & 15
     else:
-        codes = p["weight"][j[:, None], cols[None], t[:, None]]
+        codes = p["weight"][j[:, None], cols[None] // 4, t[:, None], cols[None] % 4]
     groups = p["scales"][j[:, None], cols[None] // 32, :, t[:, None]].astype(np.float32)
     got = codes.astype(np.float32) * groups[..., 0]
     if q.bits == 4:
