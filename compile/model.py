@@ -19,7 +19,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from . import kernels
 from .config import ModelConfig
-from .quantization import BITS, GROUP, packed_shapes
+from .quantization import BITS, CODE_TILE, GROUP, packed_shapes
 from .integer_matmul import IntegerDot, activation_scale_count, integer_dot, integer_matmul, quantize_activations
 from .quantized_matmul import code_at, quantized_matmul
 
@@ -48,8 +48,9 @@ class Linear(nn.Module):
     so each parallel task streams one contiguous block of the weight (measured here: 2.7x the
     bandwidth of the [in, out] layout on the 113 MB output head). Padding columns are zero and sliced off.
 
-    A quantization format (quantization.py; CPU layout only) stores codes in that layout plus float16
-    scales (and mins) per group of 32 inputs: decode reads the quantized bytes and nothing else. With an
+    A quantization format (quantization.py; CPU layout only) stores codes in that layout, with tiles of
+    CODE_TILE, plus float16 scales (and mins) per group of 32 inputs: decode reads the quantized bytes
+    and nothing else. With an
     integer dot product (integer_matmul.py), the input is quantized to int8 blocks and multiplied in
     integers, as llama.cpp does; without one, codes are converted to float inside the matmul
     (quantized_matmul.py), which computes the float model with the dequantized weights.
@@ -57,14 +58,15 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tile: int | None = None,
                  quantization: str | None = None, dot: IntegerDot | None = None):
-        self.in_features, self.out_features, self.tile = in_features, out_features, tile
+        self.in_features, self.out_features = in_features, out_features
+        self.tile = CODE_TILE if quantization is not None else tile
         self.quantization, self.dot = quantization, dot
         if quantization is None:
             shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
             self.weight = nn.Parameter(shape)
             self.scales = None
         else:
-            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, tile), tile)
+            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, self.tile), self.tile)
             self.weight, self.scales = (nn.Parameter(*shapes[name]) for name in ("weight", "scales"))
         self.bias = nn.Parameter((out_features,)) if bias else None
 

@@ -120,6 +120,10 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
 # -- the CPU layout (model.Linear) ------------------------------------------------------------------
 # Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output.
 INPUTS_PER_WORD = {4: 8, 8: 4}
+# Output features per tile of packed codes, whatever the float weights' tile: a word of a tile's 4-bit
+# codes is one 64-byte cache line, so each tile streams from memory in order (measured on AVX2 against
+# tiles of 64: 25% less time for a 1-row matmul over 18 MB of codes).
+CODE_TILE = 16
 
 
 def packed_shapes(bits: int, in_features: int, tiles: int, tile: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -139,7 +143,7 @@ def code_offset(bits: int, k: int):
     return 8 * (k % 4) + (4 * (k % 8 // 4) if bits == 4 else 0)
 
 
-def pack(q: Quantized, tile: int) -> dict[str, np.ndarray]:
+def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
     """[out, in] codes and groups -> packed_shapes' arrays, output features padded to whole tiles with
     zero codes, scales and mins (padding columns compute to 0 and are sliced off)."""
     out, k = q.shape
