@@ -12,14 +12,15 @@ where isum = sum(w code * x code) is exact in int32 (vpdpbusd, or pmaddubsw + pm
 accumulates its groups in order with fused multiply-adds, the same instructions whatever the number
 of rows, so an output is bit-identical whether its row is computed alone or in a block of rows.
 
-Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows, chunks of one vector of
-outputs, then groups; a group's weight codes are unpacked once into registers and serve every row of
-the block, whose accumulators stay in registers.
+Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows (then the n % row_block
+rows left as one smaller block), vectors of outputs, then groups; a group's weight codes are unpacked
+once into registers and serve every row of the block, whose accumulators stay in registers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import tvm
 from tvm import s_tir, te, tirx
@@ -152,7 +153,7 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
                    dot: IntegerDot) -> tirx.PrimFunc:
     """y[n, out] from quantize_activations' codes and scales and a packed weight, as a scheduled
     PrimFunc (x codes, x scales, weight, scales, y)."""
-    bits, groups, lanes, r = BITS[fmt], in_features // GROUP, dot.lanes, row_block
+    bits, groups, r = BITS[fmt], in_features // GROUP, row_block
     tiles = -(-out_features // tile)
     shapes = packed_shapes(bits, in_features, tiles, tile)
     n = tirx.Var("n", "int64")
@@ -164,25 +165,37 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
             weight = T.arg("weight", T.Buffer(*shapes["weight"]))
             scales = T.arg("scales", T.Buffer(*shapes["scales"]))
             y = T.arg("y", T.Buffer((n, out_features), dtype))
-            with T.parallel(0, tiles) as j, T.serial(0, (n + r - 1) // r) as b, T.serial(0, tile // lanes) as c:
-                rows = [tirx.min(b * r + i, n - 1) for i in range(r)]  # a partial block repeats its last row
-                acc = T.alloc_buffer((r, lanes), "float32", scope="local")
-                for i in range(r):
-                    T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), lanes), [i, tirx.Ramp(0, 1, lanes)])
-                with T.serial(0, groups) as g:
-                    unsigned, signs = _unpack(dot, bits, weight, j, g, c * lanes)
-                    w_scale = T.Bind(_lanes_f32(scales, j, g, 0, c * lanes, lanes))
-                    w_min = T.Bind(_lanes_f32(scales, j, g, 1, c * lanes, lanes)) if fmt == "q4_1" else None
-                    for i, row in enumerate(rows):
-                        x_words = [_x_word(dot, xq, row, g * GROUP + 4 * m) for m in range(WORDS_PER_GROUP)]
-                        signed = x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
-                        isum = dot.dot(unsigned, signed, pairs_fit_int16=bits == 4)
-                        old = acc.vload([i, 0], f"float32x{lanes}")
-                        T.buffer_store(acc, _accumulate(fmt, old, isum, w_scale, w_min, xs, row, g, lanes),
-                                       [i, tirx.Ramp(0, 1, lanes)])
-                for i, row in enumerate(rows):
-                    _store(y, acc, i, row, j * tile + c * lanes, lanes, out_features, tile)
+            with T.parallel(0, tiles) as j:
+                rows_pass = functools.partial(_rows_pass, fmt, dot, xq, xs, weight, scales, y, j, tile)
+                with T.serial(0, n // r) as b:
+                    rows_pass([b * r + i for i in range(r)])
+                for tail in range(1, r):  # the last n % r rows as a block of their own, not a padded one
+                    with T.If(n % r == tail), T.Then():
+                        rows_pass([n - tail + i for i in range(tail)])
     return builder.get()
+
+
+def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, scales, y, j, tile: int, rows: list) -> None:
+    """These rows' outputs of tile j: per vector of outputs, a pass over the groups with one
+    accumulator per row in registers and each group's codes unpacked once for all rows."""
+    bits, lanes = BITS[fmt], dot.lanes
+    with T.serial(0, tile // lanes) as c:
+        acc = T.alloc_buffer((len(rows), lanes), "float32", scope="local")
+        for i in range(len(rows)):
+            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), lanes), [i, tirx.Ramp(0, 1, lanes)])
+        with T.serial(0, xs.shape[1]) as g:
+            unsigned, signs = _unpack(dot, bits, weight, j, g, c * lanes)
+            w_scale = T.Bind(_lanes_f32(scales, j, g, 0, c * lanes, lanes))
+            w_min = T.Bind(_lanes_f32(scales, j, g, 1, c * lanes, lanes)) if fmt == "q4_1" else None
+            for i, row in enumerate(rows):
+                x_words = [_x_word(dot, xq, row, g * GROUP + 4 * m) for m in range(WORDS_PER_GROUP)]
+                signed = x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
+                isum = dot.dot(unsigned, signed, pairs_fit_int16=bits == 4)
+                old = acc.vload([i, 0], f"float32x{lanes}")
+                T.buffer_store(acc, _accumulate(fmt, old, isum, w_scale, w_min, xs, row, g, lanes),
+                               [i, tirx.Ramp(0, 1, lanes)])
+        for i, row in enumerate(rows):
+            _store(y, acc, i, row, j * tile + c * lanes, lanes, int(y.shape[1]), tile)
 
 
 def _unpack(dot: IntegerDot, bits: int, weight, j, g, lane0):
