@@ -143,7 +143,7 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
             weight = weight.map_rows(lambda a: a[:output_vocab_size]) if isinstance(weight, Quantized) else weight[:output_vocab_size]
         if isinstance(weight, Quantized):
             formats[name] = weight.format
-            out.update({f"{name}.{part}": a for part, a in pack(weight, tile).items()})
+            out.update({f"{name}.{part}": a for part, a in pack(weight).items()})
         else:
             out[f"{name}.weight"] = (tile_rows(weight, tile) if tile is not None else weight.T).astype(dtype)
     return {name: np.ascontiguousarray(w) for name, w in out.items()}, formats

@@ -21,7 +21,8 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from ..interface.artifact import VOCAB, KernelSignature, TensorSpec
 from . import kernels, workarounds
 from .config import ModelConfig
-from .quantization import BITS, GROUP, packed_shapes, packed_tiles
+from .integer_matmul import IntegerDot, activation_scale_count, integer_dot, integer_matmul, quantize_activations
+from .quantization import BITS, CODE_TILE, GROUP, packed_shapes, packed_tiles
 from .quantized_matmul import code_at, quantized_matmul
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
@@ -45,21 +46,25 @@ class Linear(nn.Module):
     so each parallel task streams one contiguous block of the weight (measured here: 2.7x the
     bandwidth of the [in, out] layout on the 113 MB output head). Padding columns are zero and sliced off.
 
-    A quantization format (quantization.py; CPU layout only) stores codes in that layout plus float16
-    scales (and mins) per group of 32 inputs, dequantized inside the matmul: decode reads the
-    quantized bytes and nothing else.
+    A quantization format (quantization.py; CPU layout only) stores codes in that layout, with tiles of
+    CODE_TILE, plus float16 scales (and mins) per group of 32 inputs: decode reads the quantized bytes
+    and nothing else. With an
+    integer dot product (integer_matmul.py), the input is quantized to int8 blocks and multiplied in
+    integers, as llama.cpp does; without one, codes are converted to float inside the matmul
+    (quantized_matmul.py), which computes the float model with the dequantized weights.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tile: int | None = None,
-                 quantization: str | None = None):
-        self.in_features, self.out_features, self.tile = in_features, out_features, tile
-        self.quantization = quantization
+                 quantization: str | None = None, dot: IntegerDot | None = None):
+        self.in_features, self.out_features = in_features, out_features
+        self.tile = CODE_TILE if quantization is not None else tile
+        self.quantization, self.dot = quantization, dot
         if quantization is None:
             shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
             self.weight = nn.Parameter(shape)
             self.scales = None
         else:
-            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, tile), tile)
+            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, self.tile), self.tile)
             self.weight, self.scales = (nn.Parameter(*shapes[name]) for name in ("weight", "scales"))
         self.bias = nn.Parameter((out_features,)) if bias else None
 
@@ -116,11 +121,24 @@ class Linear(nn.Module):
     def _quantized_matmul(self, x: Tensor, row_block: int) -> Tensor:
         *lead, k_dim = x.shape
         flat = op.reshape(x, (-1, k_dim))
-        kernel = quantized_matmul(BITS[self.quantization], self.in_features, self.out_features, self.tile,
-                                  row_block, x.dtype)
-        y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.scales],
-                            Tensor.placeholder((flat.shape[0], self.out_features), x.dtype))
+        out = Tensor.placeholder((flat.shape[0], self.out_features), x.dtype)
+        if self.dot is None:
+            kernel = quantized_matmul(BITS[self.quantization], self.in_features, self.out_features, self.tile,
+                                      row_block, x.dtype)
+            y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.scales], out)
+        else:
+            kernel = integer_matmul(self.quantization, self.in_features, self.out_features, self.tile, row_block,
+                                    x.dtype, self.dot)
+            y = op.tensor_ir_op(kernel, "integer_matmul", [*self._quantized_input(flat), self.weight, self.scales], out)
         return op.reshape(y, (*lead, self.out_features))
+
+    def _quantized_input(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """The input's int8 codes and per-block scales, made once and read by every tile of the matmul."""
+        fmt, rows, groups = self.quantization, flat.shape[0], self.in_features // GROUP
+        outs = [Tensor.placeholder((rows, self.in_features), "int8"),
+                Tensor.placeholder((rows, groups, activation_scale_count(fmt)), "float32")]
+        return tuple(op.tensor_ir_op(quantize_activations(fmt, self.in_features, flat.dtype), "quantize_activations",
+                                     [flat], outs))
 
     def take_columns(self, ids: Tensor, dtype: str) -> Tensor:
         """Rows of W^T for these ids: the embedding of a model whose embedding is tied to this head."""
@@ -142,9 +160,10 @@ class WeightLayout:
     (e.g. "lm_head"), the quantization format of those that are quantized."""
     tile: int | None = None
     formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    dot: IntegerDot | None = None  # the CPU's integer dot product for quantized Linears (CausalLM sets it)
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
-        return Linear(in_features, out_features, bias, self.tile, self.formats.get(name))
+        return Linear(in_features, out_features, bias, self.tile, self.formats.get(name), self.dot)
 
 
 class Attention(nn.Module):
@@ -210,7 +229,7 @@ class CausalLM(nn.Module):
         self.c = c
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
-        layout = layout or WeightLayout()
+        layout = dataclasses.replace(layout or WeightLayout(), dot=integer_dot(target))
         self.quantized = bool(layout.formats)
         self.model = Decoder(c, layout)
         self.lm_head = layout.linear("lm_head", c.hidden_size, min(c.vocab_size, self.output_vocab_size))

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .quantization import GROUP, packed_shapes, packed_tiles
+from .quantization import GROUP, INPUTS_PER_WORD, code_offset, packed_shapes, packed_tiles
 
 
 def code_at(weight: te.Tensor, bits: int, j, k, t):
     """The integer code of input k, output lane t of tile j (quantization.packed_shapes' layout)."""
     if bits == 8:
-        return weight[j, k, t]
-    shift = ((k % 8) * 4).astype("uint32")
-    return tirx.bitwise_and(tirx.shift_right(weight[j, k // 8, t], shift), tirx.const(15, "uint32"))
+        return weight[j, k // INPUTS_PER_WORD[8], t, k % 4]
+    shift = code_offset(4, k).astype("uint32")
+    return tirx.bitwise_and(tirx.shift_right(weight[j, k // INPUTS_PER_WORD[4], t], shift), tirx.const(15, "uint32"))
 
 
 def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, row_block: int,

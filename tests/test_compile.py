@@ -272,19 +272,21 @@ def test_artifact_runs_on_runtime_only_tvm(artifacts, good_checkpoint, runtime_o
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
     """A tiny GGUF (written with gguf's writer) compiles with its blocks kept as they are; logits equal
-    transformers' on the dequantized weights."""
+    transformers' on the dequantized weights on the float path (a generic CPU target: this CPU's
+    integer path quantizes activations, tests/test_quantization.py)."""
     import gguf
     from test_gguf_reader import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
     from transformers import LlamaForCausalLM
 
-    from mlc_spec.compile.build import compile_artifact
+    from mlc_spec.compile.build import CompileOptions, compile_artifact
     from mlc_spec.compile.gguf_reader import read_gguf
 
     tokenizer = train_byte_level_tokenizer("gpt-2")
     config, _, tensors = tiny_llama(tokenizer.get_vocab_size(with_added_tokens=True))
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_gguf(path, "llama", config, tensors, byte_level_vocab(tokenizer, "gpt-2"), qtype=gguf.GGMLQuantizationType[qtype])
-    artifact = compile_artifact(path, output=tmp_path / "out", log=lambda _m: None)
+    artifact = compile_artifact(path, output=tmp_path / "out", options=CompileOptions(cpu_target={"kind": "llvm"}),
+                                log=lambda _m: None)
     model = LlamaForCausalLM(config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in read_gguf(path).tensors.items()}, strict=False)
     ids = list(range(3, 33))

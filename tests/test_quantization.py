@@ -1,5 +1,6 @@
-"""Group-quantized weights: the same blocks as llama.cpp, exact dequantization in the compiled matmul,
-and greedy speculative output equal to the same quantized target alone."""
+"""Group-quantized weights: the same blocks as llama.cpp; compiled, llama.cpp's integer numerics on this
+CPU (the same logits for a token in any forward) and the dequantized float model on a generic one; and
+greedy speculative output equal to the same quantized target alone."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import tvm
 from safetensors.torch import load_file, save_file
 
-from mlc_spec.compile.quantization import FORMATS, from_gguf_blocks, pack, quantize
+from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
+from mlc_spec.runtime.library import ModelLibrary
 from test_compile import assert_empty, compile_error, run_forwards
 
 TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
@@ -50,7 +53,7 @@ def test_requantizing_dequantized_blocks_is_lossless(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_packed_layout_holds_every_code(fmt):
-    """pack's [tiles, in(/8), T] arrays, read back the way model.Linear reads them, give w[out, in]."""
+    """pack's arrays, read back the way model.Linear reads them, give w[out, in]."""
     w, tile = weights(rows=70, cols=64), 16
     q = quantize(w, fmt)
     p = pack(q, tile)
@@ -59,9 +62,9 @@ def test_packed_layout_holds_every_code(fmt):
     cols = np.arange(k)
     if q.bits == 4:
         words = p["weight"][j[:, None], cols[None] // 8, t[:, None]]
-        codes = (words >> (4 * (cols[None] % 8)).astype(np.uint32)) & 15
+        codes = (words >> code_offset(4, cols[None]).astype(np.uint32)) & 15
     else:
-        codes = p["weight"][j[:, None], cols[None], t[:, None]]
+        codes = p["weight"][j[:, None], cols[None] // 4, t[:, None], cols[None] % 4]
     groups = p["scales"][j[:, None], cols[None] // 32, :, t[:, None]].astype(np.float32)
     got = codes.astype(np.float32) * groups[..., 0]
     if q.bits == 4:
@@ -82,15 +85,25 @@ def dequantized_copy(src, dst, fmt):
     return dst
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tmp_path, fmt):
-    """The quantized matmul computes the float model on the dequantized weights (summed per group,
-    scale * sum(x * code) + min * sum(x), so only float32 rounding differs), for prefill, decode and
-    verify, and the tied head's embedding rows are the dequantized ones."""
+GENERIC_CPU = {"kind": "llvm"}  # no integer dot product: the float path
+
+
+def quantized_pair(artifacts, tmp_path, fmt, **options):
+    """A tiny tied model compiled with fmt, and the float model on its dequantized weights."""
     ckpt = artifacts.checkpoint("quant-tied", vocab_size=320, tie_word_embeddings=True)
-    quantized = artifacts.compile(f"quant-{fmt}", ckpt, quantization=fmt)
+    name = f"quant-{fmt}" + ("-float-path" if options else "")
+    quantized = artifacts.compile(name, ckpt, quantization=fmt, **options)
     reference = artifacts.compile(f"quant-{fmt}-reference", dequantized_copy(ckpt, tmp_path / "deq", fmt),
                                   quantization="none")
+    return quantized, reference
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float_path_equals_float_model_on_dequantized_weights(artifacts, tmp_path, fmt):
+    """Without an integer dot product, the quantized matmul computes the float model on the dequantized
+    weights (summed per group, scale * sum(x * code) + min * sum(x), so only float32 rounding differs),
+    for prefill, decode and verify, and the tied head's embedding rows are the dequantized ones."""
+    quantized, reference = quantized_pair(artifacts, tmp_path, fmt, cpu_target=GENERIC_CPU)
     ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
     config = json.loads((quantized / "mlc_spec_config.json").read_text())["models"]["target"]
     assert config["verify_row_blocks"] == [2, 3, 4]
@@ -102,6 +115,46 @@ def test_quantized_model_equals_float_model_on_dequantized_weights(artifacts, tm
     assert set(config["quantization"].values()) == {fmt} and "lm_head" in config["quantization"]
     reference_bytes = json.loads((reference / "mlc_spec_config.json").read_text())["models"]["target"]["param_bytes"]
     assert config["param_bytes"] < reference_bytes / (3 if fmt == "q8_0" else 5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_integer_path_is_the_float_model_up_to_8_bit_activations(artifacts, tmp_path, fmt):
+    """On this CPU's target the matmuls multiply 8-bit activation blocks in integers (llama.cpp's
+    numerics): close to the float model on the dequantized weights, with the same next tokens."""
+    quantized, reference = quantized_pair(artifacts, tmp_path, fmt)
+    ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
+    got, want = run_forwards(quantized, ids, (30, 37)), run_forwards(reference, ids, (30, 37))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() < 0.05 * np.abs(want[name]).max(), name
+        assert (got[name].argmax(-1) == want[name].argmax(-1)).mean() >= 0.8, name
+
+
+def logits_of(artifact, ids: list[int], prefix: int, how: str) -> np.ndarray:
+    """Logits of ids[prefix:] after a prefill of ids[:prefix]: decoded one at a time, verified in one
+    forward, or each decoded in a batch beside another sequence."""
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
+    for seq, prompt in enumerate((ids[:prefix], ids[:prefix][::-1])):  # the other sequence has its own context
+        kv.add_sequence(seq)
+        lib.forward_last(kv, [seq], [prompt])
+    if how == "verify":
+        return lib.forward_all(kv, [0], [ids[prefix:]]).numpy()
+    seqs = [0] if how == "decode" else [0, 1]
+    return np.stack([lib.forward_last(kv, seqs, [[t]] * len(seqs)).numpy()[0] for t in ids[prefix:]])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_token_gets_the_same_logits_alone_in_a_verify_or_in_a_batch(artifacts, tmp_path, fmt):
+    """Integer sums are exact and each row sums its groups alike whatever the row block, so decode,
+    verify_2..verify_4, verify in blocks of 5 and batched decode give bit-identical logits."""
+    quantized, _ = quantized_pair(artifacts, tmp_path, fmt)
+    ids = np.random.default_rng(3).integers(0, 320, 40).tolist()
+    for verified in (2, 3, 4, 5, 7):
+        tokens = ids[:20 + verified]
+        alone = logits_of(quantized, tokens, 20, "decode")
+        np.testing.assert_array_equal(logits_of(quantized, tokens, 20, "verify"), alone, err_msg=f"verify {verified}")
+    np.testing.assert_array_equal(logits_of(quantized, ids, 20, "batch"), logits_of(quantized, ids, 20, "decode"))
 
 
 def test_quantized_speculation_equals_quantized_target(artifacts, good_checkpoint):

@@ -1,0 +1,250 @@
+"""The CPU matmul over quantized weights with integer dot products: llama.cpp's numerics on x86.
+
+Each linear quantizes its input once (quantize_activations): per row and block of 32 inputs, int8
+codes round(x * 127 / amax), halves to even, and the scale d_x = amax / 127 rounded to float16, as
+ggml's x86 Q8_0 and Q8_1 quantizers do. A group of 32 inputs then adds to each output
+
+    q8_0: (d_w * d_x) * isum
+    q4_0: (d_w * d_x) * (isum - 8 * sum(x codes))
+    q4_1: (d_w * d_x) * isum + m_w * s_x,    s_x = float16(amax / 127 * sum(x codes)) (Q8_1's sum)
+
+where isum = sum(w code * x code) is exact in int32 (vpdpbusd, or pmaddubsw + pmaddwd). Each row
+accumulates its groups in order with fused multiply-adds, the same instructions whatever the number
+of rows, so an output is bit-identical whether its row is computed alone or in a block of rows.
+
+Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows (then the n % row_block
+rows left as one smaller block), vectors of outputs, then groups; a group's weight codes are unpacked
+once into registers and serve every row of the block, whose accumulators stay in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import tvm
+from tvm import s_tir, te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.target import codegen
+from tvm.tirx.op import fma
+from tvm.tirx.script import builder as T
+
+from .quantization import BITS, GROUP, INPUTS_PER_WORD, packed_shapes, packed_tiles
+
+WORDS_PER_GROUP = GROUP // 4  # a dot product's byte operands cover four inputs per 32-bit lane
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerDot:
+    """An x86 integer dot product: lanes int32 outputs per vector, from bytes u8 x s8."""
+    name: str
+    lanes: int
+    features: tuple[str, ...]
+
+    @property
+    def byte_type(self) -> str:
+        return f"int8x{4 * self.lanes}"
+
+    @property
+    def int_type(self) -> str:
+        return f"int32x{self.lanes}"
+
+    def dot(self, unsigned: list, signed: list, pairs_fit_int16: bool):
+        """sum_m unsigned[m] . signed[m] per 32-bit lane, as int32. pairs_fit_int16: the 16-bit sums of
+        adjacent products over all m cannot overflow (4-bit codes times int8: 16 * 15 * 128 < 2^15)."""
+        if self.name == "avx2":
+            products = [_pmaddubsw(u, s) for u, s in zip(unsigned, signed)]
+            if pairs_fit_int16:
+                return _pmaddwd_ones(_sum(products))
+            return _sum([_pmaddwd_ones(p) for p in products])
+        acc = tirx.Broadcast(tirx.const(0, "int32"), self.lanes)
+        for u, s in zip(unsigned, signed):
+            acc = tirx.call_llvm_pure_intrin(self.int_type, f"llvm.x86.avx512.vpdpbusd.{32 * self.lanes}", acc, u, s)
+        return acc
+
+    def sign_by(self, x, w):
+        """x with the sign of w applied (0 where w is 0), bytewise: signed(x) . |w| = x . w."""
+        if self.lanes == 8:  # psignb: AVX2, and so on every AVX-VNNI CPU
+            return tirx.call_llvm_pure_intrin(self.byte_type, "llvm.x86.avx2.psign.b", x, w)
+        zero = tirx.Broadcast(tirx.const(0, "int8"), 4 * self.lanes)
+        return tirx.Select(w < zero, zero - x, x)
+
+
+# Fastest first; the first one a target has is used. AVX-VNNI's vpdpbusd is the 256-bit form of
+# AVX512-VNNI's intrinsic, encoded with VEX when the CPU has no AVX-512.
+INTEGER_DOTS = (
+    IntegerDot("avx512_vnni", 16, ("avx512vnni", "avx512bw")),
+    IntegerDot("avx_vnni", 8, ("avxvnni", "avx2", "fma")),
+    IntegerDot("avx2", 8, ("avx2", "fma")),
+)
+
+
+def integer_dot(target: tvm.target.Target) -> IntegerDot | None:
+    """The integer dot product this CPU target has; None (the float path) for targets without one,
+    such as the generic {"kind": "llvm"}."""
+    if target.kind.name != "llvm":
+        return None
+    for dot in INTEGER_DOTS:
+        if all(codegen.target_has_features(f, target) for f in dot.features):
+            return dot
+    return None
+
+
+def _pmaddubsw(u, s):
+    return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u, s)
+
+
+def _pmaddwd_ones(pairs):
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                      tirx.Broadcast(tirx.const(1, "int16"), 16))
+
+
+def _sum(terms: list):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def activation_scale_count(fmt: str) -> int:
+    """Per row and group, d_x then (4-bit) the block sum term: Q4_0's -8 * sum(codes), Q4_1's s_x."""
+    return 2 if BITS[fmt] == 4 else 1
+
+
+# -- activations ------------------------------------------------------------------------------------
+def quantize_activations(fmt: str, in_features: int, dtype: str) -> tirx.PrimFunc:
+    """x[n, in] -> int8 codes [n, in] and float32 scales [n, in / 32, activation_scale_count(fmt)]."""
+    groups = in_features // GROUP
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, in_features), dtype, "x")
+    kk = te.reduce_axis((0, GROUP), "kk")
+    amax = te.compute((n, groups), lambda s, g: te.max(tirx.abs(x[s, g * GROUP + kk].astype("float32")), axis=kk),
+                      name="amax")
+
+    def inverse(s, g):  # ggml's id = 127 / amax, 0 for an all-zero block
+        a = amax[s, g]
+        return tirx.Select(a != 0, tirx.const(127, "float32") / a, tirx.const(0, "float32"))
+
+    codes = te.compute((n, in_features), lambda s, k: tirx.nearbyint(
+        x[s, k].astype("float32") * inverse(s, k // GROUP)).astype("int8"), name="codes")
+    ks = te.reduce_axis((0, GROUP), "ks")
+    total = te.compute((n, groups), lambda s, g: te.sum(codes[s, g * GROUP + ks].astype("int32"), axis=ks),
+                       name="code_sum")
+
+    def scale(s, g, c):
+        d = amax[s, g] / tirx.const(127, "float32")
+        stored = d.astype("float16").astype("float32")
+        if fmt == "q8_0":
+            return stored
+        if fmt == "q4_0":
+            return tirx.Select(c == 0, stored, (total[s, g] * -8).astype("float32"))
+        return tirx.Select(c == 0, stored, (d * total[s, g].astype("float32")).astype("float16").astype("float32"))
+
+    scales = te.compute((n, groups, activation_scale_count(fmt)), scale, name="scales")
+    func = te.create_prim_func([x, codes, scales]).with_attr("tirx.noalias", True).without_attr("global_symbol")
+    sch = s_tir.Schedule(func)
+    _, k = sch.get_loops(sch.get_sblock("codes"))
+    sch.vectorize(sch.split(k, [None, GROUP])[1])
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
+
+
+# -- the matmul -------------------------------------------------------------------------------------
+def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row_block: int, dtype: str,
+                   dot: IntegerDot) -> tirx.PrimFunc:
+    """y[n, out] from quantize_activations' codes and scales and a packed weight, as a scheduled
+    PrimFunc (x codes, x scales, weight, scales, y)."""
+    bits, groups, r = BITS[fmt], in_features // GROUP, row_block
+    tiles = packed_tiles(out_features, tile)
+    shapes = packed_shapes(bits, in_features, tiles, tile)
+    n = tirx.Var("n", "int64")
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "tir.is_scheduled": True})
+            xq = T.arg("x_codes", T.Buffer((n, in_features), "int8"))
+            xs = T.arg("x_scales", T.Buffer((n, groups, activation_scale_count(fmt)), "float32"))
+            weight = T.arg("weight", T.Buffer(*shapes["weight"]))
+            scales = T.arg("scales", T.Buffer(*shapes["scales"]))
+            y = T.arg("y", T.Buffer((n, out_features), dtype))
+            with T.parallel(0, tiles) as j:
+                rows_pass = functools.partial(_rows_pass, fmt, dot, xq, xs, weight, scales, y, j, tile)
+                with T.serial(0, n // r) as b:
+                    rows_pass([b * r + i for i in range(r)])
+                for tail in range(1, r):  # the last n % r rows as a block of their own, not a padded one
+                    with T.If(n % r == tail), T.Then():
+                        rows_pass([n - tail + i for i in range(tail)])
+    return builder.get()
+
+
+def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, scales, y, j, tile: int, rows: list) -> None:
+    """These rows' outputs of tile j: per vector of outputs, a pass over the groups with one
+    accumulator per row in registers and each group's codes unpacked once for all rows."""
+    bits, lanes = BITS[fmt], dot.lanes
+    with T.serial(0, tile // lanes) as c:
+        acc = T.alloc_buffer((len(rows), lanes), "float32", scope="local")
+        for i in range(len(rows)):
+            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), lanes), [i, tirx.Ramp(0, 1, lanes)])
+        with T.serial(0, xs.shape[1]) as g:
+            unsigned, signs = _unpack(dot, bits, weight, j, g, c * lanes)
+            w_scale = T.Bind(_lanes_f32(scales, j, g, 0, c * lanes, lanes))
+            w_min = T.Bind(_lanes_f32(scales, j, g, 1, c * lanes, lanes)) if fmt == "q4_1" else None
+            for i, row in enumerate(rows):
+                x_words = [_x_word(dot, xq, row, g * GROUP + 4 * m) for m in range(WORDS_PER_GROUP)]
+                signed = x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
+                isum = dot.dot(unsigned, signed, pairs_fit_int16=bits == 4)
+                old = acc.vload([i, 0], f"float32x{lanes}")
+                T.buffer_store(acc, _accumulate(fmt, old, isum, w_scale, w_min, xs, row, g, lanes),
+                               [i, tirx.Ramp(0, 1, lanes)])
+        for i, row in enumerate(rows):
+            _store(y, acc, i, row, j * tile + c * lanes, lanes, int(y.shape[1]), tile)
+
+
+def _unpack(dot: IntegerDot, bits: int, weight, j, g, lane0):
+    """One group's codes of one vector of outputs as dot-product operands: the unsigned byte vectors
+    (4-bit codes; |w| for int8) and, for int8 weights, the signed bytes whose signs the activations take."""
+    per_word = INPUTS_PER_WORD[bits]
+    if bits == 4:
+        mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "uint32"), dot.lanes)
+        four = tirx.Broadcast(tirx.const(4, "uint32"), dot.lanes)
+        unsigned = []
+        for word in range(GROUP // per_word):
+            lanes = T.Bind(weight.vload([j, g * (GROUP // per_word) + word, lane0], f"uint32x{dot.lanes}"))
+            for half in (lanes, tirx.shift_right(lanes, four)):  # inputs 0-3 of the word, then 4-7
+                unsigned.append(T.Bind(tirx.reinterpret(dot.byte_type, tirx.bitwise_and(half, mask))))
+        return unsigned, None
+    signs = [T.Bind(weight.vload([j, g * WORDS_PER_GROUP + m, lane0, 0], dot.byte_type)) for m in range(WORDS_PER_GROUP)]
+    return [T.Bind(tirx.abs(w)) for w in signs], signs
+
+
+def _x_word(dot: IntegerDot, xq, row, k):
+    """Activation codes k..k+3 of a row, repeated in every 32-bit lane."""
+    word = tirx.reinterpret("int32", xq.vload([row, k], "int8x4"))
+    return tirx.reinterpret(dot.byte_type, tirx.Broadcast(word, dot.lanes))
+
+
+def _lanes_f32(scales, j, g, which: int, lane0, lanes: int):
+    return scales.vload([j, g, which, lane0], f"float16x{lanes}").astype(f"float32x{lanes}")
+
+
+def _accumulate(fmt: str, acc, isum, w_scale, w_min, xs, row, g, lanes: int):
+    """acc + this group's term (the module docstring), with explicit fused multiply-adds so that
+    LLVM's contraction choices cannot differ between kernels of different row blocks."""
+    per_row = lambda c: tirx.Broadcast(xs[row, g, c], lanes)  # noqa: E731
+    products = isum.astype(f"float32x{lanes}")
+    if fmt == "q4_0":  # isum and -8 * sum(x codes) are integers below 2^24: their float sum is exact
+        products = products + per_row(1)
+    acc = fma(w_scale * per_row(0), products, acc)
+    return fma(w_min, per_row(1), acc) if fmt == "q4_1" else acc
+
+
+def _store(y, acc, i: int, row, col0, lanes: int, out_features: int, tile: int):
+    values = acc.vload([i, 0], f"float32x{lanes}").astype(f"{y.dtype}x{lanes}")
+    if out_features % tile == 0:
+        T.buffer_store(y, values, [row, tirx.Ramp(col0, 1, lanes)])
+        return
+    with T.If(col0 + lanes <= out_features):
+        with T.Then():
+            T.buffer_store(y, values, [row, tirx.Ramp(col0, 1, lanes)])
+        with T.Else():  # the last tile's padding lanes
+            for lane in range(lanes):
+                with T.If(col0 + lane < out_features), T.Then():
+                    T.buffer_store(y, acc[i, lane].astype(y.dtype), [row, col0 + lane])
