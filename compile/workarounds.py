@@ -36,9 +36,9 @@ def register() -> None:
 def one_element_loads_at_zero(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Index 0 for every load from a one-element buffer, the only in-bounds index.
 
-    TVM 0.27's CPU prefill and tree attention (the paged-KV ones) read scale_O[d_idx] from a
-    one-element buffer. LLVM, entitled to assume the access is in bounds, reads scale_O[0]; a C
-    compiler reads past the buffer, and verify logits come out wrong.
+    TVM 0.27's CPU prefill and tree attention (the paged-KV ones; _FastCPUPrefill replaces the
+    prefill one) read scale_O[d_idx] from a one-element buffer. LLVM, entitled to assume the access
+    is in bounds, reads scale_O[0]; a C compiler reads past the buffer, and verify logits come out wrong.
     """
     return _map_prim_funcs(mod, (TensorLoad, _load_at_zero))
 
@@ -54,10 +54,11 @@ def _load_at_zero(load):
 def loops_bounded_by_their_guard(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """`for i in range(n): if i < m: body` -> `for i in range(min(n, m)): body`.
 
-    TVM 0.27's CPU paged prefill attention walks the whole page pool (max_num_pages * page_size rows)
-    for every query and head, skipping the rows past the sequence with that guard: with a cache sized
-    for 8 sequences of 2048 tokens, a 5-token verify of SmolLM2 spent more time skipping rows than
-    attending. Rows the guard skips do nothing, so bounding the loop by it changes no result.
+    TVM 0.27's CPU paged prefill and tree attention (_FastCPUPrefill replaces the prefill one) walk
+    the whole page pool (max_num_pages * page_size rows) for every query and head, skipping the rows
+    past the sequence with that guard: with a cache sized for 8 sequences of 2048 tokens, a 5-token
+    verify of SmolLM2 spent more time skipping rows than attending. Rows the guard skips do nothing,
+    so bounding the loop by it changes no result.
     """
     return _map_prim_funcs(mod, (tirx.For, _bound_by_guard))
 
