@@ -4,9 +4,10 @@ Everything is measured in the same process, one after another, so ratios hold on
 memory bandwidth (a large numpy copy), target decode cost and the bandwidth it achieves, the cost of a
 verify forward of k+1 tokens against one decode, the draft's decode cost, acceptance per draft
 position, end-to-end greedy tokens per second with and without speculation (draft chains, draft token
-trees and n-gram lookup side by side), and the share of time spent outside the compiled code (Python
-and the host side of TVM calls). The repetitive workload asks for a passage repeated or lightly
-edited, where n-gram lookup and deep acceptance pay most.
+trees and n-gram lookup side by side), the share of time spent outside the compiled code (Python
+and the host side of TVM calls), and the target's prefill of long prompts, chunk by chunk. The
+repetitive workload asks for a passage repeated or lightly edited, where n-gram lookup and deep
+acceptance pay most.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ REPETITIVE_PROMPTS = [
     f"Fix any mistakes in the following passage and return all of it:\n\n{PASSAGE.replace('the', 'teh', 2)}",
 ]
 WORKLOADS = {"chat": DEFAULT_PROMPTS, "repetitive": REPETITIVE_PROMPTS}
+PREFILL_TOKENS = (512, 2000)
 
 
 def add_parser(sub) -> None:
@@ -54,6 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tree-width", type=int, default=GenerateOptions.tree_width,
                    help="children per node of the token trees (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=list(PREFILL_TOKENS),
+                   help="prompt lengths whose target prefill is timed (default %(default)s; longer than "
+                        "the artifact's max_seq_len are skipped)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
     p.add_argument("--compare-llamacpp", action="store_true", help="also time llama-cpp-python's plain decode")
@@ -73,6 +78,7 @@ def run(args) -> int:
     results["costs"] = forward_costs(engine)
     results["decode_bandwidth_gbs"] = (engine.config.models["target"].param_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
+    results["prefill"] = prefill_costs(engine, args.prefill_tokens)
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
     if args.compare_hf:
         results["hf"] = compare_hf(engine, prompts, args.max_tokens)
@@ -152,6 +158,20 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
                                                for k in range(1, 9)}
     if "draft_decode_ms" in costs:
         costs["draft_over_target"] = costs["draft_decode_ms"] / costs["target_decode_ms"]
+    return costs
+
+
+def prefill_costs(engine, lengths: list[int]) -> dict:
+    """Seconds the target takes to prefill a prompt of n tokens, fed in the artifact's chunks as generate
+    feeds them, with each chunk's seconds: a later chunk also attends to every token cached before it."""
+    model, chunk, costs = engine.target, engine.prefill_chunk, {}
+    for n in (n for n in lengths if n <= engine.max_seq_len):
+        tokens = [int(t) for t in np.random.default_rng(n).integers(0, engine.config.vocab_size, n)]
+        with engine.session() as session:
+            chunks = [_timed(lambda lo=lo: model.lib.forward_last(model.kv, [session.seq_id],
+                                                                  [tokens[lo:lo + chunk]]).numpy())
+                      for lo in range(0, n, chunk)]
+        costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks}
     return costs
 
 
@@ -265,6 +285,9 @@ def format_table(r: dict) -> str:
     ]
     if "draft_over_target" in c:
         lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
+    for n, p in r["prefill"].items():
+        lines.append(f"prefill {n} tokens: {p['seconds']:.2f} s, {p['tokens_per_second']:.0f} tok/s "
+                     f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s)")
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])

@@ -15,12 +15,15 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     prompts.write_text("once upon a time\nthe quick brown fox\n")
     out = tmp_path / "bench.json"
     assert cli(["bench", str(artifact), "--prompts", str(prompts), "--draft-length", "2", "4", "--max-tokens", "12",
-                "--json", str(out), "--compare-hf"]) == 0
+                "--json", str(out), "--compare-hf", "--prefill-tokens", "40", "300"]) == 0
     table = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["prompts"] == 2 and r["memory_bandwidth_gbs"] > 0
     assert set(r["costs"]["verify_over_decode"]) == {str(k) for k in range(1, 9)}
     assert r["costs"]["target_decode_ms"] > 0 and r["costs"]["draft_over_target"] > 0
+    # 300 tokens do not fit the artifact's max_seq_len of 128
+    assert set(r["prefill"]) == {"40"} and len(r["prefill"]["40"]["chunk_seconds"]) == 1
+    assert r["prefill"]["40"]["tokens_per_second"] > 0
     runs = r["end_to_end"]
     assert set(runs) == {"target_only", "draft k=2", "draft k=4", "tree w=2 d=2", "tree w=2 d=4", "ngram k=2",
                          "ngram k=4", "draft auto"}
@@ -32,6 +35,7 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     assert 0 <= runs["draft k=4"]["host_share"] <= 1
     assert r["hf"]["plain_tokens_per_second"] > 0 and r["hf"]["assisted_tokens_per_second"] > 0
     assert "verify(k) / decode" in table and "draft k=4" in table and "tree w=2 d=4" in table
+    assert "prefill 40 tokens" in table
     assert r["workload"] == "file"
 
 
