@@ -15,44 +15,12 @@ import pytest
 import torch
 import tvm
 
-from mlc_spec.cli import main as cli
+from helpers import SHAPES, assert_empty, compile_error, copy_checkpoint, hf_logits, run_forwards, target_library
 from mlc_spec.compile import kernels
-from mlc_spec.consistency import forward_logits
 from mlc_spec.interface.artifact import read_artifact
-from mlc_spec.runtime.library import ModelLibrary
 
-SHAPES = {
-    # name: (architecture, checkpoint options)
-    "llama-gqa2-untied": ("llama", dict(vocab_size=320)),
-    "llama-mha-tied-v301": ("llama", dict(vocab_size=301, num_key_value_heads=4, tie_word_embeddings=True)),
-    "mistral-gqa3-v333": ("mistral", dict(vocab_size=333, hidden_size=96, num_attention_heads=6,
-                                          num_key_value_heads=2)),
-    "qwen2-bias-tied": ("qwen2", dict(vocab_size=290, tie_word_embeddings=True)),
-    "llama-headdim32": ("llama", dict(vocab_size=320, head_dim=32)),
-    "llama3-rope-scaling": ("llama", dict(vocab_size=320, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32})),
-}
 # float16 weights and activations against transformers in float32: logits here span about +-15.
 FLOAT16_TOLERANCE = 5e-2
-
-
-def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def run_forwards(artifact: Path, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
-    """prefill ids[:a], decode ids[a], verify ids[a+1:b] through the compiled library."""
-    return forward_logits(artifact, "cpu", ids, split)
-
-
-def target_library(artifact: Path) -> ModelLibrary:
-    config = read_artifact(artifact)
-    return ModelLibrary(artifact, config.models["target"], config.kernels, tvm.cpu())
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -139,23 +107,6 @@ def test_decode_and_tree_verify_agree_with_chain(artifacts):
 
 
 # -- bad input: one clear line, exit status 2, nothing left in the output folder ---------------------------
-def compile_error(capsys, args: list[str]) -> str:
-    capsys.readouterr()  # drop what fixtures printed
-    assert cli(["compile", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def assert_empty(folder: Path) -> None:
-    assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
-
-
 def test_missing_folder(tmp_path, capsys):
     err = compile_error(capsys, [str(tmp_path / "nope"), "--output", str(tmp_path / "out" / "a")])
     assert "no such file or folder" in err
@@ -275,7 +226,7 @@ def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
     transformers' on the dequantized weights on the float path (a generic CPU target: this CPU's
     integer path quantizes activations, tests/test_quantization.py)."""
     import gguf
-    from test_gguf_reader import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
+    from gguf_files import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
     from transformers import LlamaForCausalLM
 
     from mlc_spec.compile.build import CompileOptions, compile_artifact

@@ -32,14 +32,14 @@ from tvm import tirx
 from tvm.ir.instrument import pass_instrument
 from tvm.sym import Analyzer
 
-import test_kernels
+import test_kernels  # its cases, replayed on the GPU-style runtimes
+from helpers import VOCAB, CpuKernels, prompts
 from mlc_spec import Engine
 from mlc_spec.compile import kernels
 from mlc_spec.compile.config import CompileError
 from mlc_spec.compile.targets import host_target
 from mlc_spec.consistency import differing, forward_logits, generate_with_decisions
 from mlc_spec.runtime.library import tvm_device
-from test_speculative import VOCAB, prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def _parametrizations(test):
 def kernel_calls():
     """Every kernel call of tests/test_kernels.py's cases (whose own assertions run again here), with
     the LLVM build's answer."""
-    recorder = _Recorder(test_kernels.CpuKernels())
+    recorder = _Recorder(CpuKernels())
     for name, test in inspect.getmembers(test_kernels, inspect.isfunction):
         if name.startswith("test_") and "cpu" in inspect.signature(test).parameters \
                 and name not in _STATISTICAL_KERNEL_TESTS:
@@ -395,7 +395,7 @@ def _pod_word(value: np.generic) -> bytes:
 GPU_RUNTIMES = {"opencl": OpenCLRuntime, "webgpu": WebGPURuntime}
 
 
-class DeviceKernels(test_kernels.CpuKernels):
+class DeviceKernels(CpuKernels):
     """test_kernels' kernel API over TVM's GPU schedules and generated source on a GPU-style runtime."""
 
     def __init__(self, kind: str):

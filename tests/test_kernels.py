@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tvm
 
+from helpers import CpuKernels
 from mlc_spec.compile import kernels
 
 VOCABS = (3, 33, 1000, 32001)
@@ -158,36 +159,6 @@ def ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample):
 
 # ---------------------------------------------------------------------------------------------------
 # Compiled CPU kernels
-
-
-class CpuKernels:
-    """The registry's kernels built for generic LLVM, called as the runtime calls them: by name, with
-    results shaped from each kernel's signature."""
-
-    def __init__(self):
-        target = tvm.target.Target({"kind": "llvm"})
-        funcs = kernels.scheduled_kernels(target)
-        mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-        self._lib = tvm.compile(mod, target=target)
-        self._dev = tvm.cpu()
-
-    def __getattr__(self, name):
-        if name not in kernels.KERNELS:
-            raise AttributeError(name)
-        signature = kernels.KERNELS[name].signature
-        return lambda *args: self._call_signature(signature, args)
-
-    def _call_signature(self, signature, args):
-        inputs = [np.ascontiguousarray(a, spec.dtype) for a, spec in zip(args, signature.args)]
-        shapes = signature.result_shapes([i.shape for i in inputs])
-        return self._call(signature.name, inputs, [(shape, r.dtype) for shape, r in zip(shapes, signature.results)])
-
-    def _call(self, name, inputs, outputs):
-        args = [tvm.runtime.tensor(a, self._dev) for a in inputs]
-        outs = [tvm.runtime.empty(shape, dtype, self._dev) for shape, dtype in outputs]
-        self._lib[name](*args, *outs)
-        results = [o.numpy() for o in outs]
-        return results[0] if len(results) == 1 else tuple(results)
 
 
 @pytest.fixture(scope="module")

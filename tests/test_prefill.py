@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_compile import SHAPES, hf_logits, target_library
+from helpers import SHAPES, hf_logits, target_library
 
 CHUNK = 13  # not a multiple of the page size (16), so chunks start and end inside pages
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
 from mlc_spec.runtime.library import ModelLibrary
-from test_compile import assert_empty, compile_error, run_forwards
+from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards
 
 TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
 
@@ -160,7 +160,6 @@ def test_a_token_gets_the_same_logits_alone_in_a_verify_or_in_a_batch(artifacts,
 def test_quantized_speculation_equals_quantized_target(artifacts, good_checkpoint):
     """Greedy speculative decoding over a q4_1 pair emits exactly what the q4_1 target alone emits."""
     from mlc_spec import Engine
-    from test_speculative import VOCAB, generate_all, prompts
 
     draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=good_checkpoint, noise=0.1)
     engine = Engine(artifacts.compile("quant-pair", good_checkpoint, draft, quantization="q4_1", max_seq_len=128),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import VOCAB, generate_all, prompts
 from mlc_spec import Engine
 
-VOCAB = 320
 DRAFTS = ("self", "random", "partial")
 
 
@@ -32,21 +32,6 @@ def draft_ckpts(artifacts, target_ckpt):
 def engines(artifacts, target_ckpt, draft_ckpts):
     return {name: Engine(artifacts.compile(f"spec-{name}", target_ckpt, draft, max_seq_len=128), max_batch_size=16)
             for name, draft in draft_ckpts.items()}
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    """Mixed lengths, including ones that end on and just past the 16-token page boundaries."""
-    rng = np.random.default_rng(seed)
-    edges = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48]
-    lengths = edges + rng.integers(1, 60, max(0, n - len(edges))).tolist()
-    return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
-
-
-def generate_all(engine, batch: list[list[int]], **opts) -> list[list[int]]:
-    out = []
-    for i in range(0, len(batch), 8):
-        out += [o.token_ids for o in engine.generate(token_ids=batch[i:i + 8], **opts)]
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,330 @@
+"""GGUF files for the tests, written with gguf.GGUFWriter the way llama.cpp's convert_hf_to_gguf.py writes
+them (its metadata keys, its q/k permutation, 1-D tensors kept in F32), from tiny random transformers
+models and tiny tokenizers trained with the `tokenizers` library."""
+
+import json
+import math
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mlc_spec.compile.gguf_reader import permute_qk_for_gguf
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_TOKEN = "<think>"  # an added, non-special token: llama.cpp marks it USER_DEFINED
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs.",
+    "Hello, world! Hello there, hello again. It's what they're doing, isn't it?",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 123 2024 3.14159 1,000,000",
+    "def tokenize(text):\n    return [t for t in text.split()]\n\n\tindented\ttabs",
+    "Grüße aus Köln, naïve café, 日本語のテキスト, emoji 🙂👍 and — dashes —",
+    "    leading spaces and trailing spaces    \n\n\nnewlines",
+    # where the split patterns differ: a word after punctuation, upper-case contractions
+    "(hello) (hello) [world] (world) {code} DON'T WON'T I'M YOU'LL SHE'S (hello)",
+] * 4
+
+PROBE_STRINGS = [
+    "Hello, world! This is the quick test.",
+    "Grüße aus Köln — naïve café 日本語 🙂👍",
+    "a  b   c\t\td\n\n\n  e    \n",
+    "1 12 123 1234 12345 3.14159 2024-01-01",
+    "<|im_start|>user\nhi there<|im_end|>\n<think>ok</think> done",
+    "(hello) DON'T stop, YOU'LL see [world] zyzzyva",
+    "cafe\u0301 nai\u0308ve",  # decomposed accents: only an NFC normalizer composes them
+    "</s>hello<s> world",  # the prefix space after a special token, for SentencePiece vocabularies
+    "",
+]
+
+# Meta's Llama 3 tokenizer.json split pattern (llama.cpp's "llama-bpe").
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+LLAMA_GGUF_TO_HF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+# --- llama.cpp's conversion, reproduced ------------------------------------------------------
+
+
+def convert_hf_to_gguf_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
+    """LlamaModel.permute, copied from llama.cpp's convert_hf_to_gguf.py."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape
+    )
+
+
+def llama3_rope_factors(rope_scaling: dict, rope_theta: float, head_dim: int) -> np.ndarray:
+    """LlamaModel.generate_extra_tensors from convert_hf_to_gguf.py: the rope_freqs.weight tensor."""
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = rope_scaling.get("factor", 8.0)
+    low_freq_factor = rope_scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = rope_scaling.get("high_freq_factor", 4.0)
+    old_context_len = rope_scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope_factors, dtype=np.float32)
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, *rest = hf_name.split(".")
+    module, kind = ".".join(rest[:-1]), rest[-1]
+    part = {hf: g for g, hf in LLAMA_GGUF_TO_HF_LAYER.items()}[module]
+    return f"blk.{layer}.{part}.{kind}"
+
+
+def stored(weights: np.ndarray, qtype: QType) -> np.ndarray:
+    """What gguf stores for a tensor: 1-D tensors stay F32, as llama.cpp keeps them."""
+    if weights.ndim == 1 or qtype == QType.F32:
+        return weights.astype(np.float32)
+    if qtype == QType.F16:
+        return weights.astype(np.float16)
+    return gguf.quants.quantize(weights, qtype)
+
+
+def write_gguf(path, arch, config, tensors, vocab, qtype=QType.F32, rope_scaling=None, integer_norm=False):
+    """Write a GGUF with the metadata keys and tensor layout llama.cpp's converter uses."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-test-model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(int(qtype) if qtype in (QType.F32, QType.F16) else 7)
+    if arch == "llama":
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(config.head_dim)
+    write_vocab(writer, vocab)
+    for hf_name, weights in tensors.items():
+        if arch == "llama" and ".q_proj." in hf_name:
+            weights = permute_qk_for_gguf(weights, config.num_attention_heads)
+        elif arch == "llama" and ".k_proj." in hf_name:
+            weights = permute_qk_for_gguf(weights, config.num_key_value_heads)
+        data = stored(weights, qtype)
+        if integer_norm and hf_name == "model.layers.0.input_layernorm.weight":
+            data = np.arange(weights.size, dtype=np.int32)  # a type no float dequantization covers
+        raw_dtype = qtype if data.dtype == np.uint8 else None
+        writer.add_tensor(gguf_tensor_name(hf_name), data, raw_dtype=raw_dtype)
+    if rope_scaling is not None:
+        factors = llama3_rope_factors(rope_scaling, config.rope_parameters["rope_theta"], config.head_dim)
+        writer.add_tensor("rope_freqs.weight", factors)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_vocab(writer, vocab: dict) -> None:
+    writer.add_tokenizer_model(vocab["model"])
+    if "pre" in vocab:
+        writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["token_types"])
+    if "merges" in vocab:
+        writer.add_token_merges(vocab["merges"])
+    if "scores" in vocab:
+        writer.add_token_scores(vocab["scores"])
+    writer.add_bos_token_id(vocab["bos_id"])
+    writer.add_eos_token_id(vocab["eos_id"])
+    if "unk_id" in vocab:
+        writer.add_unk_token_id(vocab["unk_id"])
+    writer.add_pad_token_id(vocab["eos_id"])
+    writer.add_add_bos_token(vocab["add_bos"])
+    if "add_space_prefix" in vocab:
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+# --- tiny tokenizers ---------------------------------------------------------------------------
+
+
+def split_then_byte_level(pattern: str):
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def byte_level_pre_tokenizer(pre: str):
+    """The pre-tokenizer each model's own tokenizer.json has."""
+    if pre == "llama-bpe":
+        return split_then_byte_level(LLAMA3_SPLIT)
+    if pre == "qwen2":
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        return split_then_byte_level(PRETOKENIZE_REGEX)
+    if pre == "smollm":
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2
+
+
+def train_byte_level_tokenizer(pre: str, vocab_size: int = 400) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    if pre == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer(pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    spec = json.loads(tokenizer.to_str())
+    if pre == "llama-bpe":
+        # Llama 3's tokenizer.json looks whole words up before merging, and has words no merge reaches.
+        spec["model"]["ignore_merges"] = True
+        spec["model"]["vocab"]["Ġzyzzyva"] = len(spec["model"]["vocab"])
+    if pre == "smollm":
+        # A digit merge the digit-splitting pre-tokenizer must never let apply.
+        spec["model"]["vocab"]["12"] = len(spec["model"]["vocab"])
+        spec["model"]["merges"].append(["1", "2"])
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.add_tokens([USER_TOKEN])
+    return tokenizer
+
+
+def byte_level_vocab(tokenizer: Tokenizer, pre: str) -> dict:
+    """The tokenizer.ggml.* values llama.cpp writes for a byte-level BPE tokenizer."""
+    by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [
+        gguf.TokenType.CONTROL
+        if token in SPECIAL_TOKENS
+        else gguf.TokenType.USER_DEFINED
+        if token == USER_TOKEN
+        else gguf.TokenType.NORMAL
+        for token in tokens
+    ]
+    merges = [" ".join(m) for m in json.loads(tokenizer.to_str())["model"]["merges"]]
+    return {
+        "model": "gpt2",
+        "pre": pre,
+        "tokens": tokens,
+        "token_types": [int(t) for t in types],
+        "merges": merges,
+        "bos_id": tokens.index("<|im_start|>"),
+        "eos_id": tokens.index("<|im_end|>"),
+        "add_bos": False,
+    }
+
+
+def sentencepiece_style_tokenizer() -> tuple[Tokenizer, dict]:
+    """A Llama-2 style vocabulary: <unk> <s> </s>, 256 <0xXX> byte tokens, then '▁'-spelled pieces
+    ranked by score, as a SentencePiece model converted by llama.cpp lists them (without merges)."""
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=120, show_progress=False)
+    trainer_tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    trained = json.loads(trainer_tokenizer.to_str())["model"]
+    pieces = sorted(trained["vocab"], key=trained["vocab"].get)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    merges = [tuple(m) for m in trained["merges"]]
+
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * len(pieces)
+    # SentencePiece scores: a later (lower-priority) piece scores lower; control and byte tokens score 0.
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    vocab = {
+        "model": "llama",
+        "tokens": tokens,
+        "token_types": [int(t) for t in types],
+        "scores": scores,
+        "bos_id": 1,
+        "eos_id": 2,
+        "unk_id": 0,
+        "add_bos": True,
+        "add_space_prefix": True,
+    }
+    return tokenizer, vocab
+
+
+# --- tiny models --------------------------------------------------------------------------------
+
+
+def random_state_dict(model, seed: int) -> dict[str, np.ndarray]:
+    """Every tensor random (norm weights too), so a swapped or missing tensor shows."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        noise = rng.standard_normal(tuple(value.shape)).astype(np.float32)
+        tensors[name] = (1.0 + 0.1 * noise) if name.endswith("norm.weight") else 0.5 * noise
+    return tensors
+
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_llama(vocab_size: int, **overrides):
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, **TINY_SHAPE, **overrides)
+    config.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(config)
+    return config, model, random_state_dict(model, seed=0)
+
+
+def tiny_qwen2(vocab_size: int):
+    config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=1024, rope_theta=1000000.0,
+                         tie_word_embeddings=True, **TINY_SHAPE)
+    config.architectures = ["Qwen2ForCausalLM"]
+    model = Qwen2ForCausalLM(config)
+    tensors = random_state_dict(model, seed=1)
+    del tensors["lm_head.weight"]  # tied: llama.cpp writes no output.weight
+    return config, model, tensors
