@@ -10,13 +10,15 @@ setup(
     package_dir={
         "mlc_spec": "mlc_spec",
         "mlc_spec.compile": "compile",
+        "mlc_spec.compile.kernels": "compile/kernels",
+        "mlc_spec.interface": "interface",
         "mlc_spec.runtime": "runtime",
     },
-    packages=["mlc_spec", "mlc_spec.compile", "mlc_spec.runtime"],
+    packages=["mlc_spec", "mlc_spec.compile", "mlc_spec.compile.kernels", "mlc_spec.interface", "mlc_spec.runtime"],
     package_data={"mlc_spec": ["default/*", "default/draft/*"]},
     install_requires=[
         "apache-tvm==0.27.0.post1",
-        "numpy",
+        "numpy>=2",
         "safetensors",
         "tokenizers",
         "gguf",

@@ -2,15 +2,18 @@
 
 Stages, each announced through `log`: load, convert, lower, build, write. The folder is assembled in a
 hidden temporary sibling and renamed into place only when complete, so a failed or interrupted compile
-leaves nothing half-written behind.
+leaves nothing half-written behind. It replaces only what a compile made: the output must be new, an
+empty folder, or an mlc_spec artifact with nothing else in it; never the source or a folder holding it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -21,15 +24,16 @@ import numpy as np
 import tvm
 from safetensors.numpy import save_file
 
-from ..runtime.engine import CONFIG_FILE
+from ..interface.artifact import CONFIG_FILE, ArtifactConfig, BuildOptions, ModelEntry, with_files, write_config
+from ..runtime import options as check
+from . import kernels, workarounds
 from .checkpoint import QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .model import CausalLM, WeightLayout
-from .pipeline import pipeline_for, tir_pipeline_for, weight_tile
-from .targets import model_target, resolve_target
+from .pipeline import pipeline_for, tir_pipeline_for
+from .streaming_matmul import weight_tile
+from .targets import model_target, required_cpu_features, resolve_target
 from .tokenizer import check_same_tokenizer, special_tokens
-
-FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -51,7 +55,11 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
                      options: CompileOptions | None = None, log: Callable[[str], None] = print) -> Path:
     opts = options or CompileOptions()
     _check_options(opts)
+    workarounds.register()
     tvm_target = resolve_target(opts.device, opts.cuda_arch, opts.cpu_target)
+    out = Path(output) if output else Path("dist") / _default_name(target, draft, opts)
+    sources = [Path(target)] + ([Path(draft)] if draft is not None else [])
+    _check_output(out, sources)
     log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
     checkpoints = {"target": load_checkpoint(target)}
     if draft is not None:
@@ -60,14 +68,14 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
     vocab = configs["target"].vocab_size
     if draft is not None:
         check_same_tokenizer(checkpoints["target"], checkpoints["draft"])
-    out = Path(output) if output else Path("dist") / _default_name(target, draft, opts)
     staging = _staging_dir(out)
     try:
         models = {role: _build_model(role, checkpoints[role], configs[role], vocab, tvm_target, opts, staging, log)
                   for role in checkpoints}
         log(f"write: {out}")
-        _write_config(staging, checkpoints["target"], configs, models, tvm_target, opts, draft is not None)
         (staging / "tokenizer.json").write_text(checkpoints["target"].tokenizer_json)
+        _write_config(staging, checkpoints["target"], configs, models, tvm_target, opts)
+        _check_output(out, sources)  # again: the folder may have changed during the build
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -82,8 +90,11 @@ def _check_options(opts: CompileOptions) -> None:
     for option, value in (("--quantization", opts.quantization), ("--draft-quantization", opts.draft_quantization)):
         if value is not None and value not in QUANTIZATIONS:
             raise CompileError(f"unknown {option} {value!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    if opts.max_seq_len < opts.page_size:
-        raise CompileError(f"max_seq_len {opts.max_seq_len} is smaller than one page ({opts.page_size}); raise it")
+    try:
+        check.integer("--max-seq-len", opts.max_seq_len, opts.page_size, check.MAX_SEQ_LEN,
+                      hint=f" (one page of {opts.page_size} tokens at least)")
+    except ValueError as err:
+        raise CompileError(str(err)) from None
 
 
 def _default_name(target: str | Path, draft: str | Path | None, opts: CompileOptions) -> str:
@@ -93,28 +104,101 @@ def _default_name(target: str | Path, draft: str | Path | None, opts: CompileOpt
     return f"{name}{quantized}-{opts.dtype}-{opts.device}"
 
 
+def _check_output(out: Path, sources: list[Path]) -> None:
+    """Refuse an output whose replacement would lose something that compile did not make."""
+    where, cwd = out.resolve(), Path.cwd()
+    for source in (s.resolve() for s in sources):
+        if where == source or where in source.parents:
+            raise CompileError(f"--output {out} {'is' if where == source else 'contains'} the checkpoint {source}; "
+                               "choose an output folder outside it")
+    if where == cwd or where in cwd.parents:
+        raise CompileError(f"--output {out} is the current folder or holds it; name a new folder, e.g. {out / 'artifact'}")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CompileError(f"--output {out} is a file, not a folder; choose another path (compile writes a folder)")
+    present = {p.name for p in out.iterdir()} if out.exists() else set()
+    if not present:
+        return
+    if CONFIG_FILE not in present:
+        raise CompileError(f"--output {out} is a folder of other files, not an mlc_spec artifact; "
+                           "choose a new or empty folder")
+    extra = sorted(present - _artifact_files(out))
+    if extra:
+        raise CompileError(f"--output {out} is an artifact but also holds {extra[0]}, which compile did not write; "
+                           "move it out or choose another folder")
+
+
+def _artifact_files(folder: Path) -> set[str]:
+    """The files an existing artifact's config names as its own."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        models = config["models"].values()
+        return {CONFIG_FILE, "tokenizer.json"} | {m[key] for m in models for key in ("library", "params")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CompileError(f"--output {folder} has an unreadable {CONFIG_FILE}, so what else it holds is unknown; "
+                           "delete the folder yourself or choose another") from None
+
+
+# A staging or swapped-out folder: .NAME.partial-PID-XXXX or .NAME.old-PID-XXXX, PID the compile's process.
+_TEMPORARY = re.compile(r"^\..+\.(?:partial|old)-(\d+)-\w+$")
+
+
 def _staging_dir(out: Path) -> Path:
     parent = out.parent.resolve()
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        _sweep_stale(parent)
+        return _temporary_dir(out, "partial")
     except OSError as err:
         raise CompileError(f"cannot write to {parent} ({err.strerror}); choose a writable --output") from None
 
 
+def _temporary_dir(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent.resolve()))
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove what compiles killed before their cleanup (SIGKILL, a crash, power loss) left here."""
+    for entry in parent.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replace(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an older artifact of that name is swapped out only then."""
+    """Move the finished folder into place. An older artifact there is swapped with it in one step
+    where the system can, so no moment leaves neither; the caller removes staging, then the old one."""
+    if out.exists() and _exchange(staging, out):
+        return
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = _temporary_dir(out, "old")
         os.replace(out, old / out.name)
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically: Linux's renameat2(RENAME_EXCHANGE); False where it is missing or refused."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
-                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> dict:
+                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> ModelEntry:
     tile = weight_tile(model_target(target))
     quantization = _quantization(role, opts, tile, target)
     log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) "
@@ -139,18 +223,18 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     executable.export_library(str(staging / library))
     build_seconds = time.perf_counter() - start
     save_file(params, str(staging / f"{role}.safetensors"))
-    return {
-        "library": library,
-        "params": f"{role}.safetensors",
-        "param_names": param_names,
-        "config": cfg.to_json(),
-        "output_vocab_size": output_vocab_size,
-        "quantization": formats,
-        "verify_row_blocks": model.verify_row_blocks,
-        "source": ck.source,
-        "build_seconds": round(build_seconds, 1),
-        "param_bytes": int(sum(p.nbytes for p in params.values())),
-    }
+    return ModelEntry(
+        library=library,
+        params=f"{role}.safetensors",
+        param_names=tuple(param_names),
+        config=cfg.to_json(),
+        output_vocab_size=output_vocab_size,
+        quantization=dict(formats),
+        verify_row_blocks=tuple(model.verify_row_blocks),
+        source=str(ck.source),
+        build_seconds=round(build_seconds, 1),
+        param_bytes=int(sum(p.nbytes for p in params.values())),
+    )
 
 
 def _quantization(role: str, opts: CompileOptions, tile: int | None, target: tvm.target.Target) -> str:
@@ -177,24 +261,25 @@ def _check_shapes(params: dict[str, np.ndarray], named_params, role: str) -> Non
             raise CompileError(f"{role} weight {name}: shape {got}, model expects {want}; the checkpoint does not match its config.json")
 
 
-def _write_config(staging: Path, target_ck: Checkpoint, configs: dict, models: dict, target: tvm.target.Target,
-                  opts: CompileOptions, has_draft: bool) -> None:
-    config = {
-        "format": FORMAT_VERSION,
-        "device": opts.device,
-        "target": json.loads(json.dumps(_target_dict(target))),
-        "dtype": opts.dtype,
-        "vocab_size": configs["target"].vocab_size,
-        "shared_vocab_size": min(c.vocab_size for c in configs.values()),
-        "special_tokens": special_tokens(target_ck, configs["target"]),
-        "chat_template": target_ck.tokenizer_config.get("chat_template"),
-        "build": {"max_seq_len": opts.max_seq_len, "page_size": opts.page_size,
-                  "prefill_chunk_size": opts.prefill_chunk_size, "cuda_arch": opts.cuda_arch if opts.device == "cuda" else None},
-        "models": models,
-        "speculative": has_draft,
-        "versions": {"mlc_spec": _version(), "tvm": tvm.__version__, "python": platform.python_version()},
-    }
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+def _write_config(staging: Path, target_ck: Checkpoint, configs: dict, models: dict[str, ModelEntry],
+                  target: tvm.target.Target, opts: CompileOptions) -> None:
+    config = ArtifactConfig(
+        device=opts.device,
+        target=_target_dict(target),
+        dtype=opts.dtype,
+        vocab_size=configs["target"].vocab_size,
+        shared_vocab_size=min(c.vocab_size for c in configs.values()),
+        special_tokens=special_tokens(target_ck, configs["target"]),
+        chat_template=target_ck.tokenizer_config.get("chat_template"),
+        build=BuildOptions(opts.max_seq_len, opts.page_size, opts.prefill_chunk_size,
+                           opts.cuda_arch if opts.device == "cuda" else None),
+        models=models,
+        kernels=kernels.signatures(),
+        cpu_features=required_cpu_features(target),
+        files={},
+        versions={"mlc_spec": _version(), "tvm": tvm.__version__, "python": platform.python_version()},
+    )
+    write_config(staging, with_files(config, staging))
 
 
 def _target_dict(target: tvm.target.Target) -> dict:

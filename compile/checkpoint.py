@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
 
     output_vocab_size below the checkpoint's vocabulary drops the padding rows of the output head
     (a draft aligned to its target's vocabulary)."""
+    _check_layer_count(cfg, ck)
     get = _getter(ck.tensors)
     out: dict[str, np.ndarray] = {}
     linears: dict[str, list[str]] = {}
@@ -145,6 +147,17 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
         else:
             out[f"{name}.weight"] = (tile_rows(weight, tile) if tile is not None else weight.T).astype(dtype)
     return {name: np.ascontiguousarray(w) for name, w in out.items()}, formats
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(cfg: ModelConfig, ck: Checkpoint) -> None:
+    """Layers beyond num_hidden_layers would never be read: a model silently missing its last layers."""
+    layers = {int(m.group(1)) for name in ck.tensors if (m := _LAYER.match(name))}
+    if layers and max(layers) >= cfg.num_hidden_layers:
+        raise CompileError(f"{ck.source}: config.json says num_hidden_layers {cfg.num_hidden_layers} but the weights "
+                           f"hold layers 0..{max(layers)}; set num_hidden_layers to {max(layers) + 1}")
 
 
 def _linear_weight(sources: list[str], ck: Checkpoint, quantization: str, get, name: str) -> np.ndarray | Quantized:

@@ -29,7 +29,7 @@ from tvm.target import codegen
 from tvm.tirx.op import fma
 from tvm.tirx.script import builder as T
 
-from .quantization import BITS, GROUP, INPUTS_PER_WORD, packed_shapes
+from .quantization import BITS, GROUP, INPUTS_PER_WORD, packed_shapes, packed_tiles
 
 WORDS_PER_GROUP = GROUP // 4  # a dot product's byte operands cover four inputs per 32-bit lane
 
@@ -154,7 +154,7 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
     """y[n, out] from quantize_activations' codes and scales and a packed weight, as a scheduled
     PrimFunc (x codes, x scales, weight, scales, y)."""
     bits, groups, r = BITS[fmt], in_features // GROUP, row_block
-    tiles = -(-out_features // tile)
+    tiles = packed_tiles(out_features, tile)
     shapes = packed_shapes(bits, in_features, tiles, tile)
     n = tirx.Var("n", "int64")
     with IRBuilder() as builder:

@@ -9,6 +9,7 @@ compiler's weight conversion (checkpoint.py) fuses and lays out Hugging Face's [
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 
 import tvm
@@ -17,10 +18,11 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from . import kernels
+from ..interface.artifact import VOCAB, KernelSignature, TensorSpec
+from . import kernels, workarounds
 from .config import ModelConfig
-from .quantization import BITS, CODE_TILE, GROUP, packed_shapes
 from .integer_matmul import IntegerDot, activation_scale_count, integer_dot, integer_matmul, quantize_activations
+from .quantization import BITS, CODE_TILE, GROUP, packed_shapes, packed_tiles
 from .quantized_matmul import code_at, quantized_matmul
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
@@ -34,10 +36,6 @@ KV_CACHE_SPEC = {
     "page_size": int,
     "support_sliding_window": int,
 }
-
-
-def packed_tiles(out_features: int, tile: int) -> int:
-    return -(-out_features // tile)
 
 
 class Linear(nn.Module):
@@ -266,9 +264,6 @@ class CausalLM(nn.Module):
         h = op.take(op.reshape(h, (input_ids.shape[0], self.c.hidden_size)), logit_positions, axis=0)
         return self._logits(h), paged_kv_cache
 
-    def decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
-        return self._all_logits(input_ids, paged_kv_cache, 1)
-
     def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         return self._all_logits(input_ids, paged_kv_cache, 1)
 
@@ -302,7 +297,7 @@ class CausalLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         c = self.c
-        cache_class = CPUPagedKVCache if self.target.kind.name == "llvm" else TIRPagedKVCache
+        cache_class = workarounds.CPUPagedKVCache if self.target.kind.name == "llvm" else TIRPagedKVCache
         return cache_class(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -329,105 +324,43 @@ class CausalLM(nn.Module):
             target=self.target,
         )
 
-    # -- sampling and verification kernels (compile/kernels.py) -----------------------------------
-    def sampling_probs(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-        return self._kernel("sampling_probs", [logits, temperature, top_k, top_p], [(logits.shape, "float32")])
-
-    def sample_from_probs(self, probs: Tensor, uniforms: Tensor) -> Tensor:
-        return self._kernel("sample_from_probs", [probs, uniforms], [((probs.shape[0],), "int32")])
-
-    def argmax(self, logits: Tensor) -> Tensor:
-        return self._kernel("argmax", [logits], [((logits.shape[0],), "int32")])
-
-    def verify_greedy(self, logits: Tensor, draft_tokens: Tensor, indptr: Tensor):
-        batch = (indptr.shape[0] - 1,)
-        return self._kernel("verify_greedy", [logits, draft_tokens, indptr], [(batch, "int32"), (batch, "int32")])
-
-    def verify_sampling(self, p: Tensor, q: Tensor, draft_tokens: Tensor, indptr: Tensor,
-                        u_accept: Tensor, u_sample: Tensor):
-        batch = (u_sample.shape[0],)
-        return self._kernel("verify_sampling", [p, q, draft_tokens, indptr, u_accept, u_sample],
-                            [(batch, "int32"), (batch, "int32")])
-
-    def tree_verify_greedy(self, logits: Tensor, tokens: Tensor, parents: Tensor, indptr: Tensor):
-        batch = (indptr.shape[0] - 1,)
-        return self._kernel("tree_verify_greedy", [logits, tokens, parents, indptr], [(batch, "int32"), (batch, "int32")])
-
-    def tree_verify_sampling(self, p: Tensor, q: Tensor, tokens: Tensor, parents: Tensor, indptr: Tensor,
-                             u_accept: Tensor, u_sample: Tensor):
-        batch = (u_sample.shape[0],)
-        return self._kernel("tree_verify_sampling", [p, q, tokens, parents, indptr, u_accept, u_sample],
-                            [(batch, "int32"), (batch, "int32")])
-
-    def _kernel(self, name: str, args: list[Tensor], outs: list[tuple]):
-        placeholders = [Tensor.placeholder(shape, dtype) for shape, dtype in outs]
-        result = op.tensor_ir_op(
-            kernels.scheduled_kernels(self.target)[name], name, args,
-            placeholders[0] if len(placeholders) == 1 else placeholders,
-        )
-        return result if len(placeholders) == 1 else tuple(result)
-
     # -- export spec --------------------------------------------------------------------------------
     def get_default_spec(self) -> nn.spec.ModuleSpec:
-        v = self.output_vocab_size
         packed = {"param_mode": "packed", "effect_mode": "none"}
         plain = {"param_mode": "none", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
-        ids = lambda n: nn.spec.Tensor([n], "int32")  # noqa: E731
-        f32 = lambda *shape: nn.spec.Tensor(list(shape), "float32")  # noqa: E731
+        ids = nn.spec.Tensor(["seq_len"], "int32")
         spec = {
-            "embed": {"input_ids": ids("seq_len"), "$": packed},
-            "prefill": {"input_ids": ids("seq_len"), "logit_positions": ids("batch_size"),
+            "prefill": {"input_ids": ids, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
                         "paged_kv_cache": kv, "$": packed},
-            "decode": {"input_ids": ids(1), "paged_kv_cache": kv, "$": packed},
-            "batch_decode": {"input_ids": ids("batch_size"), "paged_kv_cache": kv, "$": packed},
-            "verify": {"input_ids": ids("seq_len"), "paged_kv_cache": kv, "$": packed},
-            **{f"verify_{r}": {"input_ids": ids("seq_len"), "paged_kv_cache": kv, "$": packed}
-               for r in self.verify_row_blocks},
+            "batch_decode": {"input_ids": nn.spec.Tensor(["batch_size"], "int32"), "paged_kv_cache": kv, "$": packed},
+            "verify": {"input_ids": ids, "paged_kv_cache": kv, "$": packed},
+            **{f"verify_{r}": {"input_ids": ids, "paged_kv_cache": kv, "$": packed} for r in self.verify_row_blocks},
             "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
-            "sampling_probs": {"logits": f32("n", v), "temperature": f32("n"),
-                               "top_k": nn.spec.Tensor(["n"], "int32"), "top_p": f32("n"), "$": plain},
-            "sample_from_probs": {"probs": f32("n", v), "uniforms": f32("n"), "$": plain},
-            "argmax": {"logits": f32("n", v), "$": plain},
-            "verify_greedy": {"logits": f32("n", v), "draft_tokens": ids("m"), "indptr": ids("b"), "$": plain},
-            "verify_sampling": {"p": f32("n", v), "q": f32("m", v), "draft_tokens": ids("m"),
-                                "indptr": ids("b"), "u_accept": f32("m"), "u_sample": f32("bs"), "$": plain},
-            "tree_verify_greedy": {"logits": f32("n", v), "tokens": ids("n"), "parents": ids("n"), "indptr": ids("b"),
-                                   "$": plain},
-            "tree_verify_sampling": {"p": f32("n", v), "q": f32("n", v), "tokens": ids("n"), "parents": ids("n"),
-                                     "indptr": ids("b"), "u_accept": f32("n"), "u_sample": f32("bs"), "$": plain},
         }
         for r in self.verify_row_blocks:
             setattr(self, f"verify_{r}", self._verify_rows(r))
+        for name, func in kernels.scheduled_kernels(self.target).items():
+            signature = kernels.KERNELS[name].signature
+            spec[name] = {**{a.name: self._spec_tensor(a) for a in signature.args}, "$": plain}
+            setattr(self, name, _kernel_call(signature, func))
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
-
-_TREE_KERNELS = (
-    "tir_attention_prefill_with_tree_mask_cpu",
-    "tir_attention_prefill_with_tree_mask_with_paged_kv_cache_cpu",
-)
-
-
-class _SwapCPUTreeKernels(PagedKVCache):
-    """TVM 0.27's llvm branch of TIRPagedKVCache passes the ragged and paged tree-attention kernels
-    in swapped slots (the CUDA branch is right), so any non-chain token tree fails on CPU with
-    "Expected 16 arguments ... tree_attn_paged_kv_cpu". Placed after TIRPagedKVCache in the MRO, this
-    receives the create call before it is emitted and swaps the two back."""
-
-    def __init__(self, _expr: relax.Call, _name: str):
-        args = list(_expr.args)
-        slots = [i for i, a in enumerate(args) if _tuple_func_name(a) in _TREE_KERNELS]
-        if [_tuple_func_name(args[i]) for i in slots] != list(_TREE_KERNELS):
-            raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU tree-attention workaround")
-        args[slots[0]], args[slots[1]] = args[slots[1]], args[slots[0]]
-        super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
+    def _spec_tensor(self, arg: TensorSpec) -> nn.spec.Tensor:
+        # "batch+1" becomes its own symbol: the kernel's buffer shapes tie it to batch
+        dims = [self.output_vocab_size if d == VOCAB else d.replace("+", "_plus_") for d in arg.shape]
+        return nn.spec.Tensor(dims, arg.dtype)
 
 
-class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels):
-    pass
+def _kernel_call(signature: KernelSignature, func: tirx.PrimFunc):
+    """The exported function of one registry kernel: its arguments in, its results out."""
+    def call(*args: Tensor):
+        shapes = signature.result_shapes([a.shape for a in args])
+        outs = [Tensor.placeholder(shape, r.dtype) for shape, r in zip(shapes, signature.results)]
+        result = op.tensor_ir_op(func, signature.name, list(args), outs[0] if len(outs) == 1 else outs)
+        return result if len(outs) == 1 else tuple(result)
 
-
-def _tuple_func_name(expr) -> str | None:
-    if isinstance(expr, relax.Tuple) and len(expr.fields) == 2 and isinstance(expr.fields[1], relax.GlobalVar):
-        return expr.fields[1].name_hint
-    return None
+    # nn.spec binds the spec's arguments by the method's parameter names
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in signature.args])
+    return call

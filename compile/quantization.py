@@ -157,11 +157,16 @@ def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
     return {"weight": np.ascontiguousarray(tiled), "scales": scales}
 
 
+def packed_tiles(out_features: int, tile: int) -> int:
+    """Tiles of T output features in the packed CPU layout, the last one zero-padded."""
+    return -(-out_features // tile)
+
+
 def tile_rows(a: np.ndarray, tile: int) -> np.ndarray:
     """[out, n] -> [ceil(out / tile), n, tile], the rows (output features) zero-padded to whole tiles:
     the CPU layout of model.Linear, for float weights and for codes, scales and mins alike."""
     out = a.shape[0]
-    tiles = -(-out // tile)
+    tiles = packed_tiles(out, tile)
     padded = np.zeros((tiles * tile, a.shape[1]), a.dtype)
     padded[:out] = a
     return np.ascontiguousarray(padded.reshape(tiles, tile, -1).transpose(0, 2, 1))

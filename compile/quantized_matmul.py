@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .quantization import GROUP, INPUTS_PER_WORD, code_offset, packed_shapes
+from .quantization import GROUP, INPUTS_PER_WORD, code_offset, packed_shapes, packed_tiles
 
 
 def code_at(weight: te.Tensor, bits: int, j, k, t):
@@ -31,7 +31,7 @@ def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, 
                      dtype: str) -> tirx.PrimFunc:
     """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales, y)."""
     k_dim, groups, r = in_features, in_features // GROUP, row_block
-    tiles = -(-out_features // tile)
+    tiles = packed_tiles(out_features, tile)
     shapes = packed_shapes(bits, k_dim, tiles, tile)
     n = tirx.Var("n", "int64")
     x = te.placeholder((n, k_dim), dtype, "x")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import tvm
+from numpy._core._multiarray_umath import __cpu_features__ as NUMPY_CPU_FEATURES
 from tvm.target import codegen
 
-from ..runtime.library import DEVICES
+from ..interface.artifact import DEVICES
 from .config import CompileError
 
 
@@ -60,3 +61,18 @@ def model_target(target: tvm.target.Target) -> tvm.target.Target:
     their CPU variants only for kind llvm, so the C source target takes generic LLVM's kernels and
     schedules; only the code generator differs."""
     return tvm.target.Target({"kind": "llvm"}) if target.kind.name == "c" else target
+
+
+# LLVM's names for the CPU features whose numpy name is not simply the upper case without dots.
+_NUMPY_NAMES = {"fma": "FMA3"}
+
+
+def required_cpu_features(target: tvm.target.Target) -> tuple[str, ...]:
+    """The host CPU features the target's code may use, in numpy's names (numpy reads them with cpuid
+    at run time, so the runtime can check a host without TVM's compiler): what an artifact compiled
+    for one CPU needs of the CPU it loads on, where it would otherwise die of an illegal instruction."""
+    host = target if target.kind.name in CPU_TARGET_KINDS else target.host
+    if host is None or host.kind.name != "llvm":
+        return ()
+    names = {_NUMPY_NAMES.get(f, f.upper().replace(".", "")) for f in codegen.llvm_get_cpu_features(host)}
+    return tuple(sorted(names & set(NUMPY_CPU_FEATURES)))

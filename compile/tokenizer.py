@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from ..interface.artifact import SpecialTokens
 from .checkpoint import Checkpoint
 from .config import CompileError, ModelConfig
 
@@ -34,7 +35,7 @@ def check_same_tokenizer(target: Checkpoint, draft: Checkpoint) -> None:
                                f"but the model's vocabulary is {cfg.vocab_size}; the checkpoint is inconsistent")
 
 
-def special_tokens(ck: Checkpoint, cfg: ModelConfig) -> dict:
+def special_tokens(ck: Checkpoint, cfg: ModelConfig) -> SpecialTokens:
     tok = _tokenizer(ck)
     tc = ck.tokenizer_config
 
@@ -49,9 +50,5 @@ def special_tokens(ck: Checkpoint, cfg: ModelConfig) -> dict:
     bos_id = cfg.bos_token_id
     if bos_id is None and token_text("bos_token") is not None:
         bos_id = tok.token_to_id(token_text("bos_token"))
-    return {
-        "bos_token_id": bos_id,
-        "eos_token_ids": sorted(eos_ids),
-        "bos_token": token_text("bos_token"),
-        "eos_token": eos_text,
-    }
+    return SpecialTokens(bos_token_id=bos_id, eos_token_ids=tuple(sorted(eos_ids)), bos_token=token_text("bos_token"),
+                         eos_token=eos_text)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime.engine import GenerateOptions
+
 DEFAULT_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
     "Write a short poem about the sea.",
@@ -49,7 +51,8 @@ def add_parser(sub) -> None:
                    help="built-in prompts: chat questions, or a passage to repeat or edit (default chat)")
     p.add_argument("--draft-length", type=int, nargs="+", default=[2, 4, 6],
                    help="k values (chains) and depths (trees) to run end to end")
-    p.add_argument("--tree-width", type=int, default=2, help="children per node of the token trees (default 2)")
+    p.add_argument("--tree-width", type=int, default=GenerateOptions.tree_width,
+                   help="children per node of the token trees (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
@@ -60,6 +63,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .runtime.engine import Engine
 
+    _check_options(args)
     artifact = Path(args.artifact) if args.artifact else _default_artifact()
     engine = Engine(artifact, device=args.device)
     prompts = _prompts(engine, args.prompts, args.workload)
@@ -67,7 +71,7 @@ def run(args) -> int:
                "workload": "file" if args.prompts else args.workload, "max_tokens": args.max_tokens}
     results["memory_bandwidth_gbs"] = memory_bandwidth()
     results["costs"] = forward_costs(engine)
-    results["decode_bandwidth_gbs"] = (engine.config["models"]["target"]["param_bytes"]
+    results["decode_bandwidth_gbs"] = (engine.config.models["target"].param_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
     if args.compare_hf:
@@ -81,6 +85,13 @@ def run(args) -> int:
     return 0
 
 
+def _check_options(args) -> None:
+    """The API's own checks, before minutes of measuring rather than after."""
+    for k in args.draft_length:
+        GenerateOptions.make(max_tokens=args.max_tokens, draft_length=k)
+    GenerateOptions.make(tree_width=args.tree_width, tree_depth=1)
+
+
 def _default_artifact() -> Path:
     from .default_model import default_artifact
 
@@ -91,11 +102,14 @@ def _prompts(engine, path: str | None, workload: str = "chat") -> list[list[int]
     """Each prompt as a user turn in the model's chat template (as chat sends it), raw without one."""
     from .chat import ChatTemplate
 
-    texts = Path(path).read_text().splitlines() if path else WORKLOADS[workload]
+    texts = [t for t in (Path(path).read_text(errors="replace").splitlines() if path else WORKLOADS[workload])
+             if t.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no prompts; write one per line, or leave out --prompts for the built-in ones")
     template = ChatTemplate.of(engine)
     if template.is_fallback:
-        return [engine.encode(t) for t in texts if t.strip()]
-    return [template.encode(engine, [{"role": "user", "content": t}]) for t in texts if t.strip()]
+        return [engine.encode(t) for t in texts]
+    return [template.encode(engine, [{"role": "user", "content": t}]) for t in texts]
 
 
 # -- measurements ---------------------------------------------------------------------------------------------
@@ -163,24 +177,17 @@ def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths:
 
 def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
     """Greedy generation, one prompt at a time; time inside compiled calls is counted apart."""
-    vm_seconds = [0.0]
     libs = [engine.target.lib] + ([engine.draft.lib] if engine.draft is not None else [])
-    originals = [dict(lib.functions) for lib in libs]
-    for lib in libs:
-        for name, fn in list(lib.functions.items()):
-            lib.functions[name] = _counting(fn, vm_seconds)
+    compiled_before = sum(lib.compiled_seconds for lib in libs)
     tokens, acc, drafted, rounds, start = 0, None, None, 0, time.perf_counter()
-    try:
-        for ids in prompts:
-            out = engine.generate(token_ids=ids, max_tokens=max_tokens, stop_at_eos=False, **opts)
-            tokens += len(out.token_ids)
-            rounds += out.stats["rounds"]
-            a, d = np.array(out.stats["accepted_per_position"]), np.array(out.stats["drafted_per_position"])
-            acc, drafted = (a, d) if acc is None else (acc + a, drafted + d)
-    finally:
-        for lib, original in zip(libs, originals):
-            lib.functions.update(original)
+    for ids in prompts:
+        out = engine.generate(token_ids=ids, max_tokens=max_tokens, stop_at_eos=False, **opts)
+        tokens += len(out.token_ids)
+        rounds += out.stats["rounds"]
+        a, d = np.array(out.stats["accepted_per_position"]), np.array(out.stats["drafted_per_position"])
+        acc, drafted = (a, d) if acc is None else (acc + a, drafted + d)
     total = time.perf_counter() - start
+    compiled = sum(lib.compiled_seconds for lib in libs) - compiled_before
     k = opts.get("tree_depth", opts.get("draft_length"))
     k = int((drafted > 0).sum()) if k == "auto" else k
     return {
@@ -189,18 +196,8 @@ def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
         "tokens_per_target_call": tokens / rounds,
         "acceptance_rate": float(acc.sum() / drafted.sum()) if drafted.sum() else 0.0,
         "acceptance_per_position": [float(x / y) if y else 0.0 for x, y in zip(acc[:k], drafted[:k])],
-        "host_share": (total - vm_seconds[0]) / total,
+        "host_share": (total - compiled) / total,
     }
-
-
-def _counting(fn, counter: list[float]):
-    def call(*args):
-        start = time.perf_counter()
-        result = fn(*args)
-        counter[0] += time.perf_counter() - start
-        return result
-
-    return call
 
 
 def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -209,7 +206,7 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     def load(role: str):
-        source = Path(engine.config["models"][role]["source"])
+        source = Path(engine.config.models[role].source)
         if source.suffix == ".gguf":
             return AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -236,7 +233,7 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
     from llama_cpp import Llama
 
-    source = engine.config["models"]["target"]["source"]
+    source = engine.config.models["target"].source
     if not source.endswith(".gguf"):
         return {"skipped": "the target was not compiled from a GGUF file"}
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import signal
 import sys
@@ -23,7 +24,9 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .runtime.engine import CONFIG_FILE, ArtifactError, Engine, GenerateOptions, Stats
+from .interface.artifact import ArtifactError, is_artifact
+from .runtime.engine import Engine, GenerateOptions, Stats
+from .runtime.speculative import SamplingParams
 from .runtime.library import tvm_device
 
 # Used when an artifact has no chat template: plain role-prefixed lines, the reply ending where the model
@@ -55,35 +58,38 @@ def add_parser(subparsers) -> None:
                                    "(default: SmolLM2-135M-Instruct with the shipped draft, compiled on first use)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, vulkan, metal, opencl or webgpu (default cpu)")
     p.add_argument("--no-draft", action="store_true", help="run the target alone")
-    p.add_argument("--draft-length", type=draft_length, default="auto",
+    p.add_argument("--draft-length", type=draft_length, default=Settings.draft_length,
                    help="tokens drafted per round, or auto: chosen from measured acceptance and costs (default auto)")
-    p.add_argument("--draft", dest="draft_shape", type=draft_shape, default="chain",
+    p.add_argument("--draft", dest="draft_shape", type=draft_shape, default=Settings.draft_shape,
                    help="chain: the draft proposes --draft-length tokens; tree: a token tree of --tree-width children "
                         "under every node of its first --tree-depth levels, verified in one forward (default chain)")
-    p.add_argument("--tree-width", type=int, default=2, help="children per tree node (default 2)")
-    p.add_argument("--tree-depth", type=int, default=4, help="levels of the tree below its root (default 4)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--tree-width", type=int, default=Settings.tree_width, help="children per tree node (default %(default)s)")
+    p.add_argument("--tree-depth", type=int, default=Settings.tree_depth,
+                   help="levels of the tree below its root (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 is greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus sampling mass (default %(default)s: off)")
+    p.add_argument("--top-k", type=int, default=Settings.top_k,
+                   help="sample among the k likeliest tokens (default %(default)s: off)")
     p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help="longest reply in tokens (default %(default)s)")
     p.add_argument("--system", help="system message of every conversation")
     p.set_defaults(run=run)
 
 
 @dataclasses.dataclass
 class Settings:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    """The chat's options: the API's defaults (GenerateOptions) but for longer replies and draft length auto."""
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    top_k: int = SamplingParams.top_k
     seed: int | None = None
     max_tokens: int = 512
     draft_length: int | str = "auto"
     draft: bool = True
     system: str | None = None
     draft_shape: str = "chain"
-    tree_width: int = 2
-    tree_depth: int = 4
+    tree_width: int = GenerateOptions.tree_width
+    tree_depth: int = GenerateOptions.tree_depth
 
     def options(self) -> dict:
         """Keyword arguments of Session.stream but `speculative` (see Chat); raises ValueError on a bad value."""
@@ -148,8 +154,8 @@ class ChatTemplate:
 
     @classmethod
     def of(cls, engine: Engine) -> "ChatTemplate":
-        special = engine.config["special_tokens"]
-        return cls(engine.chat_template, special.get("bos_token"), special.get("eos_token"))
+        special = engine.config.special_tokens
+        return cls(engine.chat_template, special.bos_token, special.eos_token)
 
     def render(self, messages: list[dict]) -> str:
         try:
@@ -217,9 +223,9 @@ class Chat:
         system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
         return system + self.messages + [{"role": "user", "content": user_text}]
 
-    def reply(self, user_text: str, stop_requested: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    def reply(self, user_text: str, stop: "StopOnInterrupt | None" = None) -> Iterator[str]:
         """Stream the reply. It joins the history when it ends or is stopped (partial, as shown);
-        a reply cut by an error does not, and the next turn's prefix match drops its tokens."""
+        a reply cut by an error or a second Ctrl-C does not, and the next turn's prefix match drops its tokens."""
         token_ids = self.template.encode(self.engine, self.conversation(user_text))
         # True only with a draft model: the runtime may read True without one as another kind of drafting.
         options = self.settings.options() | {"speculative": self.speculative}
@@ -227,14 +233,17 @@ class Chat:
             options["stop"] = FALLBACK_STOP
         deltas = self.session.stream(token_ids=token_ids, **options)
         text = ""
+        stop = stop or StopOnInterrupt()
         try:
+            stop.streaming = True
             for delta in deltas:
                 text += delta
                 yield delta
-                if stop_requested():
+                if stop():
                     break
         finally:
-            deltas.close()  # the runtime settles both caches in its finally
+            stop.streaming = False  # from here a Ctrl-C must not cut the bookkeeping below in half
+            deltas.close()  # the runtime leaves both caches settled whatever happened
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         self.last = self.session.last_stats
         self.total.merge(self.last)
@@ -286,14 +295,23 @@ class Console:
         self.interactive = interactive
         self.notes = sys.stdout if interactive else sys.stderr
         self.dim = self.notes.isatty()
+        self.partial = False  # part of a reply is on the current line
 
     def piece(self, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
+        self.partial = True
 
     def end_reply(self) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
+        self.partial = False
+
+    def cut_reply(self) -> None:
+        """After an error or an interrupt: end the line if part of the reply is on it (piped, a failed
+        turn with nothing shown adds no empty reply)."""
+        if self.partial:
+            self.end_reply()
 
     def note(self, text: str) -> None:
         print(text, file=self.notes, flush=True)
@@ -306,17 +324,25 @@ class Console:
 
 
 class StopOnInterrupt:
-    """While a reply streams, the first Ctrl-C asks it to stop after the current token, so the caches are
-    settled by the runtime as on any stop; a second Ctrl-C interrupts at once."""
+    """Ctrl-C during a turn. The first asks the reply to stop after the current token, so the runtime
+    settles the caches as on any stop; a second one while the reply still streams interrupts it at once
+    (KeyboardInterrupt) and drops it. Any other in the turn is ignored: two quick presses must not end
+    the chat."""
+
+    def __init__(self):
+        self.requested = False
+        self.streaming = False  # set by Chat.reply while its stream runs
 
     def __enter__(self) -> "StopOnInterrupt":
-        self.requested = False
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        if not self.requested:
+            self.requested = True
+        elif self.streaming:
+            self.streaming = False  # raised once per turn, so the cleanup it triggers runs uninterrupted
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
@@ -331,6 +357,8 @@ def run(args) -> int:
     settings.options()  # a bad option or device fails before anything is loaded or compiled
     tvm_device(args.device)
     console = Console(interactive=sys.stdin.isatty())
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a stray invalid byte in the input becomes U+FFFD, not a crash
+        sys.stdin.reconfigure(errors="replace")
     artifact = resolve_model(args.model, args.device, _log)
     # Two sequences: the conversation, and a scratch one that times the target's step for the speedup.
     engine = Engine(artifact, device=args.device, max_batch_size=2)
@@ -358,7 +386,7 @@ def resolve_model(model: str | None, device: str, log: Callable[[str], None]) ->
 
         return default_artifact(device, log)
     path = Path(model)
-    if (path / CONFIG_FILE).is_file():
+    if is_artifact(path):
         return path
     if not path.exists():
         raise ArtifactError(f"{path}: no such file or folder; give an artifact folder (from mlc_spec compile), "
@@ -372,46 +400,55 @@ def resolve_model(model: str | None, device: str, log: Callable[[str], None]) ->
 
 
 def loop(chat: Chat, console: Console) -> int:
+    # From here Ctrl-C is the chat's (a turn's StopOnInterrupt, else drop the line), never the command's exit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         try:
-            line = input("> ") if console.interactive else sys.stdin.readline()
-        except EOFError:
-            console.note("")
-            return 0
-        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
-            console.note("")
-            continue
-        if not console.interactive and not line:
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if command(chat, console, line) == "exit":
+            line = read_line(console)
+            if line is None or handle(chat, console, line) == "exit":
                 return 0
-            continue
+        except KeyboardInterrupt:  # at the prompt or between turns: drop the line, as a shell does
+            console.note("")
+
+
+def read_line(console: Console) -> str | None:
+    """The next line, stripped; None at the end of the input."""
+    try:
+        line = input("> ") if console.interactive else sys.stdin.readline()
+    except EOFError:
+        console.note("")
+        return None
+    if not console.interactive and not line:
+        return None
+    return line.strip()
+
+
+def handle(chat: Chat, console: Console, line: str) -> str | None:
+    if line.startswith("/"):
+        return command(chat, console, line)
+    if line:
         turn(chat, console, line)
+    return None
 
 
 def turn(chat: Chat, console: Console, text: str) -> None:
-    try:
-        with StopOnInterrupt() as stop:
+    """One reply. Its errors are reported and the chat goes on: piped, the next line is read."""
+    with StopOnInterrupt() as stop:
+        try:
             for delta in chat.reply(text, stop):
                 console.piece(delta)
-    except KeyboardInterrupt:  # a second Ctrl-C: the runtime still settled the caches on the way out
+        except KeyboardInterrupt:  # a second Ctrl-C: the runtime still settled the caches on the way out
+            console.cut_reply()
+            console.note("(interrupted; this reply is not kept in the conversation)")
+            return
+        except (ValueError, RuntimeError) as err:
+            console.cut_reply()
+            console.error(f"{err} (/reset starts a new conversation)")
+            return
         console.end_reply()
-        console.note("(interrupted; this reply is not kept in the conversation)")
-        return
-    except (ValueError, RuntimeError) as err:
-        if not console.interactive:
-            raise
-        console.end_reply()
-        console.error(f"{err} (/reset starts a new conversation)")
-        return
-    console.end_reply()
-    if stop():
-        console.note("(stopped)")
-    console.faint(summary_line(chat))
+        if stop():
+            console.note("(stopped)")
+        console.faint(summary_line(chat))
 
 
 def command(chat: Chat, console: Console, line: str) -> str | None:
@@ -422,11 +459,11 @@ def command(chat: Chat, console: Console, line: str) -> str | None:
         chat.reset()
         console.note("(new conversation)")
     elif name == "stats":
-        print(stats_report(chat), flush=True)
+        console.note(stats_report(chat))
     elif name == "help":
-        print(HELP, flush=True)
+        console.note(HELP)
     elif name == "set" and not rest.strip():
-        print("  ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.settings).items()), flush=True)
+        console.note("  ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.settings).items()))
     elif name == "set":
         option, _, value = rest.strip().partition(" ")
         try:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import bench, chat
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every cleanup (a compile's staging
+    folder, the caches) runs; not a KeyboardInterrupt, which chat takes as "stop this reply"."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,14 +21,45 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_parser(sub)
     bench.add_parser(sub)
     args = parser.parse_args(argv)
+    received: list[int] = []
+    previous = _catch_signals(received)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated):
+        return _interrupted(received)
     except (ValueError, RuntimeError, OSError) as err:
+        if received:  # TVM turns a signal's exception inside its Python callbacks (the compiler's passes) into an error
+            return _interrupted(received)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _catch_signals(received: list[int]) -> dict:
+    """Ctrl-C and SIGTERM as exceptions, noting which came; returns the handlers they replace."""
+    def interrupt(signum, _frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    def terminate(signum, _frame):
+        received.append(signum)
+        raise Terminated
+
+    # a signal ignored from the start (nohup, a background job of a script) stays ignored
+    return {signum: signal.signal(signum, handler)
+            for signum, handler in ((signal.SIGINT, interrupt), (signal.SIGTERM, terminate))
+            if signal.getsignal(signum) is not signal.SIG_IGN}
+
+
+def _interrupted(received: list[int]) -> int:
+    """The shell's convention: 128 + the signal's number."""
+    if received and received[-1] == signal.SIGTERM:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _add_compile(sub) -> None:

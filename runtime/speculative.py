@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,14 +44,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def validate(self) -> None:
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-
 
 @dataclasses.dataclass
 class Sequence:
@@ -62,12 +55,13 @@ class Sequence:
 
 @dataclasses.dataclass
 class RoundStats:
-    """What one round did, for acceptance statistics and timing: drafts and acceptances per sequence."""
+    """What one round did, per sequence: drafts, acceptances and the committed tokens; and its timing."""
     drafted: list[int]
     accepted: list[int]
     draft_seconds: float
     verify_seconds: float
     catch_up_seconds: float = 0.0  # the draft feeding tokens of rounds that did not draft
+    tokens: list[list[int]] = dataclasses.field(default_factory=list)  # accepted drafts + the target's token
 
 
 class Model:
@@ -125,10 +119,10 @@ class DraftModel(_ModelDraft):
         for j in range(k):
             logits = model.lib.forward_last(model.kv, ids, feeds)
             if params.greedy:
-                tokens = model.lib.argmax(logits)
+                tokens = model.lib.kernels.argmax(logits)
             else:
-                q = model.lib.sampling_probs(logits, *_row_params(params, len(seqs)))
-                tokens = model.lib.sample_from_probs(q, u_draft[:, j])
+                q = model.lib.kernels.sampling_probs(logits, *_row_params(params, len(seqs)))
+                tokens = model.lib.kernels.sample_from_probs(q, u_draft[:, j])
                 q_rows.append(q.numpy())
             steps.append(tokens)
             feeds = [[int(t)] for t in tokens]
@@ -206,7 +200,7 @@ class DraftTree(_ModelDraft):
 
     def _probs(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         lib = self.model.lib
-        return lib.sampling_probs(_to_device(logits, lib), *_row_params(params, len(logits))).numpy()
+        return lib.kernels.sampling_probs(logits, *_row_params(params, len(logits))).numpy()
 
     def _add_children(self, trees: list[Tree], parents: list[tuple[int, int]], weights: np.ndarray,
                       params: SamplingParams, u_draft: np.ndarray | None) -> list[tuple[int, int]]:
@@ -227,9 +221,9 @@ class DraftTree(_ModelDraft):
                 break
             children = [(parents[r][0], first_child[r] + i) for r in rows]
             if params.greedy:
-                picks = lib.argmax(_to_device(weights[rows], lib))
+                picks = lib.kernels.argmax(weights[rows])
             else:  # a node's draw uses the node's own uniform, so it is fixed whatever the batch
-                picks = lib.sample_from_probs(_to_device(weights[rows], lib), [u_draft[b, n - 1] for b, n in children])
+                picks = lib.kernels.sample_from_probs(weights[rows], [u_draft[b, n - 1] for b, n in children])
             for (b, n), token in zip(children, picks):
                 trees[b].tokens[n] = int(token)
             weights[rows, picks] = removed
@@ -273,16 +267,24 @@ class NGramDraft:
 
 
 class SpeculativeDecoder:
-    def __init__(self, target: Model, proposer: DraftModel | DraftTree | NGramDraft | None):
+    def __init__(self, target: Model, proposer: DraftModel | DraftTree | NGramDraft | None,
+                 observer: Callable[[RoundStats], None] | None = None):
+        """observer: told of every round, after its tokens are committed (bench and the backend checks
+        record decisions and timings with it)."""
         self.target = target
         self.proposer = proposer
+        self.observer = observer
 
-    def round(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], RoundStats]:
-        """Run one round (k: drafts per chain, or the tree's depth); returns the new committed tokens of
-        each sequence (accepted drafts + 1)."""
+    def round(self, seqs: list[Sequence], k: int) -> RoundStats:
+        """Run one round (k: drafts per chain, or the tree's depth); its stats carry the new committed
+        tokens of each sequence (accepted drafts + 1)."""
         k = k if self.proposer is not None else 0
-        if k and isinstance(self.proposer, DraftTree):
-            return self._tree_round(seqs, k)
+        stats = self._tree_round(seqs, k) if k and isinstance(self.proposer, DraftTree) else self._chain_round(seqs, k)
+        if self.observer is not None:
+            self.observer(stats)
+        return stats
+
+    def _chain_round(self, seqs: list[Sequence], k: int) -> RoundStats:
         params = seqs[0].params
         u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
         (drafts, q), draft_seconds, catch_up_seconds = (self._propose(seqs, k, params, u_draft) if k
@@ -291,11 +293,10 @@ class SpeculativeDecoder:
         accepted, next_tokens = self._verify(seqs, drafts, q, params, u_accept, u_sample)
         verify_seconds = time.perf_counter() - t0
         accepted_drafts = [d[:n] for d, n in zip(drafts, accepted)]
-        return (self._commit(seqs, accepted_drafts, next_tokens),
-                RoundStats([len(d) for d in drafts], [int(n) for n in accepted], draft_seconds, verify_seconds,
-                           catch_up_seconds))
+        return RoundStats([len(d) for d in drafts], [int(n) for n in accepted], draft_seconds, verify_seconds,
+                          catch_up_seconds, self._commit(seqs, accepted_drafts, next_tokens))
 
-    def _tree_round(self, seqs: list[Sequence], depth: int) -> tuple[list[list[int]], RoundStats]:
+    def _tree_round(self, seqs: list[Sequence], depth: int) -> RoundStats:
         params = seqs[0].params
         # one draw per non-root node for drafting and one for accepting it: a width-1 tree draws as a chain
         u_draft, u_accept, u_sample = _uniforms(seqs, tree_size(self.proposer.width, depth) - 1, params.greedy)
@@ -304,9 +305,8 @@ class SpeculativeDecoder:
         leaves, next_tokens = self._verify_tree(seqs, trees, q, params, u_accept, u_sample)
         verify_seconds = time.perf_counter() - t0
         paths = [tree.path(leaf) for tree, leaf in zip(trees, leaves)]
-        return (self._commit(seqs, paths, next_tokens),
-                RoundStats([depth] * len(seqs), [len(p) for p in paths], draft_seconds, verify_seconds,
-                           catch_up_seconds))
+        return RoundStats([depth] * len(seqs), [len(p) for p in paths], draft_seconds, verify_seconds,
+                          catch_up_seconds, self._commit(seqs, paths, next_tokens))
 
     def _propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft):
         """The proposer's catch-up, then its proposal: (proposal, drafting seconds, catch-up seconds)."""
@@ -338,12 +338,12 @@ class SpeculativeDecoder:
         indptr = np.cumsum([0] + [len(d) + 1 for d in drafts])
         flat_drafts = [t for d in drafts for t in d]
         if params.greedy:
-            return target.lib.verify_greedy(logits, flat_drafts, indptr)
-        p = target.lib.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
+            return target.lib.kernels.verify_greedy(logits, flat_drafts, indptr)
+        p = target.lib.kernels.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
         q = q if q is not None else np.zeros((0, target.lib.vocab_size), np.float32)
         # a proposer may draft fewer than k for a sequence: its first len(d) acceptance uniforms
         flat_u = np.concatenate([u[:len(d)] for u, d in zip(u_accept, drafts)]).astype(np.float32)
-        return target.lib.verify_sampling(p, _to_device(q, target.lib), flat_drafts, indptr, flat_u, u_sample)
+        return target.lib.kernels.verify_sampling(p, q, flat_drafts, indptr, flat_u, u_sample)
 
     def _verify_tree(self, seqs, trees: list[Tree], q, params: SamplingParams, u_accept, u_sample):
         """One tree-attention forward of the target over every tree, the tree kernel's walk, and the
@@ -355,13 +355,13 @@ class SpeculativeDecoder:
         try:
             logits = lib.forward_all(kv, ids, [tree.tokens for tree in trees], parents)
             if params.greedy:
-                leaves, next_tokens = lib.tree_verify_greedy(logits, tokens, parents, indptr)
+                leaves, next_tokens = lib.kernels.tree_verify_greedy(logits, tokens, parents, indptr)
             else:
-                p = lib.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
+                p = lib.kernels.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
                 # node n's acceptance uniform is its sequence's n-th; the root has none
                 node_u = np.concatenate([np.concatenate([[0.0], u[:len(tree.tokens) - 1]])
                                          for u, tree in zip(u_accept, trees)]).astype(np.float32)
-                leaves, next_tokens = lib.tree_verify_sampling(p, _to_device(q, lib), tokens, parents, indptr,
+                leaves, next_tokens = lib.kernels.tree_verify_sampling(p, q, tokens, parents, indptr,
                                                                node_u, u_sample)
             kv.commit_tree(ids, leaves)
         finally:
@@ -385,8 +385,3 @@ def _uniforms(seqs: list[Sequence], k: int, greedy: bool):
     draws = np.minimum(draws, np.float32(1.0) - np.finfo(np.float32).epsneg)
     return draws[:, :k], draws[:, k:2 * k], draws[:, 2 * k]
 
-
-def _to_device(array: np.ndarray, lib: ModelLibrary):
-    import tvm
-
-    return tvm.runtime.tensor(np.ascontiguousarray(array, dtype=np.float32), lib.dev)

@@ -49,3 +49,41 @@ def test_repetitive_workload_repeats_a_passage(artifacts):
 
 def _contains(tokens, part):
     return any(tokens[i:i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_blank_prompts_file_is_one_error_line(artifacts, tmp_path, capsys):
+    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=320)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n  \n")
+    artifact = artifacts.compile("llama-gqa2-untied", target)
+    capsys.readouterr()  # drop what the fixtures printed
+    assert cli(["bench", str(artifact), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no prompts" in err
+
+
+def test_a_bad_option_is_refused_before_measuring(tmp_path, capsys):
+    assert cli(["bench", str(tmp_path / "never-loaded"), "--draft-length", "2", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "draft_length must be between 0 and 32" in err
+
+
+def test_ctrl_c_inside_tvm_is_interrupted_not_an_error(capsys, monkeypatch):
+    """FM: TVM turns the KeyboardInterrupt of a Ctrl-C inside its Python callbacks (the compiler's passes)
+    into an empty RuntimeError, which was reported as `error: ` with exit status 2."""
+    import os
+    import signal
+    import time
+
+    import tvm
+
+    from mlc_spec import bench
+
+    @tvm.register_global_func("mlc_spec_test.ctrl_c", override=True)
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs here, inside the callback
+
+    monkeypatch.setattr(bench, "_check_options", lambda _args: tvm.get_global_func("mlc_spec_test.ctrl_c")())
+    assert cli(["bench"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -184,13 +184,34 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_caches_consistent(engine):
     chat.session.close()
 
 
-def test_a_second_ctrl_c_interrupts_at_once():
+def test_a_second_ctrl_c_interrupts_the_streaming_reply_at_once():
     with pytest.raises(KeyboardInterrupt):
         with StopOnInterrupt() as stop:
+            stop.streaming = True
             os.kill(os.getpid(), signal.SIGINT)
             assert stop()
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+
+
+def test_ctrl_c_after_the_reply_ended_is_ignored():
+    """FM: a second Ctrl-C landing after the stopped reply (its statistics line) ends the whole chat."""
+    with StopOnInterrupt() as stop:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert stop()
+
+
+def test_a_second_ctrl_c_drops_the_reply(engine):
+    chat = Chat(engine, Settings(max_tokens=MAX_TOKENS), ChatTemplate.of(engine))
+    with StopOnInterrupt() as stop, pytest.raises(KeyboardInterrupt):
+        for _ in chat.reply("hello there", stop):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    assert chat.messages == [] and not stop.streaming
+    assert "".join(chat.reply("hello there")) == greedy_replies(engine, ["hello there"])[0]
+    chat.session.close()
 
 
 # -- the command: piped and on a terminal -------------------------------------------------------------------
@@ -224,6 +245,51 @@ def test_piped_reset_and_set(tiny_pair, engine):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and "temperature must be >= 0" in errors[0] and "no option 'colour'" in errors[1]
     assert "unknown command /nope" in errors[2]
+
+
+def test_piped_errors_are_reported_and_the_next_line_is_read(tiny_pair, engine):
+    """An over-long prompt, a value out of int32 and a NaN: each one error line, then the next line's reply."""
+    lines = ["word " * 300, "/set top_k 2147483648", "/set temperature nan", "hello there"]
+    done = run_piped(lines, "--model", str(tiny_pair), "--max-tokens", str(MAX_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == greedy_replies(engine, ["hello there"])[0] + "\n"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and "the KV cache holds 256" in errors[0]
+    assert "top_k must be between 0 and 2147483647" in errors[1] and "finite" in errors[2]
+    assert "Traceback" not in done.stderr
+
+
+def test_piped_invalid_utf8_is_replaced(tiny_pair):
+    done = subprocess.run(chat_command("--model", str(tiny_pair), "--max-tokens", "4"), capture_output=True,
+                          input=b"caf\xe9 \xff\xfe\nhello there\n", timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.count(b"\n") == 2 and b"Traceback" not in done.stderr
+
+
+def test_piped_commands_print_only_to_stderr(tiny_pair, engine):
+    done = run_piped(["/set", "/help", "/stats", "hello there", "/stats"], "--model", str(tiny_pair),
+                     "--max-tokens", str(MAX_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == greedy_replies(engine, ["hello there"])[0] + "\n"
+    assert "temperature=0.0" in done.stderr and "/reset" in done.stderr and "all 1 turns" in done.stderr
+
+
+def test_two_quick_ctrl_c_do_not_end_the_chat(tiny_pair):
+    """Two Ctrl-C 50 ms apart, wherever they land (mid-reply, after it, at the prompt): the chat goes on."""
+    proc = subprocess.Popen(chat_command("--model", str(tiny_pair), "--max-tokens", "60"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    proc.stdin.write("the quick brown fox\n")
+    proc.stdin.flush()
+    proc.stdout.readline()  # the first reply is out: the chat's own Ctrl-C handling is in place
+    proc.stdin.write("once upon a time\n")
+    proc.stdin.flush()
+    for _ in range(2):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = proc.communicate("hello there\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "tok/s" in line]) >= 2, err
 
 
 @pytest.mark.parametrize("draft", [True, False], ids=["speculative", "target-alone"])

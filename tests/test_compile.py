@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 import tvm
 
 from mlc_spec.cli import main as cli
+from mlc_spec.compile import kernels
+from mlc_spec.consistency import forward_logits
+from mlc_spec.interface.artifact import read_artifact
 from mlc_spec.runtime.library import ModelLibrary
 
 SHAPES = {
@@ -43,16 +47,12 @@ def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
 
 def run_forwards(artifact: Path, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
     """prefill ids[:a], decode ids[a], verify ids[a+1:b] through the compiled library."""
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
-    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
-    kv.add_sequence(0)
-    a, b = split
-    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
-    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
-    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
-    assert kv.length(0) == b
-    return out
+    return forward_logits(artifact, "cpu", ids, split)
+
+
+def target_library(artifact: Path) -> ModelLibrary:
+    config = read_artifact(artifact)
+    return ModelLibrary(artifact, config.models["target"], config.kernels, tvm.cpu())
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -105,23 +105,22 @@ def test_artifact_layout_and_config(artifacts):
 
 
 def test_exported_functions(artifacts):
+    """The forwards, the cache constructor and every registry kernel, whose signatures the artifact records."""
     arch, opts = SHAPES["llama-gqa2-untied"]
     artifact = artifacts.compile("llama-gqa2-untied", artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts))
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
-    for name in ("embed", "prefill", "decode", "batch_decode", "verify", "create_paged_kv_cache", "sampling_probs",
-                 "sample_from_probs", "argmax", "verify_greedy", "verify_sampling", "tree_verify_greedy",
-                 "tree_verify_sampling"):
+    lib = target_library(artifact)
+    recorded = [k.name for k in read_artifact(artifact).kernels]
+    assert recorded == list(kernels.KERNEL_NAMES)
+    for name in ("prefill", "batch_decode", "verify", "create_paged_kv_cache", *recorded):
         assert lib.vm[name] is not None
 
 
 def test_decode_and_tree_verify_agree_with_chain(artifacts):
-    """The single-sequence decode function, and a token tree on CPU (upstream's swapped kernels fail here)."""
+    """Decode after a token tree on CPU (upstream's swapped kernels fail here)."""
     arch, opts = SHAPES["llama-gqa2-untied"]
     ckpt = artifacts.checkpoint("llama-gqa2-untied", arch=arch, **opts)
     artifact = artifacts.compile("llama-gqa2-untied", ckpt)
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    lib = target_library(artifact)
     kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
     prompt = list(range(5, 25))
     kv.add_sequence(0)
@@ -135,8 +134,7 @@ def test_decode_and_tree_verify_agree_with_chain(artifacts):
     np.testing.assert_allclose(logits[2], ref_ac[-1], atol=1e-4)
     kv.commit_tree([0], [3])  # keep a, b, d
     assert kv.length(0) == len(prompt) + 3
-    with kv.forward([0], [1]):
-        decoded, _ = lib.vm["decode"](lib.ids([44]), kv.handle, lib.params)
+    decoded = lib.forward_last(kv, [0], [[44]])
     np.testing.assert_allclose(decoded.numpy()[0], hf_logits(ckpt, prompt + [40, 41, 43, 44])[-1], atol=1e-4)
 
 
@@ -325,3 +323,141 @@ def test_cuda_build_carries_device_binaries(artifacts, good_checkpoint):
     assert cuda and all(m.is_runnable() for m in cuda)
     config = json.loads((artifact / "mlc_spec_config.json").read_text())
     assert config["target"] == {"kind": "cuda", "arch": "sm_90"} and config["build"]["cuda_arch"] == "sm_90"
+
+
+# -- output paths: compile replaces only what a compile made -------------------------------------------------
+def fake_artifact(folder: Path, *extra: str) -> Path:
+    """A folder shaped like an artifact (its config names its files), with extra files of a user's."""
+    folder.mkdir(parents=True)
+    models = {"target": {"library": "target-cpu.so", "params": "target.safetensors"}}
+    (folder / "mlc_spec_config.json").write_text(json.dumps({"models": models}))
+    for name in ("tokenizer.json", "target-cpu.so", "target.safetensors", *extra):
+        (folder / name).write_text("x")
+    return folder
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys, good_checkpoint):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    err = compile_error(capsys, [str(good_checkpoint), "--output", str(file)])
+    assert "is a file, not a folder" in err and file.read_text() == "mine"
+
+
+def test_output_folder_of_other_files_is_refused(tmp_path, capsys, good_checkpoint):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_text("mine")
+    err = compile_error(capsys, [str(good_checkpoint), "--output", str(tmp_path / "photos")])
+    assert "not an mlc_spec artifact" in err and "choose a new or empty folder" in err
+    assert (tmp_path / "photos" / "cat.jpg").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_output_holding_the_source_is_refused(tmp_path, capsys, good_checkpoint, where):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "models" / "m")
+    output = ckpt if where == "itself" else ckpt.parent
+    err = compile_error(capsys, [str(ckpt), "--output", str(output)])
+    assert ("is the checkpoint" if where == "itself" else "contains the checkpoint") in err
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+
+
+def test_output_current_folder_is_refused(tmp_path, capsys, good_checkpoint, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    err = compile_error(capsys, [str(good_checkpoint), "--output", "."])
+    assert "is the current folder" in err
+    assert_empty(tmp_path / "here")
+
+
+def test_artifact_holding_a_user_file_is_refused(tmp_path, capsys, good_checkpoint):
+    artifact = fake_artifact(tmp_path / "art", "my-notes.md")
+    err = compile_error(capsys, [str(good_checkpoint), "--output", str(artifact)])
+    assert "also holds my-notes.md" in err and (artifact / "my-notes.md").read_text() == "x"
+
+
+@pytest.mark.parametrize("value", ["0", "100000000"])
+def test_max_seq_len_out_of_range_is_refused(tmp_path, capsys, good_checkpoint, value):
+    err = compile_error(capsys, [str(good_checkpoint), "--max-seq-len", value, "--output", str(tmp_path / "a")])
+    assert f"--max-seq-len must be between 16 and {2**20}" in err
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_artifact_is_replaced_and_stale_staging_is_swept(tmp_path, good_checkpoint):
+    """An older artifact is swapped out whole; what killed compiles left in the folder is removed, a live
+    compile's staging is not."""
+    artifact = fake_artifact(tmp_path / "art")
+    stale = [tmp_path / f".art.partial-{dead_pid()}-abc", tmp_path / f".other.old-{dead_pid()}-x_1"]
+    live = tmp_path / f".art.partial-{os.getpid()}-live"
+    for folder in (*stale, live):
+        folder.mkdir()
+        (folder / "target.safetensors").write_text("95 MB of it")
+    from mlc_spec.compile.build import compile_artifact
+
+    compile_artifact(good_checkpoint, output=artifact, log=lambda _m: None)
+    config = json.loads((artifact / "mlc_spec_config.json").read_text())
+    assert config["models"]["target"]["config"]["architecture"] == "LlamaForCausalLM"
+    assert not any(folder.exists() for folder in stale) and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "art"]
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_compile_removes_the_staging_folder(tmp_path, good_checkpoint, signum, code, line):
+    proc = subprocess.Popen([sys.executable, "-m", "mlc_spec.cli", "compile", str(good_checkpoint), "--output",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for out_line in proc.stdout:  # TVM is building: the staging folder exists
+        if out_line.startswith("build:"):
+            break
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".out.partial-")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == line
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- checkpoint configs checked against their types and tensors -------------------------------------------------
+def edited_checkpoint(src: Path, dst: Path, **fields) -> Path:
+    ckpt = copy_checkpoint(src, dst)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **fields}))
+    return ckpt
+
+
+def test_architectures_as_a_string_is_one_architecture(good_checkpoint):
+    from mlc_spec.compile.config import ModelConfig
+
+    cfg = json.loads((good_checkpoint / "config.json").read_text())
+    assert ModelConfig.from_hf({**cfg, "architectures": "LlamaForCausalLM"}).architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_size": [64]}, "hidden_size must be an integer, got [64]"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be an integer, got True"),
+    ({"vocab_size": 320.5}, "vocab_size must be an integer, got 320.5"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be >= 1, got 0"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps must be a number, got 'small'"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be True or False, got 'yes'"),
+    ({"eos_token_id": ["</s>"]}, "eos_token_id must be an integer, got '</s>'"),
+    ({"architectures": {"name": "LlamaForCausalLM"}}, "architectures must be a list of class names"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling lacks 'low_freq_factor'"),
+])
+def test_config_field_of_the_wrong_type_is_refused(tmp_path, capsys, good_checkpoint, fields, message):
+    ckpt = edited_checkpoint(good_checkpoint, tmp_path / "m", **fields)
+    assert message in compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out")])
+
+
+def test_config_that_is_not_an_object_is_refused(tmp_path, capsys, good_checkpoint):
+    ckpt = copy_checkpoint(good_checkpoint, tmp_path / "m")
+    (ckpt / "config.json").write_text("[1, 2]")
+    assert "holds a JSON list, not an object" in compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out")])
+
+
+def test_fewer_layers_in_the_config_than_in_the_weights_is_refused(tmp_path, capsys, good_checkpoint):
+    ckpt = edited_checkpoint(good_checkpoint, tmp_path / "m", num_hidden_layers=1)
+    err = compile_error(capsys, [str(ckpt), "--output", str(tmp_path / "out")])
+    assert "num_hidden_layers 1 but the weights hold layers 0..1; set num_hidden_layers to 2" in err
+    assert_empty(tmp_path / "out")

@@ -4,7 +4,7 @@ Whole model: three CPU code generators that really differ (baseline x86-64 LLVM,
 vector ISA with FMA, and TVM's C source built by the system C compiler) give identical greedy and
 sampled tokens, identical verify decisions, and logits within 1e-4.
 
-Kernels: the GPU schedules of compile/kernels.py, in the OpenCL C and WGSL that TVM generates, run on
+Kernels: the GPU schedules of compile/kernels/, in the OpenCL C and WGSL that TVM generates, run on
 pocl and on Mesa's lavapipe (through pyopencl and wgpu-py), launched here the way TVM's host code
 would; every kernel call that tests/test_kernels.py makes must decide as the LLVM build does.
 
@@ -16,7 +16,6 @@ differing decisions) are printed in a table at the end of the session.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import itertools
 import json
@@ -38,23 +37,12 @@ from mlc_spec import Engine
 from mlc_spec.compile import kernels
 from mlc_spec.compile.config import CompileError
 from mlc_spec.compile.targets import host_target
+from mlc_spec.consistency import differing, forward_logits, generate_with_decisions
 from mlc_spec.runtime.library import tvm_device
 from test_speculative import VOCAB, prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _load_device_check():
-    """tools/device_check.py, whose runtime-only helpers the GPU machine runs too."""
-    spec = importlib.util.spec_from_file_location("device_check", REPO / "tools" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-device_check = _load_device_check()
-generate_with_decisions, forward_logits, differing = (
-    device_check.generate_with_decisions, device_check.forward_logits, device_check.differing)
 
 # ---------------------------------------------------------------------------------------------------
 # Figures: one row per pair of backends, printed when the session ends
@@ -445,7 +433,7 @@ def test_gpu_schedules_decide_like_llvm(kernel_calls, kind):
     pair = f"llvm vs {kind} kernels"
     refused = sorted(set(_WGSL_REFUSED_NAME.findall(lower_gpu_schedules(kind)[0]))) if kind == "webgpu" else []
     if refused:
-        reason = f"TVM's WGSL declares names WGSL refuses ({', '.join(refused)}): rename them in compile/kernels.py"
+        reason = f"TVM's WGSL declares names WGSL refuses ({', '.join(refused)}): rename them in compile/kernels/"
         record_not_run(pair, reason)
         pytest.xfail(reason)
     device = DeviceKernels(kind)

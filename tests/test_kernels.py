@@ -1,4 +1,4 @@
-"""Sampling and speculative-verification kernels (compile/kernels.py) against a float64 numpy reference.
+"""Sampling and speculative-verification kernels (compile/kernels/) against a float64 numpy reference.
 
 The ref_* functions below are the readable specification; the CPU schedule is compiled once per
 session and checked against them. Random cases are drawn away from float ties and rounding boundaries
@@ -161,6 +161,9 @@ def ref_tree_verify_sampling(p, q, tokens, parents, indptr, u_accept, u_sample):
 
 
 class CpuKernels:
+    """The registry's kernels built for generic LLVM, called as the runtime calls them: by name, with
+    results shaped from each kernel's signature."""
+
     def __init__(self):
         target = tvm.target.Target({"kind": "llvm"})
         funcs = kernels.scheduled_kernels(target)
@@ -168,65 +171,23 @@ class CpuKernels:
         self._lib = tvm.compile(mod, target=target)
         self._dev = tvm.cpu()
 
+    def __getattr__(self, name):
+        if name not in kernels.KERNELS:
+            raise AttributeError(name)
+        signature = kernels.KERNELS[name].signature
+        return lambda *args: self._call_signature(signature, args)
+
+    def _call_signature(self, signature, args):
+        inputs = [np.ascontiguousarray(a, spec.dtype) for a, spec in zip(args, signature.args)]
+        shapes = signature.result_shapes([i.shape for i in inputs])
+        return self._call(signature.name, inputs, [(shape, r.dtype) for shape, r in zip(shapes, signature.results)])
+
     def _call(self, name, inputs, outputs):
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in inputs]
+        args = [tvm.runtime.tensor(a, self._dev) for a in inputs]
         outs = [tvm.runtime.empty(shape, dtype, self._dev) for shape, dtype in outputs]
         self._lib[name](*args, *outs)
         results = [o.numpy() for o in outs]
         return results[0] if len(results) == 1 else tuple(results)
-
-    def sampling_probs(self, logits, temperature, top_k, top_p):
-        return self._call(
-            "sampling_probs",
-            [_f32(logits), _f32(temperature), _i32(top_k), _f32(top_p)],
-            [(logits.shape, "float32")],
-        )
-
-    def sample_from_probs(self, probs, u):
-        return self._call("sample_from_probs", [_f32(probs), _f32(u)], [((len(probs),), "int32")])
-
-    def argmax(self, logits):
-        return self._call("argmax", [_f32(logits)], [((len(logits),), "int32")])
-
-    def verify_greedy(self, logits, draft, indptr):
-        batch = (len(indptr) - 1,)
-        return self._call(
-            "verify_greedy",
-            [_f32(logits), _i32(draft), _i32(indptr)],
-            [(batch, "int32"), (batch, "int32")],
-        )
-
-    def verify_sampling(self, p, q, draft, indptr, u_accept, u_sample):
-        batch = (len(indptr) - 1,)
-        return self._call(
-            "verify_sampling",
-            [_f32(p), _f32(q), _i32(draft), _i32(indptr), _f32(u_accept), _f32(u_sample)],
-            [(batch, "int32"), (batch, "int32")],
-        )
-
-    def tree_verify_greedy(self, logits, tokens, parents, indptr):
-        batch = (len(indptr) - 1,)
-        return self._call(
-            "tree_verify_greedy",
-            [_f32(logits), _i32(tokens), _i32(parents), _i32(indptr)],
-            [(batch, "int32"), (batch, "int32")],
-        )
-
-    def tree_verify_sampling(self, p, q, tokens, parents, indptr, u_accept, u_sample):
-        batch = (len(indptr) - 1,)
-        return self._call(
-            "tree_verify_sampling",
-            [_f32(p), _f32(q), _i32(tokens), _i32(parents), _i32(indptr), _f32(u_accept), _f32(u_sample)],
-            [(batch, "int32"), (batch, "int32")],
-        )
-
-
-def _f32(a):
-    return np.asarray(a, np.float32)
-
-
-def _i32(a):
-    return np.asarray(a, np.int32)
 
 
 @pytest.fixture(scope="module")

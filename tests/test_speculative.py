@@ -1,5 +1,5 @@
 """The speculative loop: greedy exactness, cache rollback, stops inside accepted runs, sampling's
-distribution, determinism and a soak. Each test names the failure mode of ../shared/REFERENCE.md it
+distribution, determinism and a soak. Each test names the failure mode of docs/exactness.md it
 guards (FM1..FM9)."""
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def test_padded_vocabularies_align(artifacts, draft_vocab):
     draft = artifacts.checkpoint(f"pad-draft-{draft_vocab}", arch="llama", vocab_size=draft_vocab,
                                  tokenizer_vocab=300, seed=4)
     engine = Engine(artifacts.compile(f"pad-{draft_vocab}", target, draft), max_batch_size=8)
-    assert engine.config["shared_vocab_size"] == min(320, draft_vocab)
+    assert engine.config.shared_vocab_size == min(320, draft_vocab)
     assert engine.draft.lib.vocab_size == 320  # aligned to the target's rows
     batch = prompts(8, seed=31)
     ref = [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=30, stop_at_eos=False, speculative=False)]
@@ -440,10 +440,10 @@ def test_tree_round_leaves_the_caches_on_the_committed_tokens(engines, temperatu
             m.prefill(seq, 64)
         accepted = []
         for _ in range(12):
-            new_tokens, stats = decoder.round([seq], 3)
+            stats = decoder.round([seq], 3)
             accepted += stats.accepted
             assert engine.target.cached(seq) == len(seq.tokens) - 1
-            assert engine.draft.cached(seq) == len(seq.tokens) - len(new_tokens[0])  # up to the round's root
+            assert engine.draft.cached(seq) == len(seq.tokens) - len(stats.tokens[0])  # up to the round's root
         assert 0 < sum(accepted) < 3 * len(accepted)  # partial acceptance, where rollback bugs live
         fresh.tokens[:] = list(seq.tokens)
         fseq = Sequence(fresh.seq_id, fresh.tokens, np.random.default_rng(0), params)
@@ -459,7 +459,7 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
     committed tokens and TVM accepts the next forward."""
     engine = engines["partial"]
     lib = engine.target.lib
-    real = lib.tree_verify_greedy
+    real = lib.kernels.tree_verify_greedy
     calls = []
 
     def fail_on_third(*args):
@@ -468,7 +468,7 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
             raise RuntimeError("injected")
         return real(*args)
 
-    monkeypatch.setattr(lib, "tree_verify_greedy", fail_on_third)
+    monkeypatch.setattr(lib.kernels, "tree_verify_greedy", fail_on_third)
     prompt = prompts(100)[7]
     with engine.session() as session:
         with pytest.raises(RuntimeError, match="injected"):
@@ -488,8 +488,11 @@ def test_sampled_tree_with_top_k_one_is_the_greedy_output(engines, reference):
 
 def test_tree_options_are_validated(engines):
     engine = engines["partial"]
-    for bad in (dict(tree_width=0), dict(tree_depth=0), dict(tree_width=2.5), dict(tree_width=1, tree_depth=33)):
-        with pytest.raises(ValueError, match="tree_width must be an integer >= 1 and tree_depth one between 1 and 32"):
+    for bad, message in ((dict(tree_width=0), "tree_width must be >= 1"),
+                         (dict(tree_depth=0), "tree_depth must be between 1 and 32"),
+                         (dict(tree_width=2.5), "tree_width must be an integer"),
+                         (dict(tree_width=1, tree_depth=33), "tree_depth must be between 1 and 32")):
+        with pytest.raises(ValueError, match=message):
             engine.generate(token_ids=[5], speculative="tree", **bad)
     with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
         engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)

@@ -38,51 +38,6 @@ _NOT_RUNTIME = ("libtvm_compiler.so", "3rdparty", "include", "src", "web", "__py
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared with tests/test_cross_backend.py: runtime-only helpers
-
-
-def generate_with_decisions(engine, batch: list[list[int]], **opts):
-    """Each prompt's tokens, and every verify decision in order: (accepted drafts, token emitted)."""
-    from mlc_spec.runtime.speculative import SpeculativeDecoder
-
-    decisions = []
-    plain_round = SpeculativeDecoder.round
-
-    def recording_round(self, seqs, k):
-        new_tokens, stats = plain_round(self, seqs, k)
-        decisions.extend(zip(stats.accepted, (tokens[-1] for tokens in new_tokens)))
-        return new_tokens, stats
-
-    SpeculativeDecoder.round = recording_round
-    try:
-        tokens = []
-        for i in range(0, len(batch), BATCH):
-            tokens += [o.token_ids for o in engine.generate(token_ids=batch[i:i + BATCH], **opts)]
-    finally:
-        SpeculativeDecoder.round = plain_round
-    return tokens, decisions
-
-
-def forward_logits(folder: Path, device: str, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Raw target logits: prefill ids[:a], decode ids[a], verify ids[a+1:b]."""
-    from mlc_spec.runtime.library import ModelLibrary, tvm_device
-
-    config = json.loads((folder / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(folder, config["models"]["target"], tvm_device(device))
-    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
-    kv.add_sequence(0)
-    a, b = split
-    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
-    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
-    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
-    return out
-
-
-def differing(a: list, b: list) -> int:
-    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-
-
-# ---------------------------------------------------------------------------------------------------
 # prepare (full TVM)
 
 
@@ -134,7 +89,8 @@ def _runtime_site(site: Path, python_version: str | None) -> None:
     else:  # tvm_ffi has a compiled core per Python version; tvm itself is pure Python plus libraries
         _unpack_wheel(f"apache-tvm-ffi=={_installed_version('apache-tvm-ffi')}", python_version, site)
     shutil.copytree(REPO / "mlc_spec", site / "mlc_spec", ignore=shutil.ignore_patterns("__pycache__", "default"))
-    shutil.copytree(REPO / "runtime", site / "mlc_spec" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("runtime", "interface"):
+        shutil.copytree(REPO / package, site / "mlc_spec" / package, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _installed_version(name: str) -> str:
@@ -197,7 +153,9 @@ def _require_cuda() -> None:
 
 
 def _prompts(folder: Path) -> list[list[int]]:
-    vocab = json.loads((folder / "mlc_spec_config.json").read_text())["vocab_size"]
+    from mlc_spec.interface.artifact import read_artifact
+
+    vocab = read_artifact(folder).vocab_size
     rng = np.random.default_rng(0)
     lengths = [1, 2, 15, 16, 17, 31, 32, 33] + rng.integers(1, 60, NUM_PROMPTS - 8).tolist()
     return [rng.integers(2, vocab, n).tolist() for n in lengths]
@@ -205,18 +163,22 @@ def _prompts(folder: Path) -> list[list[int]]:
 
 def _outputs(folder: Path, device: str, batch: list[list[int]]) -> dict:
     from mlc_spec import Engine
+    from mlc_spec.consistency import generate_with_decisions
 
     engine = Engine(folder, device=device, max_batch_size=BATCH)
     common = dict(max_tokens=MAX_TOKENS, stop_at_eos=False)
-    return {"speculative": generate_with_decisions(engine, batch, draft_length=DRAFT_LENGTH, **common),
-            "tree": generate_with_decisions(engine, batch, speculative="tree", tree_width=TREE_WIDTH,
+    return {"speculative": generate_with_decisions(engine, batch, BATCH, draft_length=DRAFT_LENGTH, **common),
+            "tree": generate_with_decisions(engine, batch, BATCH, speculative="tree", tree_width=TREE_WIDTH,
                                             tree_depth=DRAFT_LENGTH, **common),
-            "target-only": generate_with_decisions(engine, batch, speculative=False, **common)}
+            "target-only": generate_with_decisions(engine, batch, BATCH, speculative=False, **common)}
 
 
 def _consistency(want: dict, got: dict, reference: Path, folder: Path, device: str) -> dict:
+    from mlc_spec.consistency import differing, forward_logits
+    from mlc_spec.interface.artifact import read_artifact
+
     rng = np.random.default_rng(1)
-    vocab = json.loads((reference / "mlc_spec_config.json").read_text())["vocab_size"]
+    vocab = read_artifact(reference).vocab_size
     largest = 0.0
     for ids in (rng.integers(2, vocab, 40).tolist() for _ in range(4)):
         a, b = forward_logits(reference, "cpu", ids, (30, 35)), forward_logits(folder, device, ids, (30, 35))

@@ -1,0 +1,47 @@
+"""Runtime-only helpers that hold one backend's artifact to another's: the same tokens, the same verify
+decisions, and raw logits to compare. tests/test_cross_backend.py and tools/device_check.py (which runs on
+a GPU machine with a runtime-only TVM) both use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .interface.artifact import read_artifact
+from .runtime.engine import Engine
+from .runtime.library import ModelLibrary, tvm_device
+from .runtime.speculative import RoundStats
+
+
+def generate_with_decisions(engine: Engine, prompts: list[list[int]], batch: int = 8, **options):
+    """Each prompt's tokens, and every verify decision in order: (accepted drafts, token emitted)."""
+    decisions = []
+
+    def record(stats: RoundStats) -> None:
+        decisions.extend(zip(stats.accepted, (tokens[-1] for tokens in stats.tokens)))
+
+    tokens = []
+    for i in range(0, len(prompts), batch):
+        tokens += [o.token_ids for o in engine.generate(token_ids=prompts[i:i + batch], observer=record, **options)]
+    return tokens, decisions
+
+
+def forward_logits(folder: Path, device: str, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The target's raw logits: prefill ids[:a], decode ids[a], verify ids[a+1:b]."""
+    config = read_artifact(folder)
+    lib = ModelLibrary(folder, config.models["target"], config.kernels, tvm_device(device))
+    kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
+    kv.add_sequence(0)
+    a, b = split
+    out = {"prefill": lib.forward_last(kv, [0], [ids[:a]]).numpy()[0]}
+    out["decode"] = lib.forward_last(kv, [0], [[ids[a]]]).numpy()[0]
+    out["verify"] = lib.forward_all(kv, [0], [ids[a + 1:b]]).numpy()
+    if kv.length(0) != b:
+        raise AssertionError(f"the cache holds {kv.length(0)} tokens after the forwards, not {b}")
+    return out
+
+
+def differing(a: list, b: list) -> int:
+    """How many items differ, counting any extra ones of the longer list."""
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
