@@ -11,12 +11,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import tvm
 from safetensors.torch import load_file, save_file
 
+from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards, target_library
 from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
-from mlc_spec.runtime.library import ModelLibrary
-from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards
 
 TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
 
@@ -132,8 +130,7 @@ def test_integer_path_is_the_float_model_up_to_8_bit_activations(artifacts, tmp_
 def logits_of(artifact, ids: list[int], prefix: int, how: str) -> np.ndarray:
     """Logits of ids[prefix:] after a prefill of ids[:prefix]: decoded one at a time, verified in one
     forward, or each decoded in a batch beside another sequence."""
-    config = json.loads((artifact / "mlc_spec_config.json").read_text())
-    lib = ModelLibrary(artifact, config["models"]["target"], tvm.cpu())
+    lib = target_library(artifact)
     kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
     for seq, prompt in enumerate((ids[:prefix], ids[:prefix][::-1])):  # the other sequence has its own context
         kv.add_sequence(seq)
