@@ -34,8 +34,7 @@ EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5
 
 def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """tir_attention_prefill_cpu: queries against the pages cached for their sequence."""
-    tile = _Tile(h_kv, h_q, d)
-    rows = tile.rows
+    attend_sequence = _sequence_attention(h_kv, h_q, d)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -69,39 +68,15 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         for b in range(batch_size):
             n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
             kv_len: T.let[T.int32] = T.Select(n_pages > 0, (n_pages - 1) * KEYS + length_info[b], 0)
-            n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-            for task in T.parallel(h_kv * T.ceildiv(n_q, QUERIES)):
-                kv_head: T.let[T.int32] = task % h_kv
-                q0: T.let[T.int32] = tile.first_query(task // h_kv, n_q)
-                with T.sblock("tile"):
-                    Qt = T.sblock_alloc_buffer((d, rows), "float32")
-                    K = T.sblock_alloc_buffer((KEYS, d), "float32")
-                    V = T.sblock_alloc_buffer((KEYS, d), "float32")
-                    S = T.sblock_alloc_buffer((KEYS, rows), "float32")
-                    state = T.sblock_alloc_buffer((4, rows), "float32")
-                    seen = T.sblock_alloc_buffer((rows,), "int32")
-                    acc = T.sblock_alloc_buffer((KEY_PASS, rows), "float32")
-                    out = T.sblock_alloc_buffer((rows, d), "float32")
-                    tile.start(q, q_indptr[b], q0, n_q, kv_head, sm_scale * LOG2E, causal, kv_len, Qt, seen, state, out)
-                    for block in range(T.ceildiv(tile.keys_seen(causal, kv_len, n_q, q0), KEYS)):
-                        page: T.let[T.int32] = page_values[page_indptr[b] + block]
-                        for j in range(KEYS):
-                            for c in T.vectorized(d):
-                                # a page's free slots are uninitialised, and zero times NaN is NaN
-                                K[j, c] = T.Select(block * KEYS + j < kv_len,
-                                                   T.Cast("float32", pages[page, 0, kv_head, j, c]), T.float32(0))
-                                V[j, c] = T.Select(block * KEYS + j < kv_len,
-                                                   T.Cast("float32", pages[page, 1, kv_head, j, c]), T.float32(0))
-                        tile.attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
-                    tile.finish(output, lse, q_indptr[b], q0, n_q, kv_head, state, out)
+            attend_sequence(_load_page, pages, page_values, page_indptr[b], kv_len, q, q_indptr[b],
+                            q_indptr[b + 1] - q_indptr[b], causal, sm_scale * LOG2E, output, lse)
 
     return batch_prefill_paged_kv_cpu
 
 
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """tir_attention_prefill_ragged_cpu: queries against the keys and values of the same forward."""
-    tile = _Tile(h_kv, h_q, d)
-    rows = tile.rows
+    attend_sequence = _sequence_attention(h_kv, h_q, d)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv_cpu(
@@ -132,36 +107,38 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         T.Assert(rotary_mode == 0, "RoPE inside attention is not supported: the model applies it before the cache")
 
         for b in range(batch_size):
-            kv_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-            n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-            for task in T.parallel(h_kv * T.ceildiv(n_q, QUERIES)):
-                kv_head: T.let[T.int32] = task % h_kv
-                q0: T.let[T.int32] = tile.first_query(task // h_kv, n_q)
-                with T.sblock("tile"):
-                    Qt = T.sblock_alloc_buffer((d, rows), "float32")
-                    K = T.sblock_alloc_buffer((KEYS, d), "float32")
-                    V = T.sblock_alloc_buffer((KEYS, d), "float32")
-                    S = T.sblock_alloc_buffer((KEYS, rows), "float32")
-                    state = T.sblock_alloc_buffer((4, rows), "float32")
-                    seen = T.sblock_alloc_buffer((rows,), "int32")
-                    acc = T.sblock_alloc_buffer((KEY_PASS, rows), "float32")
-                    out = T.sblock_alloc_buffer((rows, d), "float32")
-                    tile.start(q, q_indptr[b], q0, n_q, kv_head, sm_scale * LOG2E, causal, kv_len, Qt, seen, state, out)
-                    for block in range(T.ceildiv(tile.keys_seen(causal, kv_len, n_q, q0), KEYS)):
-                        for j in range(KEYS):
-                            for c in T.vectorized(d):
-                                K[j, c] = T.if_then_else(block * KEYS + j < kv_len, T.Cast(
-                                    "float32", k[kv_indptr[b] + block * KEYS + j, kv_head, c]), T.float32(0))
-                                V[j, c] = T.if_then_else(block * KEYS + j < kv_len, T.Cast(
-                                    "float32", v[kv_indptr[b] + block * KEYS + j, kv_head, c]), T.float32(0))
-                        tile.attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
-                    tile.finish(output, lse, q_indptr[b], q0, n_q, kv_head, state, out)
+            attend_sequence(_load_rows, k, v, kv_indptr[b], kv_indptr[b + 1] - kv_indptr[b], q, q_indptr[b],
+                            q_indptr[b + 1] - q_indptr[b], causal, sm_scale * LOG2E, output, lse)
 
     return batch_prefill_ragged_kv_cpu
 
 
-class _Tile:
-    """The steps of one task, shared by both kernels; only loading a block of keys and values differs.
+@T.macro
+def _load_page(K, V, block, kv_head, kv_len, pages, page_values, first_page):
+    """K and V [KEYS, d] = page `block` of the sequence, zero past its keys."""
+    page: T.let[T.int32] = page_values[first_page + block]
+    for j in range(KEYS):
+        for c in T.vectorized(K.shape[1]):
+            # a page's free slots are uninitialised, and zero times NaN is NaN
+            K[j, c] = T.Select(block * KEYS + j < kv_len, T.Cast("float32", pages[page, 0, kv_head, j, c]),
+                               T.float32(0))
+            V[j, c] = T.Select(block * KEYS + j < kv_len, T.Cast("float32", pages[page, 1, kv_head, j, c]),
+                               T.float32(0))
+
+
+@T.macro
+def _load_rows(K, V, block, kv_head, kv_len, k, v, first_row):
+    """K and V [KEYS, d] = rows block * KEYS.. of the sequence's keys and values, zero past its keys."""
+    for j in range(KEYS):
+        for c in T.vectorized(K.shape[1]):
+            K[j, c] = T.if_then_else(block * KEYS + j < kv_len,
+                                     T.Cast("float32", k[first_row + block * KEYS + j, kv_head, c]), T.float32(0))
+            V[j, c] = T.if_then_else(block * KEYS + j < kv_len,
+                                     T.Cast("float32", v[first_row + block * KEYS + j, kv_head, c]), T.float32(0))
+
+
+def _sequence_attention(h_kv: int, h_q: int, d: int):
+    """The macro both kernels run per sequence; only loading a block of keys and values differs.
 
     Per task: Qt [d, rows] the scaled queries transposed, K and V [KEYS, d] the block (zero past the
     keys), S [KEYS, rows] its scores then weights, seen [rows] how many keys each row sees, state
@@ -169,88 +146,107 @@ class _Tile:
     score accumulators, out [rows, d] the unnormalised output. Row r is query q0 + r // group of
     query head kv_head * group + r % group.
     """
+    group = h_q // h_kv
+    rows = QUERIES * group
 
-    def __init__(self, h_kv: int, h_q: int, d: int):
-        group = h_q // h_kv
-        rows = QUERIES * group
-        self.rows = rows
+    @T.macro
+    def start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out):
+        for c, r in T.grid(d, rows):
+            Qt[c, r] = T.float32(0)
+        for i in range(T.min(QUERIES, n_q - q0)):
+            for g, c in T.grid(group, d):
+                Qt[c, i * group + g] = T.Cast("float32", q[q_start + q0 + i, kv_head * group + g, c]) * scale
+        for r in range(rows):
+            seen[r] = T.if_then_else(causal > 0, kv_len - n_q + q0 + r // group + 1, kv_len)
+            state[0, r] = NONE
+            state[1, r] = T.float32(0)
+            for c in T.vectorized(d):
+                out[r, c] = T.float32(0)
 
-        @T.macro
-        def start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out):
-            for c, r in T.grid(d, rows):
-                Qt[c, r] = T.float32(0)
-            for i in range(T.min(QUERIES, n_q - q0)):
-                for g, c in T.grid(group, d):
-                    Qt[c, i * group + g] = T.Cast("float32", q[q_start + q0 + i, kv_head * group + g, c]) * scale
-            for r in range(rows):
-                seen[r] = T.if_then_else(causal > 0, kv_len - n_q + q0 + r // group + 1, kv_len)
-                state[0, r] = NONE
-                state[1, r] = T.float32(0)
-                for c in T.vectorized(d):
-                    out[r, c] = T.float32(0)
-
-        @T.macro
-        def attend(Qt, K, V, S, acc, seen, state, out, key0):
-            """Fold keys key0 .. key0 + KEYS into the running state."""
-            for j0 in range(KEYS // KEY_PASS):
-                # LANES-wide pieces with constant offsets, which LLVM keeps in registers across c
-                for j1, r0 in T.grid(KEY_PASS, rows // LANES):
-                    for r1 in T.vectorized(LANES):
-                        acc[j1, r0 * LANES + r1] = T.float32(0)
-                for c in range(d):
-                    for j1 in T.unroll(KEY_PASS):
-                        for r0 in T.unroll(rows // LANES):
-                            for r1 in T.vectorized(LANES):
-                                acc[j1, r0 * LANES + r1] = (acc[j1, r0 * LANES + r1]
-                                                            + K[j0 * KEY_PASS + j1, c] * Qt[c, r0 * LANES + r1])
+    @T.macro
+    def attend(Qt, K, V, S, acc, seen, state, out, key0):
+        """Fold keys key0 .. key0 + KEYS into the running state."""
+        for j0 in range(KEYS // KEY_PASS):
+            # LANES-wide pieces with constant offsets, which LLVM keeps in registers across c
+            for j1, r0 in T.grid(KEY_PASS, rows // LANES):
+                for r1 in T.vectorized(LANES):
+                    acc[j1, r0 * LANES + r1] = T.float32(0)
+            for c in range(d):
                 for j1 in T.unroll(KEY_PASS):
-                    for r in T.vectorized(rows):
-                        S[j0 * KEY_PASS + j1, r] = T.Select(key0 + j0 * KEY_PASS + j1 < seen[r], acc[j1, r], NONE)
-            for r in T.vectorized(rows):
-                state[2, r] = T.max(state[0, r], S[0, r])
-            for j in range(1, KEYS):
+                    for r0 in T.unroll(rows // LANES):
+                        for r1 in T.vectorized(LANES):
+                            acc[j1, r0 * LANES + r1] = (acc[j1, r0 * LANES + r1]
+                                                        + K[j0 * KEY_PASS + j1, c] * Qt[c, r0 * LANES + r1])
+            for j1 in T.unroll(KEY_PASS):
                 for r in T.vectorized(rows):
-                    state[2, r] = T.max(state[2, r], S[j, r])
+                    S[j0 * KEY_PASS + j1, r] = T.Select(key0 + j0 * KEY_PASS + j1 < seen[r], acc[j1, r], NONE)
+        for r in T.vectorized(rows):
+            state[2, r] = T.max(state[0, r], S[0, r])
+        for j in range(1, KEYS):
             for r in T.vectorized(rows):
-                state[3, r] = _exp2(state[0, r] - state[2, r])
-                state[0, r] = state[2, r]
-                state[1, r] = state[1, r] * state[3, r]
+                state[2, r] = T.max(state[2, r], S[j, r])
+        for r in T.vectorized(rows):
+            state[3, r] = _exp2(state[0, r] - state[2, r])
+            state[0, r] = state[2, r]
+            state[1, r] = state[1, r] * state[3, r]
+        for j in range(KEYS):
+            for r in T.vectorized(rows):
+                S[j, r] = T.Select(S[j, r] > NONE, _exp2(S[j, r] - state[0, r]), T.float32(0))
+                state[1, r] = state[1, r] + S[j, r]
+        for r in range(rows):
+            for c in T.vectorized(d):
+                out[r, c] = out[r, c] * state[3, r]
             for j in range(KEYS):
-                for r in T.vectorized(rows):
-                    S[j, r] = T.Select(S[j, r] > NONE, _exp2(S[j, r] - state[0, r]), T.float32(0))
-                    state[1, r] = state[1, r] + S[j, r]
-            for r in range(rows):
                 for c in T.vectorized(d):
-                    out[r, c] = out[r, c] * state[3, r]
-                for j in range(KEYS):
-                    for c in T.vectorized(d):
-                        out[r, c] = out[r, c] + S[j, r] * V[j, c]
+                    out[r, c] = out[r, c] + S[j, r] * V[j, c]
 
-        @T.macro
-        def finish(output, lse, q_start, q0, n_q, kv_head, state, out):
-            for i in range(T.min(QUERIES, n_q - q0)):
-                for g in range(group):
-                    for c in T.vectorized(d):
-                        output[q_start + q0 + i, kv_head * group + g, c] = T.Cast(output.dtype, T.Select(
-                            state[1, i * group + g] > T.float32(0), out[i * group + g, c] / state[1, i * group + g],
-                            T.float32(0)))
-                    lse[q_start + q0 + i, kv_head * group + g] = T.Select(
-                        state[1, i * group + g] > T.float32(0),
-                        state[0, i * group + g] + T.log2(state[1, i * group + g]), T.float32(EMPTY_LSE))
+    @T.macro
+    def finish(output, lse, q_start, q0, n_q, kv_head, state, out):
+        for i in range(T.min(QUERIES, n_q - q0)):
+            for g in range(group):
+                for c in T.vectorized(d):
+                    output[q_start + q0 + i, kv_head * group + g, c] = T.Cast(output.dtype, T.Select(
+                        state[1, i * group + g] > T.float32(0), out[i * group + g, c] / state[1, i * group + g],
+                        T.float32(0)))
+                lse[q_start + q0 + i, kv_head * group + g] = T.Select(
+                    state[1, i * group + g] > T.float32(0),
+                    state[0, i * group + g] + T.log2(state[1, i * group + g]), T.float32(EMPTY_LSE))
 
-        self.start, self.attend, self.finish = start, attend, finish
+    @T.macro
+    def attend_sequence(load_block, keys, values, first, kv_len, q, q_start, n_q, causal, scale, output, lse):
+        """One sequence's queries against its keys, which load_block(K, V, block, kv_head, kv_len,
+        keys, values, first) brings a block at a time."""
+        for task in T.parallel(h_kv * T.ceildiv(n_q, QUERIES)):
+            kv_head: T.let[T.int32] = task % h_kv
+            q0: T.let[T.int32] = _first_query(task // h_kv, n_q)
+            with T.sblock("tile"):
+                Qt = T.sblock_alloc_buffer((d, rows), "float32")
+                K = T.sblock_alloc_buffer((KEYS, d), "float32")
+                V = T.sblock_alloc_buffer((KEYS, d), "float32")
+                S = T.sblock_alloc_buffer((KEYS, rows), "float32")
+                state = T.sblock_alloc_buffer((4, rows), "float32")
+                seen = T.sblock_alloc_buffer((rows,), "int32")
+                acc = T.sblock_alloc_buffer((KEY_PASS, rows), "float32")
+                out = T.sblock_alloc_buffer((rows, d), "float32")
+                start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out)
+                for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0), KEYS)):
+                    load_block(K, V, block, kv_head, kv_len, keys, values, first)
+                    attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
+                finish(output, lse, q_start, q0, n_q, kv_head, state, out)
 
-    @staticmethod
-    def keys_seen(causal, kv_len, n_q, q0):
-        """Keys the tile's last query sees: under causal masking, query i sees kv_len - n_q + i + 1."""
-        return T.if_then_else(causal > 0, T.min(kv_len, kv_len - n_q + T.min(q0 + QUERIES, n_q)), kv_len)
+    return attend_sequence
 
-    @staticmethod
-    def first_query(tile_index, n_q):
-        """Tiles in the order 0, n-1, 1, n-2, ...: the threads split the tasks into contiguous ranges,
-        and under causal masking a later tile sees more keys."""
-        half = tile_index // 2
-        return T.Select(tile_index % 2 == 0, half, T.ceildiv(n_q, QUERIES) - 1 - half) * QUERIES
+
+def _keys_seen(causal, kv_len, n_q, q0):
+    """Keys the tile's last query sees: under causal masking, query i sees kv_len - n_q + i + 1."""
+    return T.if_then_else(causal > 0, T.min(kv_len, kv_len - n_q + T.min(q0 + QUERIES, n_q)), kv_len)
+
+
+def _first_query(tile_index, n_q):
+    """Tiles in the order 0, n-1, 1, n-2, ...: the threads split the tasks into contiguous ranges,
+    and under causal masking a later tile sees more keys."""
+    half = tile_index // 2
+    return T.Select(tile_index % 2 == 0, half, T.ceildiv(n_q, QUERIES) - 1 - half) * QUERIES
 
 
 def _exp2(x):

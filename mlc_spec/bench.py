@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
                         "the artifact's max_seq_len are skipped)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
-    p.add_argument("--compare-llamacpp", action="store_true", help="also time llama-cpp-python's plain decode")
+    p.add_argument("--compare-llamacpp", action="store_true",
+                   help="also time llama-cpp-python's plain decode and prefill")
     p.set_defaults(run=run)
 
 
@@ -83,7 +84,7 @@ def run(args) -> int:
     if args.compare_hf:
         results["hf"] = compare_hf(engine, prompts, args.max_tokens)
     if args.compare_llamacpp:
-        results["llamacpp"] = compare_llamacpp(engine, prompts, args.max_tokens)
+        results["llamacpp"] = compare_llamacpp(engine, prompts, args.max_tokens, list(results["prefill"]))
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -166,13 +167,18 @@ def prefill_costs(engine, lengths: list[int]) -> dict:
     feeds them, with each chunk's seconds: a later chunk also attends to every token cached before it."""
     model, chunk, costs = engine.target, engine.prefill_chunk, {}
     for n in (n for n in lengths if n <= engine.max_seq_len):
-        tokens = [int(t) for t in np.random.default_rng(n).integers(0, engine.config.vocab_size, n)]
+        tokens = _prefill_prompt(engine, n)
         with engine.session() as session:
             chunks = [_timed(lambda lo=lo: model.lib.forward_last(model.kv, [session.seq_id],
                                                                   [tokens[lo:lo + chunk]]).numpy())
                       for lo in range(0, n, chunk)]
         costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks}
     return costs
+
+
+def _prefill_prompt(engine, n: int) -> list[int]:
+    """n token ids, the same for every run and for llama.cpp: attention costs do not depend on them."""
+    return [int(t) for t in np.random.default_rng(n).integers(0, engine.config.vocab_size, n)]
 
 
 def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int], tree_width: int) -> dict:
@@ -247,8 +253,9 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     return out
 
 
-def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
-    """llama.cpp's plain decode of the same GGUF file with the same thread count."""
+def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_lengths: list[int]) -> dict:
+    """llama.cpp's plain decode of the same GGUF file with the same thread count, and its prefill of
+    the prompts prefill_costs timed (in its default batches of 512 tokens, as ours are chunked)."""
     import os
 
     from llama_cpp import Llama
@@ -257,7 +264,11 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     if not source.endswith(".gguf"):
         return {"skipped": "the target was not compiled from a GGUF file"}
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
-    llm = Llama(model_path=source, n_threads=threads, n_ctx=2048, verbose=False)
+    llm = Llama(model_path=source, n_threads=threads, n_ctx=max([2048, *prefill_lengths]), verbose=False)
+    prefill = {}
+    for n in prefill_lengths:
+        llm.reset()
+        prefill[n] = _timed(lambda n=n: llm.eval(_prefill_prompt(engine, n)))
     tokens, decode_seconds, start = 0, 0.0, time.perf_counter()
     for ids in prompts:
         llm.reset()
@@ -270,7 +281,8 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int) -> dict:
         tokens += max_tokens
     # end to end (prompt included) compares with target_only's tok/s, decode with the target's decode cost
     return {"threads": threads, "tokens_per_second": tokens / (time.perf_counter() - start),
-            "decode_tokens_per_second": len(prompts) * (max_tokens - 1) / decode_seconds}
+            "decode_tokens_per_second": len(prompts) * (max_tokens - 1) / decode_seconds,
+            "prefill_seconds": prefill}
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -285,9 +297,11 @@ def format_table(r: dict) -> str:
     ]
     if "draft_over_target" in c:
         lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
+    llamacpp = r.get("llamacpp", {}).get("prefill_seconds", {})
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n} tokens: {p['seconds']:.2f} s, {p['tokens_per_second']:.0f} tok/s "
-                     f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s)")
+                     f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s)"
+                     + (f"; llama.cpp {llamacpp[n]:.2f} s, {int(n) / llamacpp[n]:.0f} tok/s" if n in llamacpp else ""))
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
@@ -296,5 +310,5 @@ def format_table(r: dict) -> str:
     for name in ("hf", "llamacpp"):
         if name in r:
             lines.append(f"{name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in r[name].items()))
+                                                   for k, v in r[name].items() if k != "prefill_seconds"))
     return "\n".join(lines)

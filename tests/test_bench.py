@@ -91,3 +91,33 @@ def test_ctrl_c_inside_tvm_is_interrupted_not_an_error(capsys, monkeypatch):
     monkeypatch.setattr(bench, "_check_options", lambda _args: tvm.get_global_func("mlc_spec_test.ctrl_c")())
     assert cli(["bench"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_llamacpp_prefill_is_timed_on_the_same_prompts(monkeypatch):
+    """compare_llamacpp feeds llama.cpp the prompts prefill_costs times, from an empty cache each."""
+    import sys
+    import types
+
+    from mlc_spec.bench import _prefill_prompt, compare_llamacpp
+
+    evaluated = []
+
+    class Llama:
+        def __init__(self, model_path, n_threads, n_ctx, verbose):
+            assert n_ctx >= 2000
+
+        def reset(self):
+            evaluated.append("reset")
+
+        def eval(self, tokens):
+            evaluated.append(list(tokens))
+
+        def generate(self, ids, temp, top_k):
+            yield from range(100)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    target = types.SimpleNamespace(source="model.gguf")
+    engine = types.SimpleNamespace(config=types.SimpleNamespace(models={"target": target}, vocab_size=320))
+    out = compare_llamacpp(engine, [[1, 2, 3]], 4, [40, 2000])
+    assert set(out["prefill_seconds"]) == {40, 2000}
+    assert evaluated[:4] == ["reset", _prefill_prompt(engine, 40), "reset", _prefill_prompt(engine, 2000)]
