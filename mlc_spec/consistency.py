@@ -27,10 +27,15 @@ def generate_with_decisions(engine: Engine, prompts: list[list[int]], batch: int
     return tokens, decisions
 
 
+def target_library(folder: Path, device: str = "cpu") -> ModelLibrary:
+    """The artifact's target library alone, without an engine's caches."""
+    config = read_artifact(folder)
+    return ModelLibrary(folder, config.models["target"], config.kernels, tvm_device(device))
+
+
 def forward_logits(folder: Path, device: str, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
     """The target's raw logits: prefill ids[:a], decode ids[a], verify ids[a+1:b]."""
-    config = read_artifact(folder)
-    lib = ModelLibrary(folder, config.models["target"], config.kernels, tvm_device(device))
+    lib = target_library(folder, device)
     kv = lib.create_kv_cache(max_batch_size=2, max_total_seq_len=256, prefill_chunk_size=64, page_size=16)
     kv.add_sequence(0)
     a, b = split

@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 from ..interface.artifact import DEVICES, ArtifactError, KernelSignature, ModelEntry
 from .kv_cache import PagedKVCache
 
+
 def _physical_cores() -> int:
     """Cores this process may run on, counting a core's hyperthreads once (llama.cpp's default too)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)

@@ -14,8 +14,6 @@ import tvm
 from mlc_spec.cli import main as cli
 from mlc_spec.compile import kernels
 from mlc_spec.consistency import forward_logits
-from mlc_spec.interface.artifact import read_artifact
-from mlc_spec.runtime.library import ModelLibrary
 
 # The tiny models the compile tests cover: name -> (architecture, checkpoint options).
 SHAPES = {
@@ -42,11 +40,6 @@ def hf_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
 def run_forwards(artifact: Path, ids: list[int], split: tuple[int, int]) -> dict[str, np.ndarray]:
     """prefill ids[:a], decode ids[a], verify ids[a+1:b] through the compiled library."""
     return forward_logits(artifact, "cpu", ids, split)
-
-
-def target_library(artifact: Path) -> ModelLibrary:
-    config = read_artifact(artifact)
-    return ModelLibrary(artifact, config.models["target"], config.kernels, tvm.cpu())
 
 
 def compile_error(capsys, args: list[str]) -> str:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import tvm
 
-from helpers import SHAPES, assert_empty, compile_error, copy_checkpoint, hf_logits, run_forwards, target_library
+from helpers import SHAPES, assert_empty, compile_error, copy_checkpoint, hf_logits, run_forwards
+from mlc_spec.consistency import target_library
 from mlc_spec.compile import kernels
 from mlc_spec.interface.artifact import read_artifact
 

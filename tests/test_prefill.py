@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import SHAPES, hf_logits, target_library
+from helpers import SHAPES, hf_logits
+from mlc_spec.consistency import target_library
 
 CHUNK = 13  # not a multiple of the page size (16), so chunks start and end inside pages
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards, target_library
+from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards
+from mlc_spec.consistency import target_library
 from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
 
 TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
