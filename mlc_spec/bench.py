@@ -77,7 +77,7 @@ def run(args) -> int:
                "workload": "file" if args.prompts else args.workload, "max_tokens": args.max_tokens}
     results["memory_bandwidth_gbs"] = memory_bandwidth()
     results["costs"] = forward_costs(engine)
-    results["decode_bandwidth_gbs"] = (engine.config.models["target"].param_bytes
+    results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["prefill"] = prefill_costs(engine, args.prefill_tokens)
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
