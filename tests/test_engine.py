@@ -14,18 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import partial_pair
 from mlc_spec import Engine
 from mlc_spec.cli import main
 from mlc_spec.runtime.engine import ArtifactError
 
-VOCAB = 320
-
 
 @pytest.fixture(scope="module")
 def artifact(artifacts):
-    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
-    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target, noise=0.1)
-    return artifacts.compile("spec-partial", target, draft, max_seq_len=128)
+    return partial_pair(artifacts)
 
 
 @pytest.fixture(scope="module")
