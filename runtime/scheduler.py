@@ -128,7 +128,8 @@ class Request:
         self.session = None
         self.seq: Sequence | None = None
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-        self.text = ""
+        self.decoded = ""  # the text of every token taken
+        self.text = ""  # what was given out: decoded, less a held-back possible beginning of a stop string
         self.stats = Stats()
         self.cancelled = False  # set by any thread; the batch drops the request at its next step
         self.listener: Callable[[str, "Request"], None] | None = None  # the Scheduler's per-request events
@@ -151,24 +152,24 @@ class Request:
         return self.session.tokens[len(self.prompt):] if self.session is not None else []
 
     def accept(self, new_tokens: list[int], max_seq_len: int) -> tuple[str, int]:
-        """Take committed tokens one by one until a stop; returns the text delta and how many were kept."""
-        delta = ""
+        """Take committed tokens one by one until a stop; returns the text delta and how many were kept.
+        Text that may begin a stop string still being completed is held back from the delta: what was
+        streamed cannot be taken back."""
         for i, token in enumerate(new_tokens):
             n_generated = len(self.generated) - len(new_tokens) + i + 1
             if token in self.eos_ids:
                 self.finish_reason = "stop"
-                return delta, i + 1
-            piece = self.detok.add(token)
-            text = self.text + delta + piece
-            cut = _find_stop(text, self.opts.stop, len(self.text + delta))
+                return self.decoded[len(self.text):], i + 1
+            searched = len(self.decoded)
+            self.decoded += self.detok.add(token)
+            cut = _find_stop(self.decoded, self.opts.stop, searched)
             if cut is not None:
                 self.finish_reason = "stop"
-                return text[:cut][len(self.text):], i + 1
-            delta += piece
+                return self.decoded[len(self.text):cut], i + 1
             if n_generated >= self.opts.max_tokens or len(self.prompt) + n_generated >= max_seq_len:
                 self.finish_reason = "length"
-                return delta, i + 1
-        return delta, len(new_tokens)
+                return self.decoded[len(self.text):], i + 1
+        return self.decoded[len(self.text):len(self.decoded) - _stop_beginning(self.decoded, self.opts.stop)], len(new_tokens)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
@@ -179,6 +180,12 @@ def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
         if at >= 0 and (best is None or at < best):
             best = at
     return best
+
+
+def _stop_beginning(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of the text that begins a stop string."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
 
 
 class Batch:
@@ -378,6 +385,10 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def check_fits(self, prompt: list[int], max_tokens: int) -> None:
         """Refuse a request whose prompt and max_tokens together can never fit a sequence of the cache."""

@@ -364,9 +364,10 @@ class SpeculativeDecoder:
         chains = [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)]
         # Without drafts this is a plain decode step: the decode function's one-row matmuls are
         # cheaper than the verify function's blocks of rows, and give the same per-row sums.
-        forward = target.lib.forward_all if any(drafts) else target.lib.forward_last
+        drafting = any(drafts)
+        forward = target.lib.forward_all if drafting else target.lib.forward_last
         logits = forward(target.kv, [s.seq_id for s in seqs], chains)
-        rows = np.cumsum([0] + [len(c) if forward is target.lib.forward_all else 1 for c in chains])
+        rows = np.cumsum([0] + [len(c) if drafting else 1 for c in chains])
         accepted, next_tokens = np.zeros(len(seqs), np.int64), np.zeros(len(seqs), np.int64)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
