@@ -70,14 +70,6 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
 
 
-def partial_pair(artifacts) -> Path:
-    """The tiny Llama with a perturbed copy as its draft (partial acceptance, where rollback bugs live),
-    128 tokens per sequence: the engine, scheduler and server tests share it."""
-    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
-    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target, noise=0.1)
-    return artifacts.compile("spec-partial", target, draft, max_seq_len=128)
-
-
 def generate_all(engine, batch: list[list[int]], **opts) -> list[list[int]]:
     out = []
     for i in range(0, len(batch), 8):

@@ -8,15 +8,15 @@ import threading
 
 import pytest
 
-from helpers import partial_pair, prompts
+from helpers import prompts
 from mlc_spec import Engine
 from mlc_spec.runtime.engine import GenerateOptions
 from mlc_spec.runtime.scheduler import Batch, QueueFull, Request, Scheduler
 
 
 @pytest.fixture(scope="module")
-def engine(artifacts) -> Engine:
-    return Engine(partial_pair(artifacts), max_batch_size=8)
+def engine(partial_artifact) -> Engine:
+    return Engine(partial_artifact, max_batch_size=8)
 
 
 # greedy and sampled, drafting and not, chains of different k, n-gram lookup and a tree, different lengths

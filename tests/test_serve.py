@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import partial_pair
 from mlc_spec import Engine
 
 openai = pytest.importorskip("openai", reason='the server tests need pip install -e ".[test]" (openai, httpx)')
@@ -27,14 +26,9 @@ PROMPTS = ["once upon a time", "the quick brown fox", "speculative decoding draf
 
 
 @pytest.fixture(scope="module")
-def artifact(artifacts):
-    return partial_pair(artifacts)
-
-
-@pytest.fixture(scope="module")
-def engine(artifact) -> Engine:
-    """The same artifact in this process: what each request gives run alone through the Python API."""
-    return Engine(artifact, max_batch_size=2)
+def engine(partial_artifact) -> Engine:
+    """The server's artifact in this process: what each request gives run alone through the Python API."""
+    return Engine(partial_artifact, max_batch_size=2)
 
 
 def free_port() -> int:
@@ -44,11 +38,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(artifact, tmp_path_factory):
+def server(partial_artifact, tmp_path_factory):
     port = free_port()
     logs = tmp_path_factory.mktemp("serve")
     out, err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "mlc_spec.cli", "serve", str(artifact), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mlc_spec.cli", "serve", str(partial_artifact), "--port", str(port),
                              "--max-batch", "4", "--max-waiting", "64", "--draft-length", "3"],
                             stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -102,8 +96,8 @@ def assert_nothing_held(m: dict[str, float]) -> None:
 
 
 # -- the openai client -----------------------------------------------------------------------------------
-def test_models_lists_the_artifact(client, artifact):
-    assert [m.id for m in client.models.list().data] == [artifact.name]
+def test_models_lists_the_artifact(client, partial_artifact):
+    assert [m.id for m in client.models.list().data] == [partial_artifact.name]
 
 
 def test_completions_streamed_or_not_are_the_api_output(client, model, engine):
