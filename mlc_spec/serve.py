@@ -66,8 +66,9 @@ def run(args) -> int:
     _log_to_stderr()
     artifact = resolve_model(args.model, args.device, log.info)
     engine = Engine(artifact, device=args.device, max_batch_size=args.max_batch)
-    if not engine.has_draft and defaults["speculative"] in (True, "tree"):
-        defaults["speculative"] = "ngram" if defaults["speculative"] is True else False
+    if not engine.has_draft and defaults["speculative"] == "tree":  # True falls back to n-gram lookup by itself
+        log.info(f"note: {artifact.name} has no draft model: no token trees, the target runs alone")
+        defaults["speculative"] = False
     scheduler = Scheduler(engine, max_waiting=_max_waiting(args.max_waiting), log=log.info)
     app = create_app(engine, scheduler, artifact.name, defaults)
     log.info(f"serving {artifact.name} on http://{args.host}:{args.port}/v1 ({args.max_batch} sequences at once)")

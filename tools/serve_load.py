@@ -4,8 +4,8 @@ speculation on and off, measured interleaved in one run so the ratios hold on a 
     mlc_spec serve --max-batch 8 &          # the default pair
     python tools/serve_load.py --concurrency 1 4 8 --max-tokens 64 --json load.json
 
-Each of C client threads sends chat requests one after another (greedy, the bench's chat prompts,
-ignore_eos so every request makes max_tokens tokens), for --rounds rounds per setting; a setting's
+Each of C client threads sends chat requests one after another (greedy, the prompts of bench's
+--workload, ignore_eos so every request makes max_tokens tokens), for --rounds rounds per setting; a setting's
 figure is the completion tokens the server reported (usage) over the wall time of all C streams. The
 settings run in turn, round by round (C=1 on, C=1 off, C=4 on, ...), so drift on a shared machine hits
 them alike. Only the standard library is used.
@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlc_spec.bench import DEFAULT_PROMPTS  # noqa: E402
+from mlc_spec.bench import WORKLOADS  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=1, help="requests per stream and round (default %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every setting (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--workload", choices=WORKLOADS, default="chat",
+                   help="bench's prompts: chat questions, or a passage to repeat or edit (default chat)")
     p.add_argument("--draft-length", default=None, help="a fixed draft length for speculation on (default: the server's)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
@@ -45,7 +47,7 @@ def main() -> int:
     table = _table(figures, args.concurrency)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "max_tokens": args.max_tokens,
+        Path(args.json).write_text(json.dumps({"model": model, "max_tokens": args.max_tokens, "workload": args.workload,
                                                "tokens_per_second": {f"{c}/{'on' if s else 'off'}": v
                                                                      for (c, s), v in figures.items()}}, indent=2))
     return 0
@@ -58,7 +60,8 @@ def _measure(args, model: str, concurrency: int, speculative: bool) -> float:
     def stream(index: int) -> None:
         try:
             for r in range(args.requests):
-                prompt = DEFAULT_PROMPTS[(index + r * concurrency) % len(DEFAULT_PROMPTS)]
+                prompts = WORKLOADS[args.workload]
+                prompt = prompts[(index + r * concurrency) % len(prompts)]
                 body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
                         "max_tokens": args.max_tokens, "ignore_eos": True, "speculative": speculative}
                 if speculative and args.draft_length is not None:
