@@ -71,8 +71,9 @@ def run(args) -> int:
         defaults["speculative"] = False
     scheduler = Scheduler(engine, max_waiting=_max_waiting(args.max_waiting), log=log.info)
     app = create_app(engine, scheduler, artifact.name, defaults)
-    log.info(f"serving {artifact.name} on http://{args.host}:{args.port}/v1 ({args.max_batch} sequences at once)")
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, log_level="warning")
+    log.info(f"serving {artifact.name}, {args.max_batch} sequences at once; API under /v1")
+    # uvicorn says where it listens once bound, or why it could not bind (exit 3)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, log_level="info")
     return 0
 
 
