@@ -108,3 +108,40 @@ def test_the_queue_is_bounded_and_hopeless_requests_are_refused_at_once(engine):
         scheduler.submit(Request(engine, [5, 6, 7], opts), lambda *_: None)
     with pytest.raises(ValueError, match="the prompt has 100 tokens and max_tokens is 40, but the KV cache holds 128"):
         scheduler.check_fits(list(range(2, 102)), 40)
+
+
+def test_a_failed_step_fails_its_requests_and_the_scheduler_serves_on(engine, monkeypatch):
+    lib = engine.target.lib
+    real, calls = lib.kernels.verify_greedy, []
+
+    def fail_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(lib.kernels, "verify_greedy", fail_once)
+    finished = {}
+    done = threading.Semaphore(0)
+
+    def listener(kind, request):
+        if kind != "delta":
+            finished[request.id] = (kind, request.error)
+            done.release()
+
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    try:
+        opts = GenerateOptions.make(max_tokens=6, stop_at_eos=False, speculative=False)
+        failing = Request(engine, [5, 6, 7], opts)
+        scheduler.submit(failing, listener)
+        assert done.acquire(timeout=60)
+        later = Request(engine, [5, 6, 7], opts)
+        scheduler.submit(later, listener)
+        assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert finished[failing.id] == ("error", "generation failed: injected")
+    assert finished[later.id] == ("done", None)
+    assert later.generated == alone(engine, [5, 6, 7], dict(max_tokens=6, speculative=False))
+    assert all(u["sequences"] == 0 for u in engine.cache_usage().values())
