@@ -127,7 +127,7 @@ class Request:
         self.eos_ids = engine.eos_ids if opts.stop_at_eos else frozenset()
         self.session = None
         self.seq: Sequence | None = None
-        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.decoded = ""  # the text of every token taken
         self.text = ""  # what was given out: decoded, less a held-back possible beginning of a stop string
         self.stats = Stats()

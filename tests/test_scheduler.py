@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from helpers import prompts
+from helpers import fail_kernel_call, prompts
 from mlc_spec import Engine
 from mlc_spec.runtime.engine import GenerateOptions
 from mlc_spec.runtime.scheduler import Batch, QueueFull, Request, Scheduler
@@ -111,16 +111,7 @@ def test_the_queue_is_bounded_and_hopeless_requests_are_refused_at_once(engine):
 
 
 def test_a_failed_step_fails_its_requests_and_the_scheduler_serves_on(engine, monkeypatch):
-    lib = engine.target.lib
-    real, calls = lib.kernels.verify_greedy, []
-
-    def fail_once(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return real(*args)
-
-    monkeypatch.setattr(lib.kernels, "verify_greedy", fail_once)
+    fail_kernel_call(monkeypatch, engine.target.lib, "verify_greedy", 2)  # the first request's second round
     finished = {}
     done = threading.Semaphore(0)
 

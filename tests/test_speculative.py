@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import VOCAB, generate_all, prompts
+from helpers import VOCAB, fail_kernel_call, generate_all, prompts
 from mlc_spec import Engine
 
 DRAFTS = ("self", "random", "partial")
@@ -443,17 +443,7 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
     """An error between the target's tree forward and its commit discards the tree: the cache keeps the
     committed tokens and TVM accepts the next forward."""
     engine = engines["partial"]
-    lib = engine.target.lib
-    real = lib.kernels.tree_verify_greedy
-    calls = []
-
-    def fail_on_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        return real(*args)
-
-    monkeypatch.setattr(lib.kernels, "tree_verify_greedy", fail_on_third)
+    fail_kernel_call(monkeypatch, engine.target.lib, "tree_verify_greedy", 3)
     prompt = prompts(100)[7]
     with engine.session() as session:
         with pytest.raises(RuntimeError, match="injected"):
