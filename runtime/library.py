@@ -142,3 +142,9 @@ class ModelLibrary:
         with kv.forward(seq_ids, lengths, tree_parents):
             logits, _ = self.call(verify, self.ids(flat), kv.handle, self.params)
         return logits
+
+
+def last_line(err: BaseException) -> str:
+    """The gist of a library's message (TVM's carry a C++ backtrace before it)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__

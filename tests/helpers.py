@@ -70,6 +70,19 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
 
 
+def fail_kernel_call(monkeypatch, lib, name: str, n: int) -> None:
+    """Make the n-th call of one of the library's kernels raise RuntimeError("injected")."""
+    real, calls = getattr(lib.kernels, name), []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(lib.kernels, name, failing)
+
+
 def generate_all(engine, batch: list[list[int]], **opts) -> list[list[int]]:
     out = []
     for i in range(0, len(batch), 8):
