@@ -372,3 +372,75 @@ def write_q4_k_m_gguf(path, layer1_seed: int = 1):
     write_gguf(path, "qwen2", config, tensors, byte_level_vocab(tokenizer, "qwen2"), qtypes=qtypes)
     return path
 
+
+# --- random models of a given shape, quantized by llama.cpp ---------------------------------------
+
+# Qwen2-1.5B's shape (issue 12's cost model); SMALL_SHAPE: the same kind of model for the tests.
+QWEN2_1_5B_SHAPE = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+SMALL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+# llama.cpp's file types (llama_ftype) for llama_model_quantize.
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+class _RandomQwen2Tensors:
+    """A tied Qwen2's tensors (Hugging Face names), each drawn when the writer asks for it, so that a
+    1.5B model is never all in memory as float32: weights ~ N(0, std), norms ~ 1, biases small."""
+
+    def __init__(self, config, seed: int, std: float):
+        self.config, self.seed, self.std = config, seed, std
+
+    def items(self):
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        q_out, kv_out = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+        for i in range(c.num_hidden_layers):
+            layer = f"model.layers.{i}."
+            shapes.update({
+                layer + "input_layernorm.weight": (c.hidden_size,),
+                layer + "self_attn.q_proj.weight": (q_out, c.hidden_size), layer + "self_attn.q_proj.bias": (q_out,),
+                layer + "self_attn.k_proj.weight": (kv_out, c.hidden_size), layer + "self_attn.k_proj.bias": (kv_out,),
+                layer + "self_attn.v_proj.weight": (kv_out, c.hidden_size), layer + "self_attn.v_proj.bias": (kv_out,),
+                layer + "self_attn.o_proj.weight": (c.hidden_size, q_out),
+                layer + "post_attention_layernorm.weight": (c.hidden_size,),
+                layer + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                layer + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                layer + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            })
+        shapes["model.norm.weight"] = (c.hidden_size,)
+        rng = np.random.default_rng(self.seed)
+        for name, shape in shapes.items():
+            noise = rng.standard_normal(shape, dtype=np.float32)
+            if name.endswith("norm.weight"):
+                yield name, 1.0 + 0.1 * noise
+            else:
+                yield name, (self.std if len(shape) == 2 else 0.1 * self.std) * noise
+
+
+def write_random_gguf(path, shape: dict, seed: int = 0, std: float = 0.02):
+    """An F16 GGUF of a tied Qwen2 of this shape with random weights and a small byte-level BPE
+    vocabulary padded with unused tokens to the shape's vocabulary, as llama.cpp's tools read it."""
+    tokenizer = train_byte_level_tokenizer("qwen2")
+    vocab = byte_level_vocab(tokenizer, "qwen2")
+    padding = shape["vocab_size"] - len(vocab["tokens"])
+    vocab["tokens"] = vocab["tokens"] + [f"<|unused_{i}|>" for i in range(padding)]
+    vocab["token_types"] = vocab["token_types"] + [int(gguf.TokenType.UNUSED)] * padding
+    config = Qwen2Config(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=vocab["bos_id"],
+                         eos_token_id=vocab["eos_id"], **shape)
+    write_gguf(path, "qwen2", config, _RandomQwen2Tensors(config, seed, std), vocab, qtype=QType.F16)
+    return path
+
+
+def quantize_with_llamacpp(source, out, fmt: str):
+    """llama.cpp's own quantization (llama-cpp-python's llama_model_quantize) of an F16 GGUF to fmt."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[fmt]
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed to write {out} as {fmt}")
+    return out
