@@ -250,7 +250,8 @@ def _quantization(role: str, opts: CompileOptions, tile: int | None, target: tvm
 def _count(formats: dict[str, str]) -> str:
     counts: dict[str, int] = {}
     for fmt in formats.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
+        key = fmt if isinstance(fmt, str) else "+".join(fmt)  # a fused linear's parts in different formats
+        counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n} linears {fmt}" for fmt, n in sorted(counts.items()))
 
 

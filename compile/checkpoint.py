@@ -14,7 +14,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .config import CompileError, ModelConfig
-from .quantization import FORMATS, Quantized, check_groups, concat_rows, pack, quantize, tile_rows
+from .quantization import FORMATS, Quantized, check_groups, concat_rows, format_runs, pack, quantize, tile_rows
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Checkpoint:
     tensors: Mapping[str, np.ndarray]
     tokenizer_json: str
     tokenizer_config: dict
-    blocks: Mapping[str, Quantized] = dataclasses.field(default_factory=dict)  # GGUF Q4_0/Q4_1/Q8_0, kept
+    blocks: Mapping[str, Quantized] = dataclasses.field(default_factory=dict)  # a GGUF's kept blocks
 
     @property
     def config(self) -> ModelConfig:
@@ -106,8 +106,8 @@ class SafetensorsTensors(Mapping):
         return len(self._where)
 
 
-# The quantization choices: "keep" keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks and expands the rest to
-# the dtype; "none" expands everything; a format quantizes every linear (and a tied head) to it.
+# The quantization choices: "keep" keeps a GGUF file's blocks (quantization.KEPT) and expands the rest
+# to the dtype; "none" expands everything; a format quantizes every linear (and a tied head) to it.
 QUANTIZATIONS = ("keep", "none", *FORMATS)
 
 
@@ -115,7 +115,9 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
                     tile: int | None = None, quantization: str = "none") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Hugging Face tensors -> model.py parameters and the quantization format of each quantized
     linear (by parameter prefix): q/k/v and gate/up fused, float linears [in, out] or, with a tile,
-    packed [ceil(out / tile), in, tile] (model.Linear); quantized ones packed by quantization.pack.
+    packed [ceil(out / tile), in, tile] (model.Linear); quantized ones packed by quantization.pack. A
+    fused linear whose parts the file keeps in different formats gets one format per part and its
+    runs of parts in one format packed as `runs.<i>` (model.SplitLinear).
 
     output_vocab_size below the checkpoint's vocabulary drops the padding rows of the output head
     (a draft aligned to its target's vocabulary)."""
@@ -144,7 +146,12 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
         weight = _linear_weight(sources, ck, quantization, get, name)
         if name == "lm_head":
             weight = weight.map_rows(lambda a: a[:output_vocab_size]) if isinstance(weight, Quantized) else weight[:output_vocab_size]
-        if isinstance(weight, Quantized):
+        if isinstance(weight, list):
+            formats[name] = [part.format for part in weight]
+            for i, (_, indices) in enumerate(format_runs(formats[name])):
+                run = concat_rows([weight[k] for k in indices])
+                out.update({f"{name}.runs.{i}.{part}": a for part, a in pack(run).items()})
+        elif isinstance(weight, Quantized):
             formats[name] = weight.format
             out.update({f"{name}.{part}": a for part, a in pack(weight).items()})
         else:
@@ -163,12 +170,14 @@ def _check_layer_count(cfg: ModelConfig, ck: Checkpoint) -> None:
                            f"hold layers 0..{max(layers)}; set num_hidden_layers to {max(layers) + 1}")
 
 
-def _linear_weight(sources: list[str], ck: Checkpoint, quantization: str, get, name: str) -> np.ndarray | Quantized:
-    """One linear's weight [out, in]: the file's blocks where kept, else float, quantized if asked."""
+def _linear_weight(sources: list[str], ck: Checkpoint, quantization: str, get,
+                   name: str) -> np.ndarray | Quantized | list[Quantized]:
+    """One linear's weight [out, in]: the file's blocks where kept (its parts', when their formats
+    differ), else float, quantized if asked."""
     if quantization != "none" and all(s in ck.blocks for s in sources):
-        kept = concat_rows([ck.blocks[s] for s in sources])
-        if kept is not None and quantization in ("keep", kept.format):
-            return kept
+        parts = [ck.blocks[s] for s in sources]
+        if quantization == "keep" or all(part.format == quantization for part in parts):
+            return concat_rows(parts) if len({part.format for part in parts}) == 1 else parts
     weight = np.concatenate([get(s) for s in sources])
     if quantization in FORMATS:
         check_groups(weight.shape[1], quantization, name)

@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .quantization import FORMATS, Quantized, from_gguf_blocks
+from .quantization import KEPT, Quantized, from_gguf_blocks
 
 __all__ = ["GGUFCheckpoint", "GGUFError", "read_gguf", "permute_qk_for_gguf"]
 
@@ -387,7 +387,7 @@ def _hf_tensors(gguf_tensors: dict, config: dict, architecture: str):
             else (lambda w: w)
         tensors[hf_name] = unpermute(_dequantize(tensor))
         source_types[hf_name] = tensor.tensor_type.name
-        if source_types[hf_name].lower() in FORMATS and tensors[hf_name].ndim == 2:
+        if source_types[hf_name].lower() in KEPT and tensors[hf_name].ndim == 2:
             blocks[hf_name] = from_gguf_blocks(tensor.data, source_types[hf_name], tensors[hf_name].shape).map_rows(unpermute)
     _check_complete(tensors, config)
     return tensors, source_types, blocks

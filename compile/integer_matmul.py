@@ -8,9 +8,19 @@ ggml's x86 Q8_0 and Q8_1 quantizers do. A group of 32 inputs then adds to each o
     q4_0: (d_w * d_x) * (isum - 8 * sum(x codes))
     q4_1: (d_w * d_x) * isum + m_w * s_x,    s_x = float16(amax / 127 * sum(x codes)) (Q8_1's sum)
 
-where isum = sum(w code * x code) is exact in int32 (vpdpbusd, or pmaddubsw + pmaddwd). Each row
-accumulates its groups in order with fused multiply-adds, the same instructions whatever the number
-of rows, so an output is bit-identical whether its row is computed alone or in a block of rows.
+where isum = sum(w code * x code) is exact in int32 (vpdpbusd, or pmaddubsw + pmaddwd).
+
+K-quants take ggml's Q8_K activations instead: per row and super-block of 256 inputs, codes
+min(127, round(x * -127 / m)) with m the input of largest magnitude (the positive one on a tie), halves
+to even, a float32 scale d_x = 1 / (-127 / m), and the code sums of each group. A super-block then adds
+
+    q4_k: (d_w * d_x) * sum_g(sc_g * isum_g) - (dmin_w * d_x) * sum_g(m_g * sum_g(x codes))
+    q6_k: (d_w * d_x) * sum_g(sc_g * isum_g)
+
+with both sums exact in int32, as ggml's vec_dot_q4_K_q8_K and vec_dot_q6_K_q8_K compute them (on
+AVX2 the group's integer scale is the pmaddwd operand that widens the 16-bit pair sums). Each row
+accumulates its groups (super-blocks) in order with fused multiply-adds, the same instructions whatever
+the number of rows, so an output is bit-identical whether its row is computed alone or in a block of rows.
 
 Loops: tiles of T outputs in parallel; in a tile, blocks of `row_block` rows (then the n % row_block
 rows left as one smaller block), vectors of outputs, then groups; a group's weight codes are unpacked
@@ -29,9 +39,9 @@ from tvm.target import codegen
 from tvm.tirx.op import fma
 from tvm.tirx.script import builder as T
 
-from .quantization import BITS, GROUP, INPUTS_PER_WORD, packed_shapes, packed_tiles
+from .quantization import BITS, GROUP, INPUTS_PER_WORD, LAYOUTS, SUPER_BLOCK, packed_shapes, packed_tiles
 
-WORDS_PER_GROUP = GROUP // 4  # a dot product's byte operands cover four inputs per 32-bit lane
+INPUTS_PER_LANE = 4  # a dot product's byte operands cover four inputs per 32-bit lane
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,17 @@ class IntegerDot:
         for u, s in zip(unsigned, signed):
             acc = tirx.call_llvm_pure_intrin(self.int_type, f"llvm.x86.avx512.vpdpbusd.{32 * self.lanes}", acc, u, s)
         return acc
+
+    def scaled_dot(self, unsigned: list, signed: list, scale):
+        """dot(unsigned, signed) times each lane's int32 scale (|scale| < 2^15), the 16-bit pair sums
+        fitting int16 as in dot: on AVX2 the scale, repeated in both halves of its lane, is the pmaddwd
+        operand that widens them, as ggml's K-quant dot products do."""
+        if self.name != "avx2":
+            return self.dot(unsigned, signed, pairs_fit_int16=True) * scale
+        halves = tirx.bitwise_or(tirx.shift_left(scale, tirx.Broadcast(tirx.const(16, "int32"), self.lanes)),
+                                 tirx.bitwise_and(scale, tirx.Broadcast(tirx.const(0xFFFF, "int32"), self.lanes)))
+        return _pmaddwd(_sum([_pmaddubsw(u, s) for u, s in zip(unsigned, signed)]),
+                        tirx.reinterpret("int16x16", halves))
 
     def sign_by(self, x, w):
         """x with the sign of w applied (0 where w is 0), bytewise: signed(x) . |w| = x . w."""
@@ -94,9 +115,12 @@ def _pmaddubsw(u, s):
     return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u, s)
 
 
+def _pmaddwd(pairs, words):
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, words)
+
+
 def _pmaddwd_ones(pairs):
-    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
-                                      tirx.Broadcast(tirx.const(1, "int16"), 16))
+    return _pmaddwd(pairs, tirx.Broadcast(tirx.const(1, "int16"), 16))
 
 
 def _sum(terms: list):
@@ -106,17 +130,32 @@ def _sum(terms: list):
     return total
 
 
-def activation_scale_count(fmt: str) -> int:
-    """Per row and group, d_x then (4-bit) the block sum term: Q4_0's -8 * sum(codes), Q4_1's s_x."""
-    return 2 if BITS[fmt] == 4 else 1
+def activation_scales_shape(fmt: str, in_features: int) -> tuple[int, int]:
+    """Per row, blocks of inputs and their float32 scales: per group of 32, d_x then (4-bit) the block
+    sum term, Q4_0's -8 * sum(codes) or Q4_1's s_x; for K-quants, per super-block (Q8_K), d_x then
+    (with mins) the code sums of its groups."""
+    layout = LAYOUTS[fmt]
+    if layout.super_blocks:
+        return in_features // SUPER_BLOCK, 1 + (SUPER_BLOCK // layout.group if layout.has_min else 0)
+    return in_features // GROUP, 2 if layout.bits == 4 else 1
 
 
 # -- activations ------------------------------------------------------------------------------------
 def quantize_activations(fmt: str, in_features: int, dtype: str) -> tirx.PrimFunc:
-    """x[n, in] -> int8 codes [n, in] and float32 scales [n, in / 32, activation_scale_count(fmt)]."""
-    groups = in_features // GROUP
+    """x[n, in] -> int8 codes [n, in] and float32 scales [n, *activation_scales_shape(fmt)]."""
     n = tirx.Var("n", "int64")
     x = te.placeholder((n, in_features), dtype, "x")
+    quantizer = _q8_k if LAYOUTS[fmt].super_blocks else _q8_0
+    func = te.create_prim_func([x, *quantizer(fmt, x)]).with_attr("tirx.noalias", True).without_attr("global_symbol")
+    sch = s_tir.Schedule(func)
+    _, k = sch.get_loops(sch.get_sblock("codes"))
+    sch.vectorize(sch.split(k, [None, GROUP])[1])
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
+
+
+def _q8_0(fmt: str, x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    n, in_features = x.shape
+    groups = in_features // GROUP
     kk = te.reduce_axis((0, GROUP), "kk")
     amax = te.compute((n, groups), lambda s, g: te.max(tirx.abs(x[s, g * GROUP + kk].astype("float32")), axis=kk),
                       name="amax")
@@ -140,12 +179,40 @@ def quantize_activations(fmt: str, in_features: int, dtype: str) -> tirx.PrimFun
             return tirx.Select(c == 0, stored, (total[s, g] * -8).astype("float32"))
         return tirx.Select(c == 0, stored, (d * total[s, g].astype("float32")).astype("float16").astype("float32"))
 
-    scales = te.compute((n, groups, activation_scale_count(fmt)), scale, name="scales")
-    func = te.create_prim_func([x, codes, scales]).with_attr("tirx.noalias", True).without_attr("global_symbol")
-    sch = s_tir.Schedule(func)
-    _, k = sch.get_loops(sch.get_sblock("codes"))
-    sch.vectorize(sch.split(k, [None, GROUP])[1])
-    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
+    return codes, te.compute((n, *activation_scales_shape(fmt, in_features)), scale, name="scales")
+
+
+def _q8_k(fmt: str, x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    n, in_features = x.shape
+    group = LAYOUTS[fmt].group
+    blocks, per_block = in_features // SUPER_BLOCK, SUPER_BLOCK // group
+
+    def extreme(reduce, name):
+        k = te.reduce_axis((0, SUPER_BLOCK), "k")
+        return te.compute((n, blocks), lambda s, b: reduce(x[s, b * SUPER_BLOCK + k].astype("float32"), axis=k),
+                          name=name)
+
+    hi, lo = extreme(te.max, "hi"), extreme(te.min, "lo")
+
+    def inverse(s, b):  # ggml's iscale = -127 / m, 0 for an all-zero block
+        m = tirx.Select(hi[s, b] >= -lo[s, b], hi[s, b], lo[s, b])
+        return tirx.Select(m != 0, tirx.const(-127, "float32") / m, tirx.const(0, "float32"))
+
+    codes = te.compute((n, in_features), lambda s, k: tirx.min(
+        tirx.nearbyint(x[s, k].astype("float32") * inverse(s, k // SUPER_BLOCK)), tirx.const(127, "float32"))
+        .astype("int8"), name="codes")
+    ks = te.reduce_axis((0, group), "ks")
+    total = te.compute((n, in_features // group), lambda s, g: te.sum(codes[s, g * group + ks].astype("int32"),
+                                                                      axis=ks), name="code_sum")
+
+    def scale(s, b, c):
+        i = inverse(s, b)
+        d = tirx.Select(i != 0, tirx.const(1, "float32") / i, tirx.const(0, "float32"))
+        if not LAYOUTS[fmt].has_min:
+            return d
+        return tirx.Select(c == 0, d, total[s, b * per_block + tirx.max(c - 1, 0)].astype("float32"))
+
+    return codes, te.compute((n, *activation_scales_shape(fmt, in_features)), scale, name="scales")
 
 
 # -- the matmul -------------------------------------------------------------------------------------
@@ -153,20 +220,20 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
                    dot: IntegerDot) -> tirx.PrimFunc:
     """y[n, out] from quantize_activations' codes and scales and a packed weight, as a scheduled
     PrimFunc (x codes, x scales, weight, scales, y)."""
-    bits, groups, r = BITS[fmt], in_features // GROUP, row_block
+    r = row_block
     tiles = packed_tiles(out_features, tile)
-    shapes = packed_shapes(bits, in_features, tiles, tile)
+    shapes = packed_shapes(fmt, in_features, tiles, tile)
     n = tirx.Var("n", "int64")
     with IRBuilder() as builder:
         with T.prim_func(private=True):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "tir.is_scheduled": True})
             xq = T.arg("x_codes", T.Buffer((n, in_features), "int8"))
-            xs = T.arg("x_scales", T.Buffer((n, groups, activation_scale_count(fmt)), "float32"))
-            weight = T.arg("weight", T.Buffer(*shapes["weight"]))
-            scales = T.arg("scales", T.Buffer(*shapes["scales"]))
+            xs = T.arg("x_scales", T.Buffer((n, *activation_scales_shape(fmt, in_features)), "float32"))
+            weight, *stored = (T.arg(name, T.Buffer(*shape)) for name, shape in shapes.items())
             y = T.arg("y", T.Buffer((n, out_features), dtype))
             with T.parallel(0, tiles) as j:
-                rows_pass = functools.partial(_rows_pass, fmt, dot, xq, xs, weight, scales, y, j, tile)
+                pass_kind = _super_block_rows_pass if LAYOUTS[fmt].super_blocks else _rows_pass
+                rows_pass = functools.partial(pass_kind, fmt, dot, xq, xs, weight, stored, y, j, tile)
                 with T.serial(0, n // r) as b:
                     rows_pass([b * r + i for i in range(r)])
                 for tail in range(1, r):  # the last n % r rows as a block of their own, not a padded one
@@ -175,22 +242,18 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
     return builder.get()
 
 
-def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, scales, y, j, tile: int, rows: list) -> None:
+def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, tile: int, rows: list) -> None:
     """These rows' outputs of tile j: per vector of outputs, a pass over the groups with one
     accumulator per row in registers and each group's codes unpacked once for all rows."""
-    bits, lanes = BITS[fmt], dot.lanes
+    bits, lanes, (scales,) = BITS[fmt], dot.lanes, stored
     with T.serial(0, tile // lanes) as c:
-        acc = T.alloc_buffer((len(rows), lanes), "float32", scope="local")
-        for i in range(len(rows)):
-            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), lanes), [i, tirx.Ramp(0, 1, lanes)])
+        acc = _zeros(len(rows), lanes, "float32")
         with T.serial(0, xs.shape[1]) as g:
-            unsigned, signs = _unpack(dot, bits, weight, j, g, c * lanes)
+            unsigned, signs = _unpack(dot, bits, GROUP, weight, j, g, c * lanes)
             w_scale = T.Bind(_lanes_f32(scales, j, g, 0, c * lanes, lanes))
             w_min = T.Bind(_lanes_f32(scales, j, g, 1, c * lanes, lanes)) if fmt == "q4_1" else None
             for i, row in enumerate(rows):
-                x_words = [_x_word(dot, xq, row, g * GROUP + 4 * m) for m in range(WORDS_PER_GROUP)]
-                signed = x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
-                isum = dot.dot(unsigned, signed, pairs_fit_int16=bits == 4)
+                isum = dot.dot(unsigned, _signed_x(dot, xq, row, g * GROUP, GROUP, signs), pairs_fit_int16=bits == 4)
                 old = acc.vload([i, 0], f"float32x{lanes}")
                 T.buffer_store(acc, _accumulate(fmt, old, isum, w_scale, w_min, xs, row, g, lanes),
                                [i, tirx.Ramp(0, 1, lanes)])
@@ -198,20 +261,78 @@ def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, scales, y, j, tile: in
             _store(y, acc, i, row, j * tile + c * lanes, lanes, int(y.shape[1]), tile)
 
 
-def _unpack(dot: IntegerDot, bits: int, weight, j, g, lane0):
-    """One group's codes of one vector of outputs as dot-product operands: the unsigned byte vectors
-    (4-bit codes; |w| for int8) and, for int8 weights, the signed bytes whose signs the activations take."""
-    per_word = INPUTS_PER_WORD[bits]
+def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, tile: int,
+                           rows: list) -> None:
+    """_rows_pass for K-quants: per super-block, each row sums its groups' scaled integer dot products
+    (and min terms) exactly in int32, then adds them to its float accumulator (the module docstring).
+    The integer pair sums fit int16: 16 products of 4-bit codes, or 8 of Q6_K's |code| <= 32, with |x| <= 127."""
+    layout, lanes = LAYOUTS[fmt], dot.lanes
+    scales, sub = stored
+    size, per_block = layout.group, layout.block // layout.group
+    int_lanes, ramp = f"int32x{lanes}", tirx.Ramp(0, 1, lanes)
+    with T.serial(0, tile // lanes) as c:
+        lane0 = c * lanes
+        acc = _zeros(len(rows), lanes, "float32")
+        with T.serial(0, xs.shape[1]) as block:
+            # per row: sum_g sc_g * isum_g, then (with mins) -sum_g m_g * sum_g(x codes)
+            sums = _zeros(len(rows) * (2 if layout.has_min else 1), lanes, "int32")
+            with T.serial(0, per_block) as part:
+                g = block * per_block + part
+                unsigned, signs = _unpack(dot, layout.bits, size, weight, j, g, lane0)
+                sc = T.Bind(sub.vload([j, g, 0, lane0], f"{sub.dtype}x{lanes}").astype(int_lanes))
+                m = T.Bind(sub.vload([j, g, 1, lane0], f"{sub.dtype}x{lanes}").astype(int_lanes)) \
+                    if layout.has_min else None
+                for i, row in enumerate(rows):
+                    isum = dot.scaled_dot(unsigned, _signed_x(dot, xq, row, g * size, size, signs), sc)
+                    T.buffer_store(sums, sums.vload([i, 0], int_lanes) + isum, [i, ramp])
+                    if m is not None:
+                        x_sum = tirx.Broadcast(xs[row, block, 1 + part].astype("int32"), lanes)
+                        at = len(rows) + i
+                        T.buffer_store(sums, sums.vload([at, 0], int_lanes) - m * x_sum, [at, ramp])
+            d_w = T.Bind(_lanes_f32(scales, j, block, 0, lane0, lanes))
+            dmin_w = T.Bind(_lanes_f32(scales, j, block, 1, lane0, lanes)) if layout.has_min else None
+            for i, row in enumerate(rows):
+                d_x = tirx.Broadcast(xs[row, block, 0], lanes)
+                total = fma(d_w * d_x, sums.vload([i, 0], int_lanes).astype(f"float32x{lanes}"),
+                            acc.vload([i, 0], f"float32x{lanes}"))
+                if dmin_w is not None:
+                    total = fma(dmin_w * d_x, sums.vload([len(rows) + i, 0], int_lanes).astype(f"float32x{lanes}"),
+                                total)
+                T.buffer_store(acc, total, [i, ramp])
+        for i, row in enumerate(rows):
+            _store(y, acc, i, row, j * tile + lane0, lanes, int(y.shape[1]), tile)
+
+
+def _zeros(rows: int, lanes: int, dtype: str):
+    """Per-row vector accumulators in registers, zeroed."""
+    buffer = T.alloc_buffer((rows, lanes), dtype, scope="local")
+    for i in range(rows):
+        T.buffer_store(buffer, tirx.Broadcast(tirx.const(0, dtype), lanes), [i, tirx.Ramp(0, 1, lanes)])
+    return buffer
+
+
+def _signed_x(dot: IntegerDot, xq, row, k0, size: int, signs):
+    """A row's activation codes k0..k0+size as the signed dot-product operands: as they are against
+    unsigned codes, with the weights' signs taken against int8 ones."""
+    x_words = [_x_word(dot, xq, row, k0 + INPUTS_PER_LANE * m) for m in range(size // INPUTS_PER_LANE)]
+    return x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
+
+
+def _unpack(dot: IntegerDot, bits: int, size: int, weight, j, g, lane0):
+    """Group g's codes (of `size` inputs) of one vector of outputs as dot-product operands: the unsigned
+    byte vectors (4-bit codes; |w| for int8) and, for int8 weights, the signed bytes whose signs the
+    activations take."""
+    words = size // INPUTS_PER_WORD[bits]
     if bits == 4:
         mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "uint32"), dot.lanes)
         four = tirx.Broadcast(tirx.const(4, "uint32"), dot.lanes)
         unsigned = []
-        for word in range(GROUP // per_word):
-            lanes = T.Bind(weight.vload([j, g * (GROUP // per_word) + word, lane0], f"uint32x{dot.lanes}"))
+        for word in range(words):
+            lanes = T.Bind(weight.vload([j, g * words + word, lane0], f"uint32x{dot.lanes}"))
             for half in (lanes, tirx.shift_right(lanes, four)):  # inputs 0-3 of the word, then 4-7
                 unsigned.append(T.Bind(tirx.reinterpret(dot.byte_type, tirx.bitwise_and(half, mask))))
         return unsigned, None
-    signs = [T.Bind(weight.vload([j, g * WORDS_PER_GROUP + m, lane0, 0], dot.byte_type)) for m in range(WORDS_PER_GROUP)]
+    signs = [T.Bind(weight.vload([j, g * words + m, lane0, 0], dot.byte_type)) for m in range(words)]
     return [T.Bind(tirx.abs(w)) for w in signs], signs
 
 

@@ -21,9 +21,9 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from ..interface.artifact import VOCAB, KernelSignature, TensorSpec
 from . import kernels, workarounds
 from .config import ModelConfig
-from .integer_matmul import IntegerDot, activation_scale_count, integer_dot, integer_matmul, quantize_activations
-from .quantization import BITS, CODE_TILE, GROUP, packed_shapes, packed_tiles
-from .quantized_matmul import code_at, quantized_matmul
+from .integer_matmul import IntegerDot, activation_scales_shape, integer_dot, integer_matmul, quantize_activations
+from .quantization import BITS, CODE_TILE, LAYOUTS, format_runs, packed_shapes, packed_tiles
+from .quantized_matmul import code_at, group_scale_min, quantized_matmul
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
 # verify at the default draft length, and 5 rows x 4 vectors of accumulators fit AVX-512's registers.
@@ -62,10 +62,11 @@ class Linear(nn.Module):
         if quantization is None:
             shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
             self.weight = nn.Parameter(shape)
-            self.scales = None
+            self.scales = self.sub_scales = None
         else:
-            shapes = packed_shapes(BITS[quantization], in_features, packed_tiles(out_features, self.tile), self.tile)
+            shapes = packed_shapes(quantization, in_features, packed_tiles(out_features, self.tile), self.tile)
             self.weight, self.scales = (nn.Parameter(*shapes[name]) for name in ("weight", "scales"))
+            self.sub_scales = nn.Parameter(*shapes["sub_scales"]) if "sub_scales" in shapes else None
         self.bias = nn.Parameter((out_features,)) if bias else None
 
     def to(self, dtype=None):
@@ -76,16 +77,16 @@ class Linear(nn.Module):
 
     @property
     def _stored(self) -> list[Tensor]:
-        return [p for p in (self.weight, self.scales) if p is not None]
+        return [p for p in (self.weight, self.scales, self.sub_scales) if p is not None]
 
     def _weight_at(self, stored: list[te.Tensor], j, k, t, dtype: str):
-        """W[j, k, t] of the packed layout, dequantized to dtype when quantized."""
+        """W[j, k, t] of the packed layout, dequantized (in float32) to dtype when quantized."""
         if self.quantization is None:
             return stored[0][j, k, t]
-        codes, scales = stored
-        bits = BITS[self.quantization]
-        w = code_at(codes, bits, j, k, t).astype(dtype) * scales[j, k // GROUP, 0, t].astype(dtype)
-        return w + scales[j, k // GROUP, 1, t].astype(dtype) if bits == 4 else w
+        codes, *scales = stored
+        scale, low = group_scale_min(self.quantization, scales, j, k // LAYOUTS[self.quantization].group, t)
+        w = code_at(codes, BITS[self.quantization], j, k, t).astype("float32") * scale
+        return (w + low if low is not None else w).astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:
         if self.tile is None:
@@ -123,20 +124,20 @@ class Linear(nn.Module):
         flat = op.reshape(x, (-1, k_dim))
         out = Tensor.placeholder((flat.shape[0], self.out_features), x.dtype)
         if self.dot is None:
-            kernel = quantized_matmul(BITS[self.quantization], self.in_features, self.out_features, self.tile,
+            kernel = quantized_matmul(self.quantization, self.in_features, self.out_features, self.tile,
                                       row_block, x.dtype)
-            y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.scales], out)
+            y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, *self._stored], out)
         else:
             kernel = integer_matmul(self.quantization, self.in_features, self.out_features, self.tile, row_block,
                                     x.dtype, self.dot)
-            y = op.tensor_ir_op(kernel, "integer_matmul", [*self._quantized_input(flat), self.weight, self.scales], out)
+            y = op.tensor_ir_op(kernel, "integer_matmul", [*self._quantized_input(flat), *self._stored], out)
         return op.reshape(y, (*lead, self.out_features))
 
     def _quantized_input(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """The input's int8 codes and per-block scales, made once and read by every tile of the matmul."""
-        fmt, rows, groups = self.quantization, flat.shape[0], self.in_features // GROUP
+        fmt, rows = self.quantization, flat.shape[0]
         outs = [Tensor.placeholder((rows, self.in_features), "int8"),
-                Tensor.placeholder((rows, groups, activation_scale_count(fmt)), "float32")]
+                Tensor.placeholder((rows, *activation_scales_shape(fmt, self.in_features)), "float32")]
         return tuple(op.tensor_ir_op(quantize_activations(fmt, self.in_features, flat.dtype), "quantize_activations",
                                      [flat], outs))
 
@@ -154,24 +155,49 @@ class Linear(nn.Module):
         return op.tensor_expr_op(compute, "take_columns", [ids, *self._stored])
 
 
+class SplitLinear(nn.Module):
+    """A fused projection whose parts a file keeps in different formats (Q4_K_M's q and k in Q4_K, v in
+    Q6_K): one Linear per run of parts in the same format, their outputs side by side."""
+
+    def __init__(self, runs: list[Linear], bias: bool):
+        self.runs = nn.ModuleList(runs)
+        self.bias = nn.Parameter((sum(run.out_features for run in runs),)) if bias else None
+
+    def to(self, dtype=None):
+        for module in (*self.runs, self.bias):
+            if module is not None:
+                module.to(dtype)
+
+    def forward(self, x: Tensor, row_block: int = 1) -> Tensor:
+        y = op.concat([run(x, row_block) for run in self.runs], dim=-1)
+        return y + self.bias if self.bias is not None else y
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightLayout:
     """How each Linear stores its weight: the CPU tile (None: [in, out]) and, by parameter prefix
-    (e.g. "lm_head"), the quantization format of those that are quantized."""
+    (e.g. "lm_head"), the quantization format of those that are quantized: one format, or for a fused
+    linear whose parts differ, one per part (checkpoint.convert_weights)."""
     tile: int | None = None
-    formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    formats: Mapping[str, str | list[str]] = dataclasses.field(default_factory=dict)
     dot: IntegerDot | None = None  # the CPU's integer dot product for quantized Linears (CausalLM sets it)
 
-    def linear(self, name: str, in_features: int, out_features: int, bias: bool = False) -> Linear:
-        return Linear(in_features, out_features, bias, self.tile, self.formats.get(name), self.dot)
+    def linear(self, name: str, in_features: int, parts: list[int], bias: bool = False) -> Linear | SplitLinear:
+        """The Linear of a weight fused from parts of these output features."""
+        fmt = self.formats.get(name)
+        if isinstance(fmt, str) or fmt is None:
+            return Linear(in_features, sum(parts), bias, self.tile, fmt, self.dot)
+        runs = [Linear(in_features, sum(parts[i] for i in indices), False, self.tile, run_format, self.dot)
+                for run_format, indices in format_runs(fmt)]
+        return SplitLinear(runs, bias)
 
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
         self.c = c
-        qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-        self.qkv_proj = layout.linear(prefix + "qkv_proj", c.hidden_size, qkv_out, bias=c.attention_bias)
-        self.o_proj = layout.linear(prefix + "o_proj", c.num_attention_heads * c.head_dim, c.hidden_size)
+        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.qkv_proj = layout.linear(prefix + "qkv_proj", c.hidden_size, [q_out, kv_out, kv_out], bias=c.attention_bias)
+        self.o_proj = layout.linear(prefix + "o_proj", q_out, [c.hidden_size])
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, row_block: int) -> Tensor:
         c = self.c
@@ -184,8 +210,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
-        self.gate_up_proj = layout.linear(prefix + "gate_up_proj", c.hidden_size, 2 * c.intermediate_size)
-        self.down_proj = layout.linear(prefix + "down_proj", c.intermediate_size, c.hidden_size)
+        self.gate_up_proj = layout.linear(prefix + "gate_up_proj", c.hidden_size, [c.intermediate_size] * 2)
+        self.down_proj = layout.linear(prefix + "down_proj", c.intermediate_size, [c.hidden_size])
 
     def forward(self, x: Tensor, row_block: int) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x, row_block), 2, axis=-1)
@@ -232,7 +258,7 @@ class CausalLM(nn.Module):
         layout = dataclasses.replace(layout or WeightLayout(), dot=integer_dot(target))
         self.quantized = bool(layout.formats)
         self.model = Decoder(c, layout)
-        self.lm_head = layout.linear("lm_head", c.hidden_size, min(c.vocab_size, self.output_vocab_size))
+        self.lm_head = layout.linear("lm_head", c.hidden_size, [min(c.vocab_size, self.output_vocab_size)])
         self.dtype = "float32"
 
     def to(self, dtype=None):

@@ -1,10 +1,15 @@
-"""Group-quantized weights: llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, kept or made, and packed for the CPU.
+"""Group-quantized weights: llama.cpp's blocks, kept from a GGUF file or made, and packed for the CPU.
 
-Every format is codes with a float16 scale (and, for 4-bit, a float16 min) per group of 32 input
-features, w = code * scale + min. Q4_0's w = d * (code - 8) is the same with min = -8d, exactly:
+Q4_0, Q4_1 and Q8_0 are codes with a float16 scale (and, for 4-bit, a float16 min) per group of 32
+input features, w = code * scale + min. Q4_0's w = d * (code - 8) is the same with min = -8d, exactly:
 d * code and 8d are exact in float32 (an 11-bit mantissa times a small integer), so is their sum.
+
+The K-quants group inputs twice: a super-block of 256 has float16 scales d (and dmin), and each of its
+groups (32 inputs for Q4_K, 16 for Q6_K) an integer scale sc (and min m), so that
+    Q4_K: w = (d * sc) * code - dmin * m,  code 0..15      Q6_K: w = (d * sc) * code,  code -32..31
+d * sc and dmin * m are exact in float32, so a group's float scale and min are as well.
 GGUF blocks are decoded bit for bit and the quantizers follow ggml's reference ones, so a block
-kept from a file and one made here from its float values are the same bytes.
+kept from a file and one made here from its float values are the same bytes. K-quants are only kept.
 """
 
 from __future__ import annotations
@@ -12,27 +17,59 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import gguf
 import numpy as np
 
 from .config import CompileError
 
-GROUP = 32
-FORMATS = ("q4_0", "q4_1", "q8_0")
-# The compute kind of each format: 4-bit codes with scale and min, or int8 codes with a scale.
-BITS = {"q4_0": 4, "q4_1": 4, "q8_0": 8}
+GROUP = 32  # inputs per scale of Q4_0, Q4_1 and Q8_0
+SUPER_BLOCK = 256  # inputs per float16 scale of a K-quant
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a format stores a weight: codes of `bits` (4: nibbles 0..15; 8: int8), a float scale (and
+    min) per `group` inputs, held as float16 per `block` inputs times, when block > group (K-quants),
+    an integer per group (int8 scales; uint8 scales and mins)."""
+    bits: int
+    group: int
+    block: int
+    has_min: bool
+
+    @property
+    def super_blocks(self) -> bool:
+        return self.block > self.group
+
+
+LAYOUTS = {
+    "q4_0": Layout(4, GROUP, GROUP, True),
+    "q4_1": Layout(4, GROUP, GROUP, True),
+    "q8_0": Layout(8, GROUP, GROUP, False),
+    "q4_k": Layout(4, 32, SUPER_BLOCK, True),
+    "q6_k": Layout(8, 16, SUPER_BLOCK, False),
+}
+FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats --quantization makes
+KEPT = tuple(LAYOUTS)  # the GGUF types kept as blocks
+BITS = {fmt: layout.bits for fmt, layout in LAYOUTS.items()}
 
 
 @dataclasses.dataclass
 class Quantized:
-    """A weight [out, in] (Hugging Face orientation) as codes and float16 scales/mins per group."""
+    """A weight [out, in] (Hugging Face orientation) as codes, float16 scales/mins per block and, for
+    K-quants, integer scales/mins per group."""
     format: str
     codes: np.ndarray  # [out, in]: uint8 0..15 (4-bit) or int8
-    scale: np.ndarray  # [out, in / 32] float16
-    min: np.ndarray | None  # [out, in / 32] float16, 4-bit only
+    scale: np.ndarray  # [out, in / block] float16
+    min: np.ndarray | None  # [out, in / block] float16: the mins, or a K-quant's dmin
+    sub: np.ndarray | None = None  # K-quants: [out, in / group, 1 or 2] int8 scales, or uint8 scales and mins
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.format]
 
     @property
     def bits(self) -> int:
-        return BITS[self.format]
+        return self.layout.bits
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,23 +77,40 @@ class Quantized:
 
     def map_rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Quantized":
         """The same row operation (a permutation, a slice) on codes, scales and mins alike."""
-        return Quantized(self.format, fn(self.codes), fn(self.scale), None if self.min is None else fn(self.min))
+        maybe = lambda a: None if a is None else fn(a)  # noqa: E731
+        return Quantized(self.format, fn(self.codes), fn(self.scale), maybe(self.min), maybe(self.sub))
+
+    def group_scales(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The float32 scale and min of every group [out, in / group] (see the module docstring)."""
+        per_block = self.layout.block // self.layout.group
+        scale = np.repeat(self.scale.astype(np.float32), per_block, axis=1)
+        low = None if self.min is None else np.repeat(self.min.astype(np.float32), per_block, axis=1)
+        if self.sub is None:
+            return scale, low
+        scale = scale * self.sub[..., 0].astype(np.float32)
+        return scale, None if low is None else -(low * self.sub[..., 1].astype(np.float32))
 
     def dequantize(self) -> np.ndarray:
-        w = _expand(self.scale.astype(np.float32)) * self.codes.astype(np.float32)
-        return w + _expand(self.min.astype(np.float32)) if self.min is not None else w
+        scale, low = (np.repeat(a, self.layout.group, axis=1) if a is not None else None for a in self.group_scales())
+        w = scale * self.codes.astype(np.float32)
+        return w + low if low is not None else w
 
 
-def _expand(per_group: np.ndarray) -> np.ndarray:
-    return np.repeat(per_group, GROUP, axis=1)
+def concat_rows(parts: list[Quantized]) -> Quantized:
+    """Fused projections (q/k/v, gate/up) in one format as one weight."""
+    cat = lambda name: None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return Quantized(parts[0].format, cat("codes"), cat("scale"), cat("min"), cat("sub"))
 
 
-def concat_rows(parts: list[Quantized]) -> Quantized | None:
-    """Fused projections (q/k/v, gate/up) as one weight; None when the parts' formats differ."""
-    if len({p.format for p in parts}) != 1:
-        return None
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-    return Quantized(parts[0].format, cat("codes"), cat("scale"), None if parts[0].min is None else cat("min"))
+def format_runs(formats: list[str]) -> list[tuple[str, list[int]]]:
+    """The runs of consecutive parts of a fused weight in the same format: (format, the parts' indices)."""
+    runs: list[tuple[str, list[int]]] = []
+    for index, fmt in enumerate(formats):
+        if runs and runs[-1][0] == fmt:
+            runs[-1][1].append(index)
+        else:
+            runs.append((fmt, [index]))
+    return runs
 
 
 def check_groups(in_features: int, fmt: str, what: str) -> None:
@@ -102,9 +156,11 @@ def _quantize_q8_0(groups, out, k):
 
 # -- GGUF blocks ------------------------------------------------------------------------------------
 def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized:
-    """Decode llama.cpp blocks (a uint8 array, a block of 32 weights per 18, 20 or 34 bytes)."""
+    """Decode llama.cpp blocks (a uint8 array: 32 weights per 18, 20 or 34 bytes, 256 per 144 or 210)."""
     fmt = type_name.lower()
     out, k = shape
+    if LAYOUTS[fmt].super_blocks:
+        return _from_k_blocks(np.ascontiguousarray(raw).reshape(out * k // SUPER_BLOCK, -1), fmt, out, k)
     blocks = np.ascontiguousarray(raw).reshape(out * k // GROUP, -1)
     d = blocks[:, :2].copy().view(np.float16).reshape(out, k // GROUP)
     if fmt == "q8_0":
@@ -117,6 +173,24 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
     return Quantized(fmt, codes, d, (d.astype(np.float32) * -8).astype(np.float16))
 
 
+def _from_k_blocks(blocks: np.ndarray, fmt: str, out: int, k: int) -> Quantized:
+    """ggml's block_q4_K (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles: each 64
+    weights' first 32 in the low nibbles of 32 bytes, the next 32 in the high ones) and block_q6_K
+    (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d)."""
+    n = len(blocks)
+    half = lambda a: a.copy().view(np.float16).reshape(out, k // SUPER_BLOCK)  # noqa: E731
+    if fmt == "q4_k":
+        sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        codes = (blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        sub = np.stack([sc, m], axis=-1).astype(np.uint8).reshape(out, k // 32, 2)
+        return Quantized(fmt, codes.reshape(out, k), half(blocks[:, :2]), half(blocks[:, 2:4]), sub)
+    low = (blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    codes = (low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    sub = blocks[:, 192:208].copy().view(np.int8).reshape(out, k // 16, 1)
+    return Quantized(fmt, codes.reshape(out, k), half(blocks[:, 208:210]), None, sub)
+
+
 # -- the CPU layout (model.Linear) ------------------------------------------------------------------
 # Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output.
 INPUTS_PER_WORD = {4: 8, 8: 4}
@@ -126,14 +200,19 @@ INPUTS_PER_WORD = {4: 8, 8: 4}
 CODE_TILE = 16
 
 
-def packed_shapes(bits: int, in_features: int, tiles: int, tile: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def packed_shapes(fmt: str, in_features: int, tiles: int, tile: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Parameter shapes and dtypes of a quantized Linear with this tile: for each word of inputs (see
     code_offset), the tile's T output features are contiguous 32-bit lanes, each holding that word's
     codes of one output, so a lane is an operand of an integer dot product (vpdpbusd, pmaddubsw); per
-    group of 32 inputs, the tile's scales then (4-bit) its mins."""
-    words = in_features // INPUTS_PER_WORD[bits]
-    codes = ((tiles, words, tile), "uint32") if bits == 4 else ((tiles, words, tile, 4), "int8")
-    return {"weight": codes, "scales": ((tiles, in_features // GROUP, 2 if bits == 4 else 1, tile), "float16")}
+    block of inputs, the tile's float16 scales then mins; for K-quants, per group, its integer ones."""
+    layout = LAYOUTS[fmt]
+    words = in_features // INPUTS_PER_WORD[layout.bits]
+    codes = ((tiles, words, tile), "uint32") if layout.bits == 4 else ((tiles, words, tile, 4), "int8")
+    pairs = 2 if layout.has_min else 1
+    shapes = {"weight": codes, "scales": ((tiles, in_features // layout.block, pairs, tile), "float16")}
+    if layout.super_blocks:
+        shapes["sub_scales"] = ((tiles, in_features // layout.group, pairs, tile), "uint8" if layout.has_min else "int8")
+    return shapes
 
 
 def code_offset(bits: int, k: int):
@@ -148,13 +227,15 @@ def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
     zero codes, scales and mins (padding columns compute to 0 and are sliced off)."""
     out, k = q.shape
     groups = [q.scale] if q.min is None else [q.scale, q.min]
-    scales = np.ascontiguousarray(np.stack([tile_rows(g, tile) for g in groups], axis=2))
+    packed = {"scales": np.ascontiguousarray(np.stack([tile_rows(g, tile) for g in groups], axis=2))}
+    if q.sub is not None:
+        packed["sub_scales"] = np.ascontiguousarray(np.stack([tile_rows(s, tile) for s in np.moveaxis(q.sub, 2, 0)], axis=2))
     if q.bits == 4:
         shifts = code_offset(4, np.arange(8)).astype(np.uint32)
         words = np.bitwise_or.reduce(q.codes.astype(np.uint32).reshape(out, k // 8, 8) << shifts, axis=2)
-        return {"weight": tile_rows(words, tile), "scales": scales}
+        return {"weight": tile_rows(words, tile), **packed}
     tiled = tile_rows(q.codes, tile).reshape(-1, k // 4, 4, tile).transpose(0, 1, 3, 2)
-    return {"weight": np.ascontiguousarray(tiled), "scales": scales}
+    return {"weight": np.ascontiguousarray(tiled), **packed}
 
 
 def packed_tiles(out_features: int, tile: int) -> int:

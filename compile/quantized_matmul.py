@@ -1,6 +1,7 @@
 """The CPU matmul over quantized weights (quantization.py's packed layout), scheduled here.
 
-With w = code * scale + min per group of 32 inputs, a group adds to each output
+With w = code * scale + min per group of inputs (32, or a K-quant's 32 or 16, whose float scale and
+min are its super-block's times its own integer ones), a group adds to each output
     scale * sum(x * code) + min * sum(x),
 so the inner loop only turns codes into floats (shift, mask, convert) and multiply-adds them; a group's
 scale and min are applied once per row. A 4-bit decode is compute-bound on CPUs (it reads a fifth of
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .quantization import GROUP, INPUTS_PER_WORD, code_offset, packed_shapes, packed_tiles
+from .quantization import INPUTS_PER_WORD, LAYOUTS, code_offset, packed_shapes, packed_tiles
 
 
 def code_at(weight: te.Tensor, bits: int, j, k, t):
@@ -27,40 +28,58 @@ def code_at(weight: te.Tensor, bits: int, j, k, t):
     return tirx.bitwise_and(tirx.shift_right(weight[j, k // INPUTS_PER_WORD[4], t], shift), tirx.const(15, "uint32"))
 
 
-def quantized_matmul(bits: int, in_features: int, out_features: int, tile: int, row_block: int,
+def group_scale_min(fmt: str, stored: list, j, g, t):
+    """The float32 scale and min (None without one) of group g, output lane t of tile j, from the
+    packed scales (and a K-quant's sub_scales): Quantized.group_scales in TIR."""
+    layout = LAYOUTS[fmt]
+    scales, block = stored[0], g // (layout.block // layout.group)
+    scale = scales[j, block, 0, t].astype("float32")
+    low = scales[j, block, 1, t].astype("float32") if layout.has_min else None
+    if not layout.super_blocks:
+        return scale, low
+    sub = stored[1]
+    scale = scale * sub[j, g, 0, t].astype("float32")
+    return scale, None if low is None else -(low * sub[j, g, 1, t].astype("float32"))
+
+
+def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, row_block: int,
                      dtype: str) -> tirx.PrimFunc:
-    """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales, y)."""
-    k_dim, groups, r = in_features, in_features // GROUP, row_block
+    """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales,
+    [sub_scales,] y)."""
+    layout = LAYOUTS[fmt]
+    k_dim, size, r = in_features, layout.group, row_block
+    groups, bits = k_dim // size, layout.bits
     tiles = packed_tiles(out_features, tile)
-    shapes = packed_shapes(bits, k_dim, tiles, tile)
+    shapes = packed_shapes(fmt, k_dim, tiles, tile)
     n = tirx.Var("n", "int64")
     x = te.placeholder((n, k_dim), dtype, "x")
     weight = te.placeholder(*shapes["weight"], name="weight")
-    scales = te.placeholder(*shapes["scales"], name="scales")
+    stored = [te.placeholder(*shapes[name], name=name) for name in shapes if name != "weight"]
     blocks = (n - 1) // r + 1
 
     def row(b, i):
         return tirx.min(b * r + i, n - 1)
 
-    kk = te.reduce_axis((0, GROUP), "kk")
+    kk = te.reduce_axis((0, size), "kk")
     dot = te.compute((blocks, r, tiles, groups, tile), lambda b, i, j, g, t: te.sum(
-        x[row(b, i), g * GROUP + kk].astype("float32") * code_at(weight, bits, j, g * GROUP + kk, t).astype("float32"),
+        x[row(b, i), g * size + kk].astype("float32") * code_at(weight, bits, j, g * size + kk, t).astype("float32"),
         axis=kk),
         name="group_dot")
-    if bits == 4:
-        kx = te.reduce_axis((0, GROUP), "kx")
-        x_sum = te.compute((n, groups), lambda s, g: te.sum(x[s, g * GROUP + kx].astype("float32"), axis=kx),
+    if layout.has_min:
+        kx = te.reduce_axis((0, size), "kx")
+        x_sum = te.compute((n, groups), lambda s, g: te.sum(x[s, g * size + kx].astype("float32"), axis=kx),
                            name="group_sum")
 
     def term(b, i, j, g, t):
-        scaled = dot[b, i, j, g, t] * scales[j, g, 0, t].astype("float32")
-        return scaled + x_sum[row(b, i), g] * scales[j, g, 1, t].astype("float32") if bits == 4 else scaled
+        scale, low = group_scale_min(fmt, stored, j, g, t)
+        scaled = dot[b, i, j, g, t] * scale
+        return scaled + x_sum[row(b, i), g] * low if low is not None else scaled
 
     g_axis = te.reduce_axis((0, groups), "g")
     acc = te.compute((blocks, r, tiles, tile), lambda b, i, j, t: te.sum(
         term(b, i, j, g_axis, t), axis=g_axis), name="matmul")
     y = te.compute((n, out_features), lambda s, c: acc[s // r, s % r, c // tile, c % tile].astype(dtype), name="unpack")
-    func = te.create_prim_func([x, weight, scales, y]).with_attr("tirx.noalias", True).without_attr("global_symbol")
+    func = te.create_prim_func([x, weight, *stored, y]).with_attr("tirx.noalias", True).without_attr("global_symbol")
     return _schedule(func).with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
 
 
@@ -72,7 +91,7 @@ def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.compute_at(dot, g)
     sch.set_scope(dot, 0, "local")  # one group's partial sums: registers, not a buffer the size of the output x groups
     *di, dt, dk = sch.get_loops(dot)[len(sch.get_loops(matmul)) - 2:]  # a one-row block has no row loop
-    word, nibble = sch.split(dk, [None, 8])
+    word, nibble = sch.split(dk, [None, 8])  # 8 inputs: a word of 4-bit codes, two of 8-bit ones
     sch.reorder(word, nibble, *di, dt)
     sch.unroll(nibble)
     for loop in di + [i]:

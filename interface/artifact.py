@@ -85,7 +85,7 @@ class ModelEntry:
     param_names: tuple[str, ...]
     config: dict  # compile/config.py's ModelConfig as JSON
     output_vocab_size: int
-    quantization: dict  # parameter prefix -> format, for the quantized linears
+    quantization: dict  # parameter prefix -> format (or one per fused part, when they differ), for the quantized linears
     verify_row_blocks: tuple[int, ...]  # the extra verify_<n> functions
     source: str
     build_seconds: float

@@ -75,6 +75,7 @@ def run(args) -> int:
     prompts = _prompts(engine, args.prompts, args.workload)
     results = {"artifact": str(artifact), "device": args.device, "prompts": len(prompts),
                "workload": "file" if args.prompts else args.workload, "max_tokens": args.max_tokens}
+    results["formats"] = weight_formats(engine.config.models["target"].quantization)
     results["memory_bandwidth_gbs"] = memory_bandwidth()
     results["costs"] = forward_costs(engine)
     results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
@@ -120,6 +121,15 @@ def _prompts(engine, path: str | None, workload: str = "chat") -> list[list[int]
 
 
 # -- measurements ---------------------------------------------------------------------------------------------
+def weight_formats(quantization: dict) -> dict[str, int]:
+    """Quantized linears of the target per format (a fused one whose parts differ counts in each)."""
+    counts: dict[str, int] = {}
+    for formats in quantization.values():
+        for fmt in {formats} if isinstance(formats, str) else set(formats):
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
 def memory_bandwidth(megabytes: int = 256) -> float:
     """GB/s of a large numpy copy, read plus write, best of five."""
     src = np.ones(megabytes * 2**20 // 4, np.float32)
@@ -299,6 +309,8 @@ def format_table(r: dict) -> str:
     c = r["costs"]
     lines = [
         f"artifact: {r['artifact']} ({r['prompts']} {r['workload']} prompts, {r['max_tokens']} tokens each, greedy)",
+        "target weights: " + (", ".join(f"{fmt} {n} linears" for fmt, n in sorted(r["formats"].items()))
+                              or "float"),
         f"memory bandwidth (numpy copy): {r['memory_bandwidth_gbs']:.1f} GB/s",
         f"target decode: {c['target_decode_ms']:.2f} ms/token, weights read at {r['decode_bandwidth_gbs']:.1f} GB/s "
         f"({r['decode_bandwidth_gbs'] / r['memory_bandwidth_gbs']:.0%} of the copy bandwidth)",

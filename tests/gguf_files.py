@@ -115,8 +115,24 @@ def stored(weights: np.ndarray, qtype: QType) -> np.ndarray:
     return gguf.quants.quantize(weights, qtype)
 
 
-def write_gguf(path, arch, config, tensors, vocab, qtype=QType.F32, rope_scaling=None, integer_norm=False):
-    """Write a GGUF with the metadata keys and tensor layout llama.cpp's converter uses."""
+def random_blocks(qtype: QType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """[rows, bytes] of random blocks of a type gguf cannot quantize to (the K-quants): random codes,
+    integer scales and mins, with finite, positive float16 super-block scales at the offsets ggml's
+    block structs put them (Q4_K/Q5_K: d, dmin first; Q6_K: d last), small enough for weights of a
+    real model's size (about 0.05), so that a model of them is not chaotic."""
+    rng = np.random.default_rng(seed)
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // block_weights, block_bytes), dtype=np.uint8)
+    offsets = [block_bytes - 2] if qtype == QType.Q6_K else [0, 2]
+    for offset in offsets:
+        raw[:, offset:offset + 2] = rng.uniform(6e-5, 2e-4, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, arch, config, tensors, vocab, qtype=QType.F32, rope_scaling=None, integer_norm=False,
+               qtypes=None):
+    """Write a GGUF with the metadata keys and tensor layout llama.cpp's converter uses. qtypes: the
+    type of each tensor given as raw uint8 blocks instead of float weights."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny-test-model")
     writer.add_context_length(config.max_position_embeddings)
@@ -137,10 +153,10 @@ def write_gguf(path, arch, config, tensors, vocab, qtype=QType.F32, rope_scaling
             weights = permute_qk_for_gguf(weights, config.num_attention_heads)
         elif arch == "llama" and ".k_proj." in hf_name:
             weights = permute_qk_for_gguf(weights, config.num_key_value_heads)
-        data = stored(weights, qtype)
+        data = weights if qtypes and hf_name in qtypes else stored(weights, qtype)
         if integer_norm and hf_name == "model.layers.0.input_layernorm.weight":
             data = np.arange(weights.size, dtype=np.int32)  # a type no float dequantization covers
-        raw_dtype = qtype if data.dtype == np.uint8 else None
+        raw_dtype = (qtypes or {}).get(hf_name, qtype) if data.dtype == np.uint8 else None
         writer.add_tensor(gguf_tensor_name(hf_name), data, raw_dtype=raw_dtype)
     if rope_scaling is not None:
         factors = llama3_rope_factors(rope_scaling, config.rope_parameters["rope_theta"], config.head_dim)
@@ -320,11 +336,111 @@ def tiny_llama(vocab_size: int, **overrides):
     return config, model, random_state_dict(model, seed=0)
 
 
-def tiny_qwen2(vocab_size: int):
+def tiny_qwen2(vocab_size: int, **overrides):
     config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=1024, rope_theta=1000000.0,
-                         tie_word_embeddings=True, **TINY_SHAPE)
+                         tie_word_embeddings=True, **{**TINY_SHAPE, **overrides})
     config.architectures = ["Qwen2ForCausalLM"]
     model = Qwen2ForCausalLM(config)
     tensors = random_state_dict(model, seed=1)
     del tensors["lm_head.weight"]  # tied: llama.cpp writes no output.weight
     return config, model, tensors
+
+
+# K-quants need a multiple of 256 inputs in every linear. Heads of 16 as in the other tiny models: at
+# head_dim 64 the decode and verify attention kernels differ in the last bits at some positions.
+K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=16, num_attention_heads=16, num_key_value_heads=8)
+
+
+def q4_k_m_type(hf_name: str, shape: tuple) -> QType | None:
+    """llama.cpp's Q4_K_M choice for a 2-layer model (None: a 1-D tensor, kept F32): Q6_K for the tied
+    embedding and, in layer 0 (one of its "more bits" layers), attn_v and ffn_down; Q4_K elsewhere."""
+    if len(shape) == 1:
+        return None
+    more_bits = hf_name.startswith("model.layers.0.") and (".v_proj." in hf_name or ".down_proj." in hf_name)
+    return QType.Q6_K if more_bits or hf_name == "model.embed_tokens.weight" else QType.Q4_K
+
+
+def write_q4_k_m_gguf(path, layer1_seed: int = 1):
+    """A tiny tied Qwen2 GGUF with Q4_K_M's mix of random Q4_K and Q6_K blocks (gguf cannot quantize to
+    K-quants); files differing in layer1_seed share every tensor but layer 1's linears."""
+    tokenizer = train_byte_level_tokenizer("qwen2")
+    config, _, tensors = tiny_qwen2(tokenizer.get_vocab_size(with_added_tokens=True), **K_QUANT_SHAPE)
+    qtypes = {name: qtype for name, w in tensors.items() if (qtype := q4_k_m_type(name, w.shape)) is not None}
+    for index, name in enumerate(qtypes):
+        seed = layer1_seed if name.startswith("model.layers.1.") else 0
+        tensors[name] = random_blocks(qtypes[name], *tensors[name].shape, seed=1000 * seed + index)
+    write_gguf(path, "qwen2", config, tensors, byte_level_vocab(tokenizer, "qwen2"), qtypes=qtypes)
+    return path
+
+
+# --- random models of a given shape, quantized by llama.cpp ---------------------------------------
+
+# Qwen2-1.5B's shape (issue 12's cost model); SMALL_SHAPE: the same kind of model for the tests.
+QWEN2_1_5B_SHAPE = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+SMALL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+# llama.cpp's file types (llama_ftype) for llama_model_quantize.
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+class _RandomQwen2Tensors:
+    """A tied Qwen2's tensors (Hugging Face names), each drawn when the writer asks for it, so that a
+    1.5B model is never all in memory as float32: weights ~ N(0, std), norms ~ 1, biases small."""
+
+    def __init__(self, config, seed: int, std: float):
+        self.config, self.seed, self.std = config, seed, std
+
+    def items(self):
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        q_out, kv_out = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+        for i in range(c.num_hidden_layers):
+            layer = f"model.layers.{i}."
+            shapes.update({
+                layer + "input_layernorm.weight": (c.hidden_size,),
+                layer + "self_attn.q_proj.weight": (q_out, c.hidden_size), layer + "self_attn.q_proj.bias": (q_out,),
+                layer + "self_attn.k_proj.weight": (kv_out, c.hidden_size), layer + "self_attn.k_proj.bias": (kv_out,),
+                layer + "self_attn.v_proj.weight": (kv_out, c.hidden_size), layer + "self_attn.v_proj.bias": (kv_out,),
+                layer + "self_attn.o_proj.weight": (c.hidden_size, q_out),
+                layer + "post_attention_layernorm.weight": (c.hidden_size,),
+                layer + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                layer + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                layer + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            })
+        shapes["model.norm.weight"] = (c.hidden_size,)
+        rng = np.random.default_rng(self.seed)
+        for name, shape in shapes.items():
+            noise = rng.standard_normal(shape, dtype=np.float32)
+            if name.endswith("norm.weight"):
+                yield name, 1.0 + 0.1 * noise
+            else:
+                yield name, (self.std if len(shape) == 2 else 0.1 * self.std) * noise
+
+
+def write_random_gguf(path, shape: dict, seed: int = 0, std: float = 0.02):
+    """An F16 GGUF of a tied Qwen2 of this shape with random weights and a small byte-level BPE
+    vocabulary padded with unused tokens to the shape's vocabulary, as llama.cpp's tools read it."""
+    tokenizer = train_byte_level_tokenizer("qwen2")
+    vocab = byte_level_vocab(tokenizer, "qwen2")
+    padding = shape["vocab_size"] - len(vocab["tokens"])
+    vocab["tokens"] = vocab["tokens"] + [f"<|unused_{i}|>" for i in range(padding)]
+    vocab["token_types"] = vocab["token_types"] + [int(gguf.TokenType.UNUSED)] * padding
+    config = Qwen2Config(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=vocab["bos_id"],
+                         eos_token_id=vocab["eos_id"], **shape)
+    write_gguf(path, "qwen2", config, _RandomQwen2Tensors(config, seed, std), vocab, qtype=QType.F16)
+    return path
+
+
+def quantize_with_llamacpp(source, out, fmt: str):
+    """llama.cpp's own quantization (llama-cpp-python's llama_model_quantize) of an F16 GGUF to fmt."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[fmt]
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed to write {out} as {fmt}")
+    return out

@@ -37,6 +37,14 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     assert "verify(k) / decode" in table and "draft k=4" in table and "tree w=2 d=4" in table
     assert "prefill 40 tokens" in table
     assert r["workload"] == "file"
+    assert r["formats"] == {} and "target weights: float" in table
+
+
+def test_weight_formats_count_each_linear_once_per_format():
+    """The format row: a fused linear whose parts differ (Q4_K_M's q/k/v) counts in both formats."""
+    from mlc_spec.bench import weight_formats
+
+    assert weight_formats({"a": "q4_k", "b": ["q4_k", "q4_k", "q6_k"], "lm_head": "q6_k"}) == {"q4_k": 2, "q6_k": 2}
 
 
 def test_repetitive_workload_repeats_a_passage(artifacts):

@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from gguf_files import random_blocks, write_q4_k_m_gguf
 from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards
 from mlc_spec.consistency import target_library
-from mlc_spec.compile.quantization import FORMATS, code_offset, from_gguf_blocks, pack, quantize
+from mlc_spec.compile.quantization import FORMATS, KEPT, code_offset, from_gguf_blocks, pack, quantize
 
-TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
+TYPES = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in KEPT}
+K_QUANTS = [fmt for fmt in KEPT if fmt not in FORMATS]
 
 
 def weights(rows=6, cols=96, seed=0):
@@ -41,6 +43,21 @@ def test_blocks_are_llama_cpp_blocks(fmt):
     np.testing.assert_array_equal(theirs.dequantize(), gguf.quants.dequantize(raw, TYPES[fmt]))
 
 
+@pytest.mark.parametrize("fmt", K_QUANTS)
+def test_k_quant_blocks_decode_to_gguf_dequantization(fmt):
+    """A file's K-quant blocks, kept as codes and scales, are exactly the weights gguf-py dequantizes."""
+    raw = random_blocks(TYPES[fmt], 6, 512)
+    kept = from_gguf_blocks(raw, fmt.upper(), (6, 512))
+    np.testing.assert_array_equal(kept.dequantize(), gguf.quants.dequantize(raw, TYPES[fmt]))
+
+
+def quantized_weights(fmt: str, rows: int, cols: int, seed: int = 0):
+    """Blocks of fmt: made by our quantizer, or (K-quants, which are only kept) random ones."""
+    if fmt in FORMATS:
+        return quantize(weights(rows, cols, seed), fmt)
+    return from_gguf_blocks(random_blocks(TYPES[fmt], rows, cols, seed), fmt.upper(), (rows, cols))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_requantizing_dequantized_blocks_is_lossless(fmt):
     """A draft given the target's dequantized embedding gets the very same blocks back."""
@@ -50,13 +67,12 @@ def test_requantizing_dequantized_blocks_is_lossless(fmt):
     np.testing.assert_array_equal(again.scale, q.scale)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", KEPT)
 def test_packed_layout_holds_every_code(fmt):
     """pack's arrays, read back the way model.Linear reads them, give w[out, in]."""
-    w, tile = weights(rows=70, cols=64), 16
-    q = quantize(w, fmt)
+    q, tile = quantized_weights(fmt, 70, 512), 16
     p = pack(q, tile)
-    out, k = w.shape
+    out, k = q.shape
     j, t = np.arange(out) // tile, np.arange(out) % tile
     cols = np.arange(k)
     if q.bits == 4:
@@ -64,10 +80,16 @@ def test_packed_layout_holds_every_code(fmt):
         codes = (words >> code_offset(4, cols[None]).astype(np.uint32)) & 15
     else:
         codes = p["weight"][j[:, None], cols[None] // 4, t[:, None], cols[None] % 4]
-    groups = p["scales"][j[:, None], cols[None] // 32, :, t[:, None]].astype(np.float32)
-    got = codes.astype(np.float32) * groups[..., 0]
-    if q.bits == 4:
-        got += groups[..., 1]
+    layout = q.layout
+    at = lambda a, size: a[j[:, None], cols[None] // size, :, t[:, None]].astype(np.float32)  # noqa: E731
+    scales = at(p["scales"], layout.block)
+    if layout.super_blocks:
+        sub = at(p["sub_scales"], layout.group)
+        scales = np.stack([scales[..., 0] * sub[..., 0], -(scales[..., 1] * sub[..., 1])], -1) if layout.has_min \
+            else scales * sub
+    got = codes.astype(np.float32) * scales[..., 0]
+    if layout.has_min:
+        got += scales[..., 1]
     np.testing.assert_array_equal(got, q.dequantize())
     assert not p["weight"][-1, :, out % tile:].any()  # padding columns are zero
 
@@ -168,6 +190,57 @@ def test_quantized_speculation_equals_quantized_target(artifacts, good_checkpoin
     assert generate_all(engine, batch, max_tokens=24, stop_at_eos=False, draft_length=4) == alone
     rate = sum(o.stats["acceptance_rate"] for o in spec) / len(spec)
     assert 0.2 < rate < 1.0  # a draft that partly agrees: accepted and rejected drafts both occurred
+
+
+# -- K-quants kept from a GGUF ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def q4_k_m(tmp_path_factory):
+    """A tiny Q4_K_M-style file: Q4_K linears, Q6_K embedding, and a layer whose fused q/k/v mixes both."""
+    return write_q4_k_m_gguf(tmp_path_factory.mktemp("q4_k_m") / "tiny-q4_k_m.gguf")
+
+
+def test_k_quant_float_path_equals_the_expanded_file(artifacts, q4_k_m):
+    """Q4_K and Q6_K blocks are kept (a mixed fused q/k/v as a run per format) and, without an integer
+    dot product, compute the model on gguf's dequantization of them up to float32 rounding; the
+    artifact's weights are about the file's size."""
+    kept = artifacts.compile("q4_k_m-float-path", q4_k_m, cpu_target=GENERIC_CPU)
+    expanded = artifacts.compile("q4_k_m-expanded", q4_k_m, quantization="none")
+    ids = np.random.default_rng(2).integers(0, 400, 40).tolist()
+    got, want = run_forwards(kept, ids, (30, 37)), run_forwards(expanded, ids, (30, 37))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() < 1e-5 * np.abs(want[name]).max(), name
+    config = json.loads((kept / "mlc_spec_config.json").read_text())["models"]["target"]
+    formats = config["quantization"]
+    assert formats["model.layers.0.self_attn.qkv_proj"] == ["q4_k", "q4_k", "q6_k"]
+    assert formats["model.layers.1.self_attn.qkv_proj"] == "q4_k" and formats["lm_head"] == "q6_k"
+    file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(q4_k_m).tensors)
+    assert config["param_bytes"] <= 1.2 * file_bytes
+
+
+def test_k_quant_integer_path_is_the_expanded_file_up_to_8_bit_activations(artifacts, q4_k_m):
+    """On this CPU's target, Q8_K activations multiplied in integers: close to the expanded file's
+    logits, with the same next tokens."""
+    kept = artifacts.compile("q4_k_m", q4_k_m)
+    expanded = artifacts.compile("q4_k_m-expanded", q4_k_m, quantization="none")
+    ids = np.random.default_rng(2).integers(0, 400, 40).tolist()
+    got, want = run_forwards(kept, ids, (30, 37)), run_forwards(expanded, ids, (30, 37))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() < 0.05 * np.abs(want[name]).max(), name
+        assert (got[name].argmax(-1) == want[name].argmax(-1)).mean() >= 0.8, name
+
+
+def test_k_quant_speculation_equals_k_quant_target(artifacts, q4_k_m, tmp_path):
+    """Greedy speculation over a Q4_K_M pair (the draft's layer 1 differs) emits what the target alone does."""
+    from mlc_spec import Engine
+
+    draft = write_q4_k_m_gguf(tmp_path / "draft.gguf", layer1_seed=2)
+    engine = Engine(artifacts.compile("q4_k_m-pair", q4_k_m, draft, max_seq_len=128), max_batch_size=4)
+    batch = [ids.tolist() for ids in np.random.default_rng(5).integers(0, 400, (4, 12))]
+    alone = generate_all(engine, batch, max_tokens=24, stop_at_eos=False, speculative=False)
+    spec = engine.generate(token_ids=batch, max_tokens=24, stop_at_eos=False, draft_length=4)
+    assert [o.token_ids for o in spec] == alone
+    rate = sum(o.stats["acceptance_rate"] for o in spec) / len(spec)
+    assert 0.1 < rate < 1.0, rate  # a draft that partly agrees: accepted and rejected drafts both occurred
 
 
 # -- bad options --------------------------------------------------------------------------------------
