@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu"],
+        "train": ["torch==2.13.0", "tqdm"],
     },
     entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The mlc_spec command: compile, chat, bench."""
+"""The mlc_spec command: compile, chat, bench, train-draft."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from . import bench, chat
+from . import bench, chat, train_draft
 
 
 class Terminated(BaseException):
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_compile(sub)
     chat.add_parser(sub)
     bench.add_parser(sub)
+    train_draft.add_parser(sub)
     args = parser.parse_args(argv)
     received: list[int] = []
     previous = _catch_signals(received)
