@@ -89,6 +89,9 @@ class ModelEntry:
     source: str
     build_seconds: float
     param_bytes: int
+    # "model": a causal LM over token ids; "eagle": a feature draft over the target's embeddings and
+    # hidden states (compile/eagle.py), whose target then exports them
+    kind: str = "model"
 
     @property
     def embed_vocab_size(self) -> int:

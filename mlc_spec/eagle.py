@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,33 +76,6 @@ class Layer(nn.Module):
         m, hn = self.mlp, self.post_attention_layernorm(x)
         return x + m.down_proj(F.silu(m.gate_proj(hn)) * m.up_proj(hn))
 
-    def forward(self, x):
-        q, k, v = self.qkv(x)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.finish(x, attn.transpose(1, 2))
-
-
-class Target(nn.Module):
-    """The target in float32 (its GGUF dequantized), for features: last hidden state after the final norm."""
-
-    def __init__(self, config: dict, tensors: dict[str, np.ndarray]):
-        super().__init__()
-        c = target_config(config)
-        self.embed = nn.Parameter(torch.from_numpy(tensors["model.embed_tokens.weight"]), requires_grad=False)
-        self.layers = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
-        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
-        state = {k.removeprefix("model."): torch.from_numpy(v) for k, v in tensors.items()
-                 if k.startswith("model.layers.") or k == "model.norm.weight"}
-        self.load_state_dict(state, strict=False)
-        self.requires_grad_(False)
-
-    @torch.inference_mode()
-    def features(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed[ids]
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
-
 
 def target_config(config: dict) -> dict:
     """The fields the layers need, from a Hugging Face config dict."""
@@ -119,7 +91,8 @@ def target_config(config: dict) -> dict:
 class DraftNet(nn.Module):
     """fc -> one decoder layer -> norm; the head (target rows of `token_ids`) is a frozen buffer."""
 
-    def __init__(self, config: dict, embed: torch.Tensor, token_ids: torch.Tensor):
+    def __init__(self, config: dict, embed: torch.Tensor, token_ids: torch.Tensor, head: torch.Tensor):
+        """embed, head: the target's token embedding and output head (the same matrix when tied)."""
         super().__init__()
         c = target_config(config)
         h = c["hidden_size"]
@@ -128,7 +101,7 @@ class DraftNet(nn.Module):
         self.norm = RMSNorm(h, c["rms_norm_eps"])
         self.register_buffer("embed", embed, persistent=False)
         self.register_buffer("token_ids", token_ids)
-        self.register_buffer("head", embed[token_ids].clone(), persistent=False)
+        self.register_buffer("head", head[token_ids].clone(), persistent=False)
 
     def logits(self, g):
         return g @ self.head.T

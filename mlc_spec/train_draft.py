@@ -3,6 +3,11 @@
 Stages, each resumable (a rerun picks up where the last one stopped):
   corpus    the compiled target's own replies (greedy and sampled) to the prompts of draft_prompts.py,
             generated with the batch API; written as JSON lines as batches finish.
+  features  the compiled target's hidden states over every prompt + reply (its prefill: exactly the
+            features the runtime's draft reads), from a copy of the target compiled with them exported.
+  train     the draft of eagle.py in torch, with the target's embedding and head frozen and shared;
+            held-out greedy acceptance per draft position as it goes; checkpoints to resume from.
+  export    a draft folder for `mlc_spec compile --draft` (compile/eagle.py).
 """
 
 from __future__ import annotations
@@ -65,22 +70,41 @@ def sequences(rows: list[dict]) -> list[tuple[list[int], int]]:
     return [((r["prompt"] + r["reply"])[:MAX_TRAIN_TOKENS], len(r["prompt"])) for r in rows if r["reply"]]
 
 
-def extract_features(target, seqs: list[tuple[list[int], int]], path: Path, batch: int = 8, log=print):
-    """The target's features of every sequence, float16, saved every few batches so a stopped run resumes."""
+def extract_features(engine, seqs: list[tuple[list[int], int]], path: Path, log=print):
+    """The compiled target's features of every sequence (its prefill, exactly what the runtime's draft
+    will read), float16, one row per token (the last row, which no training position reads, is zero);
+    saved every few hundred sequences so a stopped run resumes."""
     import torch
     from tqdm import tqdm
 
     done = torch.load(path) if path.is_file() else []
-    order = range(len(done), len(seqs), batch)
-    for n, b in enumerate(tqdm(order, desc=f"features {path.stem}", unit="batch", mininterval=30)):
-        chunk = [s for s, _ in seqs[b:b + batch]]
-        width = max(map(len, chunk))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk])  # right padding: causal, never read
-        feats = target.features(ids).half()
-        done += [f[:len(s)].clone() for f, s in zip(feats, chunk)]
-        if n % 20 == 19 or b + batch >= len(seqs):
+    start = len(done)
+    for i in tqdm(range(start, len(seqs)), desc=f"features {path.stem}", unit="seq", mininterval=30):
+        tokens = seqs[i][0]
+        with engine.session() as session:
+            session.generate(token_ids=tokens, max_tokens=1, speculative=False)
+            rows = engine.target.features[session.seq_id].rows(0, len(tokens) - 1)
+            done.append(torch.from_numpy(np.concatenate([rows, np.zeros_like(rows[:1])])).half())
+        if (i + 1) % 200 == 0 or i + 1 == len(seqs):
             torch.save(done, path)
     return done
+
+
+def feature_engine(engine, work: Path, log):
+    """An engine whose target exports its hidden states: this one, or the target recompiled with them."""
+    from .runtime.engine import Engine
+
+    if engine.target.lib.exports_hidden:
+        return engine
+    folder = work / "feature-target"
+    if not (folder / "mlc_spec_config.json").is_file():
+        from .compile.build import CompileOptions, compile_artifact
+
+        log(f"compiling the target with its hidden states exported into {folder} (once)")
+        source = engine.config.models["target"].source
+        compile_artifact(source, None, folder, CompileOptions(device=engine.config.device, dtype=engine.config.dtype,
+                                                              export_hidden=True), log=log)
+    return Engine(folder, device=engine.config.device, max_batch_size=1, max_seq_len=engine.max_seq_len)
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -179,7 +203,7 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
 
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ckpt = work / "checkpoint.pt"
+    ckpt = work / "checkpoint.pt"  # train_from_corpus reads its head's tokens too
     state = {"step": 0, "seconds": 0.0, "history": []}
     if ckpt.is_file():
         saved = torch.load(ckpt)
@@ -273,7 +297,8 @@ def add_parser(sub) -> None:
     p.add_argument("--heldout", type=int, default=32, help="held-out prompts (unseen topics), for acceptance")
     p.add_argument("--max-tokens", type=int, default=128, help="reply length cap")
     p.add_argument("--gen-batch", type=int, default=16, help="prompts per batch API call")
-    p.add_argument("--corpus-only", action="store_true", help="stop after the corpus")
+    p.add_argument("--stage", choices=("all", "corpus", "train"), default="all",
+                   help="corpus: only generate it; train: train on the corpus generated so far (default all)")
     p.add_argument("--vocab", type=int, default=8192, help="the head's tokens: the corpus's most frequent")
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget (a rerun continues)")
     p.add_argument("--steps", type=int, default=3, help="chained draft steps trained and scored")
@@ -306,40 +331,45 @@ def run(args) -> int:
 
     artifact = Path(args.artifact) if args.artifact else _default_artifact()
     engine = Engine(artifact, max_batch_size=args.gen_batch, max_seq_len=512)
-    build_corpus(engine, work, n_train=args.prompts, n_heldout=args.heldout, max_tokens=args.max_tokens,
-                 batch=args.gen_batch, seed=args.seed, log=log)
-    if args.corpus_only:
+    if args.stage != "train":
+        build_corpus(engine, work, n_train=args.prompts, n_heldout=args.heldout, max_tokens=args.max_tokens,
+                     batch=args.gen_batch, seed=args.seed, log=log)
+    if args.stage == "corpus":
         return 0
     source = engine.config.models["target"].source
-    del engine
-    net, target_cfg, recipe = train_from_corpus(source, work, args, log)
+    net, target_cfg, recipe = train_from_corpus(engine, work, args, log)
     export(net, target_cfg, out, LICENSE_NOTE.format(target=Path(source).name, vocab=args.vocab, recipe=recipe))
     log(f"wrote {out}; compile it with: mlc_spec compile {source} --draft {out}")
     return 0
 
 
-def train_from_corpus(source: str, work: Path, args, log):
+def train_from_corpus(engine, work: Path, args, log):
     import torch
 
     from .compile.checkpoint import load_checkpoint
-    from .eagle import DraftNet, Target
+    from .eagle import DraftNet
 
-    ck = load_checkpoint(source)
-    tensors = {k: np.asarray(ck.tensors[k], np.float32) for k in ck.tensors
-               if k.startswith("model.")}
-    target = Target(ck.hf_config, tensors)
+    ck = load_checkpoint(engine.config.models["target"].source)
     files = corpus_files(work)
     train_rows, held_rows = read_corpus(files["train"]), read_corpus(files["heldout"])
     held_rows = [r for r in held_rows if r["mode"] == "greedy"]  # acceptance is measured on greedy replies
     train_seqs, held_seqs = sequences(train_rows), sequences(held_rows)
-    held_feats = extract_features(target, held_seqs, work / "features-heldout.pt", log=log)
-    train_feats = extract_features(target, train_seqs, work / "features-train.pt", log=log)
-    eos = tuple(ck.config.eos_token_ids)
-    token_ids = torch.from_numpy(frequent_tokens(train_rows, args.vocab, eos))
-    net = DraftNet(ck.hf_config, target.embed.detach(), token_ids)
+    features = feature_engine(engine, work, log)
+    held_feats = extract_features(features, held_seqs, work / "features-heldout.pt", log=log)
+    train_feats = extract_features(features, train_seqs, work / "features-train.pt", log=log)
+    checkpoint = work / "checkpoint.pt"
+    if checkpoint.is_file():  # the head a resumed run trained (the corpus may have grown since)
+        token_ids = torch.load(checkpoint)["model"]["token_ids"]
+    else:
+        token_ids = torch.from_numpy(frequent_tokens(train_rows, args.vocab, tuple(ck.config.eos_token_ids)))
+    head = "model.embed_tokens.weight" if ck.config.tie_word_embeddings else "lm_head.weight"
+    net = DraftNet(ck.hf_config, torch.from_numpy(np.asarray(ck.tensors["model.embed_tokens.weight"], np.float32)),
+                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)))
+    last = f"model.layers.{ck.config.num_hidden_layers - 1}."
     with torch.no_grad():  # start where the target ends: its final norm, its last layer
-        net.norm.weight.copy_(target.norm.weight)
-        net.layer.load_state_dict(target.layers[-1].state_dict())
+        net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
+        net.layer.load_state_dict({k.removeprefix(last): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
+                                   for k in ck.tensors if k.startswith(last)})
     n_tokens = sum(len(r["reply"]) for r in train_rows)
     log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
         f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
@@ -347,9 +377,9 @@ def train_from_corpus(source: str, work: Path, args, log):
                   batch=args.batch, lr=args.lr, eval_every=args.eval_every, log=log)
     acc = state["history"][-1]["acceptance"]
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    recipe = (f"- draft: fc(2x{target.embed.shape[1]} -> {target.embed.shape[1]}), one Llama decoder layer "
-              f"(initialised from the target's last), final norm; {params / 1e6:.1f}M parameters; head over the "
-              f"{len(token_ids)} most frequent reply tokens\n"
+    width = ck.config.hidden_size
+    recipe = (f"- draft: fc(2x{width} -> {width}), one Llama decoder layer (initialised from the target's last), "
+              f"final norm; {params / 1e6:.1f}M parameters; head over the {len(token_ids)} most frequent reply tokens\n"
               f"- corpus: {len(train_rows)} replies of the target to {len(train_rows) // 2} prompts (greedy and "
               f"sampled at {CORPUS_MODES['sampled']}), {n_tokens} reply tokens\n"
               f"- training: {state['step']} steps, batch {args.batch}, lr {args.lr}, {args.steps} chained steps, "

@@ -26,8 +26,8 @@ from . import options as check
 from .kv_cache import CacheFullError, pages_for
 from .library import ModelLibrary, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
-from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, Model, NGramDraft, RoundStats, SamplingParams,
-                          Sequence, SpeculativeDecoder, tree_size)
+from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, FeatureDraft, FeatureModel, Model, NGramDraft,
+                          RoundStats, SamplingParams, Sequence, SpeculativeDecoder, tree_size)
 
 AUTO_MAX_DRAFT = 8
 MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
@@ -138,7 +138,7 @@ class Engine:
         except RuntimeError as err:  # TVM reports a failed allocation as an InternalError (std::bad_alloc)
             raise ValueError(f"cannot allocate the {role}'s KV cache for {self.max_batch_size} sequences of "
                              f"{self.max_seq_len} tokens ({_last_line(err)}); lower max_batch_size or max_seq_len") from None
-        return Model(lib, kv)
+        return (FeatureModel if lib.kind == "eagle" else Model)(lib, kv)
 
     @property
     def has_draft(self) -> bool:
@@ -197,7 +197,7 @@ class Engine:
     def _drop(self, seq_id: int) -> None:
         for m in self._models():
             if seq_id in m.kv.sequences:
-                m.kv.remove_sequence(seq_id)
+                m.remove_sequence(seq_id)
 
     # -- one-shot generation ----------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, *, token_ids: list[int] | list[list[int]] | None = None,
@@ -405,6 +405,9 @@ class _Generation:
         if opts.speculative in ("draft", "tree") and self.draft is None:
             raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
         self.tree = opts.speculative == "tree"
+        if self.tree and isinstance(self.draft, FeatureModel):
+            raise ValueError(f"{engine.folder}'s draft is a feature draft (eagle), which proposes chains only; "
+                             "use speculative='draft'")
         if self.tree and tree_size(opts.tree_width, opts.tree_depth) * len(sessions) > engine.prefill_chunk:
             raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
                              f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
@@ -502,6 +505,8 @@ class _Generation:
     def _proposer(self, engine: Engine, opts: GenerateOptions):
         if self.tree:
             return DraftTree(self.draft, engine.prefill_chunk, opts.tree_width)
+        if isinstance(self.draft, FeatureModel):
+            return FeatureDraft(self.draft, engine.target, engine.prefill_chunk)
         if self.draft is not None:
             return DraftModel(self.draft, engine.prefill_chunk)
         if opts.speculative in (True, "ngram"):
