@@ -83,7 +83,8 @@ class Model:
         """Cut the sequence's cache back to its first n tokens (a no-op if it holds no more)."""
         self.kv.popn(seq.seq_id, self.cached(seq) - n)
         if self.features is not None:
-            self.features.setdefault(seq.seq_id, FeatureRows()).truncate(n)
+            # to what the cache holds: a session's reset empties the cache without this
+            self.features.setdefault(seq.seq_id, FeatureRows()).truncate(self.cached(seq))
 
     def sync(self, seq: Sequence) -> None:
         """Restore the invariant: the cache holds a prefix of the committed tokens, all but the last at most."""
@@ -102,25 +103,21 @@ class Model:
 
     def forward_last(self, seq_ids: list[int], token_lists: list[list[int]]):
         """The library's forward_last, keeping the hidden states of a target that exports them."""
-        if self.features is None:
-            return self.lib.forward_last(self.kv, seq_ids, token_lists)
-        logits, hidden = self.lib.forward_last(self.kv, seq_ids, token_lists, hidden=True)
-        self._record(seq_ids, token_lists, hidden)
-        return logits
+        return self._forward(self.lib.forward_last, seq_ids, token_lists)
 
     def forward_all(self, seq_ids: list[int], token_lists: list[list[int]]):
         """The library's forward_all over chains, keeping the hidden states of a target that exports them."""
-        if self.features is None:
-            return self.lib.forward_all(self.kv, seq_ids, token_lists)
-        logits, hidden = self.lib.forward_all(self.kv, seq_ids, token_lists, hidden=True)
-        self._record(seq_ids, token_lists, hidden)
-        return logits
+        return self._forward(self.lib.forward_all, seq_ids, token_lists)
 
-    def _record(self, seq_ids: list[int], token_lists: list[list[int]], hidden) -> None:
+    def _forward(self, forward, seq_ids: list[int], token_lists: list[list[int]]):
+        if self.features is None:
+            return forward(self.kv, seq_ids, token_lists)
+        logits, hidden = forward(self.kv, seq_ids, token_lists, hidden=True)
         rows = hidden.numpy()
         offsets = np.cumsum([0] + [len(t) for t in token_lists])
         for i, seq_id in enumerate(seq_ids):
             self.features.setdefault(seq_id, FeatureRows()).append(rows[offsets[i]:offsets[i + 1]])
+        return logits
 
 
 class FeatureRows:

@@ -153,3 +153,25 @@ def test_trees_are_refused_with_a_feature_draft(eagle):
     engine, _ = eagle
     with pytest.raises(ValueError, match="feature draft"):
         engine.generate(token_ids=[5, 6, 7], max_tokens=4, speculative="tree")
+
+
+def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys):
+    """corpus -> features -> training with held-out acceptance -> a draft folder; a rerun resumes from
+    the corpus and the checkpoint instead of starting over."""
+    from mlc_spec.cli import main as cli
+
+    engine, _ = eagle
+    work, out = tmp_path / "work", tmp_path / "draft"
+    args = ["train-draft", str(engine.folder), "--work", str(work), "--out", str(out), "--prompts", "4",
+            "--heldout", "2", "--max-tokens", "8", "--gen-batch", "4", "--minutes", "0.02", "--eval-every", "2",
+            "--vocab", "64", "--threads", "1"]
+    assert cli(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["draft_kind"] == "eagle" and config["draft_vocab_size"] == 64
+    corpus = (work / "corpus-train.jsonl").read_text().splitlines()
+    assert len(corpus) == 8  # each prompt answered greedily and sampled
+    log = (work / "log.txt").read_text()
+    assert "held-out greedy acceptance per position" in log
+    assert cli(args[:-8] + ["--minutes", "0.04", "--eval-every", "2", "--vocab", "64", "--threads", "1"]) == 0
+    assert (work / "corpus-train.jsonl").read_text().splitlines() == corpus
+    assert "resuming at step" in (work / "log.txt").read_text()
