@@ -26,7 +26,10 @@ setup(
         "ml_dtypes",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu"],
+        # mlc_spec serve's HTTP stack; the tests drive it with the official openai client
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu", "fastapi", "uvicorn",
+                 "openai", "httpx"],
         "train": ["torch==2.13.0", "tqdm"],
     },
     entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},

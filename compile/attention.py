@@ -1,13 +1,15 @@
-"""CPU prefill attention for the paged KV cache: flash-style, parallel and vectorised.
+"""CPU attention for the paged KV cache: flash-style, parallel and vectorised.
 
-TVM 0.27's CPU prefill kernels (tir_attention_prefill_cpu over the cached pages,
-tir_attention_prefill_ragged_cpu over the chunk's own tokens) are scalar loop nests on one thread, so
-every prefill chunk after the first, which attends to all the pages cached before it, grew slower by
-seconds per cached chunk. These take their place (workarounds.CPUPagedKVCache installs them) with the
-same arguments and results: the output, and the log2-sum-exp TVM's merge kernel combines the two with.
+TVM 0.27's CPU attention kernels (tir_attention_prefill_cpu over the cached pages,
+tir_attention_prefill_ragged_cpu over the chunk's own tokens, tir_attention_decode_cpu for one token
+per sequence) are scalar loop nests on one thread, so every prefill chunk after the first, which
+attends to all the pages cached before it, grew slower by seconds per cached chunk, and a decode at
+2000 tokens of context spent most of its time in attention. These take their place
+(workarounds.CPUPagedKVCache installs them) with the same arguments and results: the output, and the
+log2-sum-exp TVM's merge kernel combines partial attentions with.
 
 Each parallel task takes one KV head, the query heads that share it and a tile of QUERIES queries
-(`rows` in all), and walks the keys a block of KEYS at a time (a page of the cache) with an online
+(`rows` in all; a decode's tile is its one query), and walks the keys a block of KEYS at a time (a page of the cache) with an online
 softmax: scores for the block, a running max and sum per row, the output rescaled and accumulated.
 Scores are kept transposed, [key, row], so the softmax's max and sum over keys run down columns,
 vectorised over rows; they are in log2 units (queries scaled by sm_scale * log2(e)), as in TVM's kernels.
@@ -20,7 +22,7 @@ import math
 from tvm.script import tirx as T
 
 KEYS = 16  # keys per block: one page of the cache (TVM's CPU kernels fix the page size at 16)
-QUERIES = 8  # queries per task
+QUERIES = 8  # queries per prefill task
 KEY_PASS = 4  # score rows computed together: each query vector loaded serves four keys
 LANES = 8  # float32 lanes of an AVX2 register
 EMPTY_LSE = -5e4  # what TVM's kernels report for a row with no keys: the merge weighs it zero
@@ -34,7 +36,7 @@ EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5
 
 def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """tir_attention_prefill_cpu: queries against the pages cached for their sequence."""
-    attend_sequence = _sequence_attention(h_kv, h_q, d)
+    attend_sequence = _sequence_attention(h_kv, h_q, d, QUERIES)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -74,9 +76,49 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     return batch_prefill_paged_kv_cpu
 
 
+def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
+    """tir_attention_decode_cpu: each sequence's one new token against all its cached pages (its own
+    key and value among them)."""
+    attend_sequence = _sequence_attention(h_kv, h_q, d, 1)
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_cpu(
+        var_q: T.handle,  # [batch_size, h_q, d]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch_size + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch_size]: tokens in each sequence's last page
+        var_k_rope_pos_offset: T.handle,  # [batch_size]
+        var_q_rope_position: T.handle,  # [batch_size]
+        var_output: T.handle,  # [batch_size, h_q, d]
+        var_lse: T.handle,  # [batch_size, h_q]
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, KEYS, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        T.Assert(rotary_mode == 0, "RoPE inside attention is not supported: the model applies it before the cache")
+
+        for b in range(batch_size):
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+            kv_len: T.let[T.int32] = T.Select(n_pages > 0, (n_pages - 1) * KEYS + length_info[b], 0)
+            attend_sequence(_load_page, pages, page_values, page_indptr[b], kv_len, q, b, 1, 0, sm_scale * LOG2E,
+                            output, lse)
+
+    return batch_decode_paged_kv_cpu
+
+
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """tir_attention_prefill_ragged_cpu: queries against the keys and values of the same forward."""
-    attend_sequence = _sequence_attention(h_kv, h_q, d)
+    attend_sequence = _sequence_attention(h_kv, h_q, d, QUERIES)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv_cpu(
@@ -137,23 +179,24 @@ def _load_rows(K, V, block, kv_head, kv_len, k, v, first_row):
                                      T.Cast("float32", v[first_row + block * KEYS + j, kv_head, c]), T.float32(0))
 
 
-def _sequence_attention(h_kv: int, h_q: int, d: int):
-    """The macro both kernels run per sequence; only loading a block of keys and values differs.
+def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
+    """The macro the kernels run per sequence, in tiles of `queries` queries; only loading a block of
+    keys and values differs.
 
     Per task: Qt [d, rows] the scaled queries transposed, K and V [KEYS, d] the block (zero past the
     keys), S [KEYS, rows] its scores then weights, seen [rows] how many keys each row sees, state
     [4, rows] the running max (0) and sum (1) and this block's max (2) and rescale factor (3), acc the
     score accumulators, out [rows, d] the unnormalised output. Row r is query q0 + r // group of
-    query head kv_head * group + r % group.
+    query head kv_head * group + r % group; rows past queries * group (whole vectors) are padding.
     """
     group = h_q // h_kv
-    rows = QUERIES * group
+    rows = -(-queries * group // LANES) * LANES
 
     @T.macro
     def start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out):
         for c, r in T.grid(d, rows):
             Qt[c, r] = T.float32(0)
-        for i in range(T.min(QUERIES, n_q - q0)):
+        for i in range(T.min(queries, n_q - q0)):
             for g, c in T.grid(group, d):
                 Qt[c, i * group + g] = T.Cast("float32", q[q_start + q0 + i, kv_head * group + g, c]) * scale
         for r in range(rows):
@@ -202,7 +245,7 @@ def _sequence_attention(h_kv: int, h_q: int, d: int):
 
     @T.macro
     def finish(output, lse, q_start, q0, n_q, kv_head, state, out):
-        for i in range(T.min(QUERIES, n_q - q0)):
+        for i in range(T.min(queries, n_q - q0)):
             for g in range(group):
                 for c in T.vectorized(d):
                     output[q_start + q0 + i, kv_head * group + g, c] = T.Cast(output.dtype, T.Select(
@@ -216,9 +259,9 @@ def _sequence_attention(h_kv: int, h_q: int, d: int):
     def attend_sequence(load_block, keys, values, first, kv_len, q, q_start, n_q, causal, scale, output, lse):
         """One sequence's queries against its keys, which load_block(K, V, block, kv_head, kv_len,
         keys, values, first) brings a block at a time."""
-        for task in T.parallel(h_kv * T.ceildiv(n_q, QUERIES)):
+        for task in T.parallel(h_kv * T.ceildiv(n_q, queries)):
             kv_head: T.let[T.int32] = task % h_kv
-            q0: T.let[T.int32] = _first_query(task // h_kv, n_q)
+            q0: T.let[T.int32] = _first_query(task // h_kv, n_q, queries)
             with T.sblock("tile"):
                 Qt = T.sblock_alloc_buffer((d, rows), "float32")
                 K = T.sblock_alloc_buffer((KEYS, d), "float32")
@@ -229,7 +272,7 @@ def _sequence_attention(h_kv: int, h_q: int, d: int):
                 acc = T.sblock_alloc_buffer((KEY_PASS, rows), "float32")
                 out = T.sblock_alloc_buffer((rows, d), "float32")
                 start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out)
-                for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0), KEYS)):
+                for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0, queries), KEYS)):
                     load_block(K, V, block, kv_head, kv_len, keys, values, first)
                     attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
                 finish(output, lse, q_start, q0, n_q, kv_head, state, out)
@@ -237,16 +280,16 @@ def _sequence_attention(h_kv: int, h_q: int, d: int):
     return attend_sequence
 
 
-def _keys_seen(causal, kv_len, n_q, q0):
+def _keys_seen(causal, kv_len, n_q, q0, queries: int):
     """Keys the tile's last query sees: under causal masking, query i sees kv_len - n_q + i + 1."""
-    return T.if_then_else(causal > 0, T.min(kv_len, kv_len - n_q + T.min(q0 + QUERIES, n_q)), kv_len)
+    return T.if_then_else(causal > 0, T.min(kv_len, kv_len - n_q + T.min(q0 + queries, n_q)), kv_len)
 
 
-def _first_query(tile_index, n_q):
+def _first_query(tile_index, n_q, queries: int):
     """Tiles in the order 0, n-1, 1, n-2, ...: the threads split the tasks into contiguous ranges,
     and under causal masking a later tile sees more keys."""
     half = tile_index // 2
-    return T.Select(tile_index % 2 == 0, half, T.ceildiv(n_q, QUERIES) - 1 - half) * QUERIES
+    return T.Select(tile_index % 2 == 0, half, T.ceildiv(n_q, queries) - 1 - half) * queries
 
 
 def _exp2(x):

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from ..interface.artifact import CONFIG_FILE, ArtifactConfig, BuildOptions, ModelEntry, with_files, write_config
 from ..runtime import options as check
 from . import kernels, workarounds
-from .checkpoint import QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
+from .checkpoint import GATHERED_EMBEDDING, QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .eagle import KIND, TOKEN_IDS, EagleDraft, eagle_checkpoint, is_eagle_folder
 from .model import CausalLM, WeightLayout
@@ -255,6 +255,7 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
         source=str(ck.source),
         build_seconds=round(build_seconds, 1),
         param_bytes=int(sum(p.nbytes for p in params.values())),
+        decode_bytes=int(sum(p.nbytes for name, p in params.items() if name != GATHERED_EMBEDDING)),
     )
 
 

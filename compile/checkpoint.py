@@ -33,6 +33,9 @@ class Checkpoint:
         return cfg
 
 
+# An untied model's input embedding: gathered a row per token, never read whole by a decode.
+GATHERED_EMBEDDING = "model.embed_tokens"
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
@@ -136,7 +139,7 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
     embed = "model.embed_tokens.weight"
     linears["lm_head"] = [embed if cfg.tie_word_embeddings else "lm_head.weight"]
     if not cfg.tie_word_embeddings:
-        out["model.embed_tokens"] = get(embed)
+        out[GATHERED_EMBEDDING] = get(embed)
     out = {name: w.astype(dtype) for name, w in out.items()}
     formats = {}
     for name, sources in linears.items():

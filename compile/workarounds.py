@@ -36,7 +36,7 @@ def register() -> None:
 def one_element_loads_at_zero(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Index 0 for every load from a one-element buffer, the only in-bounds index.
 
-    TVM 0.27's CPU prefill and tree attention (the paged-KV ones; _FastCPUPrefill replaces the
+    TVM 0.27's CPU prefill and tree attention (the paged-KV ones; _FastCPUAttention replaces the
     prefill one) read scale_O[d_idx] from a one-element buffer. LLVM, entitled to assume the access
     is in bounds, reads scale_O[0]; a C compiler reads past the buffer, and verify logits come out wrong.
     """
@@ -54,7 +54,7 @@ def _load_at_zero(load):
 def loops_bounded_by_their_guard(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """`for i in range(n): if i < m: body` -> `for i in range(min(n, m)): body`.
 
-    TVM 0.27's CPU paged prefill and tree attention (_FastCPUPrefill replaces the prefill one) walk
+    TVM 0.27's CPU paged prefill and tree attention (_FastCPUAttention replaces the prefill one) walk
     the whole page pool (max_num_pages * page_size rows) for every query and head, skipping the rows
     past the sequence with that guard: with a cache sized for 8 sequences of 2048 tokens, a 5-token
     verify of SmolLM2 spent more time skipping rows than attending. Rows the guard skips do nothing,
@@ -121,31 +121,33 @@ class _SwapCPUTreeKernels(PagedKVCache):
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 
-CPU_PREFILL_KERNELS = {
+CPU_ATTENTION_KERNELS = {
     "tir_attention_prefill_cpu": attention.paged_prefill_cpu,
     "tir_attention_prefill_ragged_cpu": attention.ragged_prefill_cpu,
+    "tir_attention_decode_cpu": attention.paged_decode_cpu,
 }
 
 
-class _FastCPUPrefill(PagedKVCache):
-    """TVM 0.27's CPU prefill attention kernels are scalar loop nests on one thread: each prefill chunk
-    after the first, attending to the pages cached before it, took seconds more per cached chunk. This
-    receives the create call like _SwapCPUTreeKernels and puts compile/attention.py's kernels in the
-    module under the same names, in place of TVM's."""
+class _FastCPUAttention(PagedKVCache):
+    """TVM 0.27's CPU prefill and decode attention kernels are scalar loop nests on one thread: each
+    prefill chunk after the first, attending to the pages cached before it, took seconds more per cached
+    chunk, and decode grew slower by a few milliseconds per hundred tokens of context. This receives the
+    create call like _SwapCPUTreeKernels and puts compile/attention.py's kernels in the module under the
+    same names, in place of TVM's."""
 
     def __init__(self, _expr: relax.Call, _name: str):
         bb = relax.BlockBuilder.current()
-        slots = [a.fields[1] for a in _expr.args if _tuple_func_name(a) in CPU_PREFILL_KERNELS]
-        if len(slots) != len(CPU_PREFILL_KERNELS):
-            raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU prefill-attention workaround")
+        slots = [a.fields[1] for a in _expr.args if _tuple_func_name(a) in CPU_ATTENTION_KERNELS]
+        if len(slots) != len(CPU_ATTENTION_KERNELS):
+            raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU attention workaround")
         for gv in slots:
-            bb.update_func(gv, CPU_PREFILL_KERNELS[gv.name_hint](*self.attention_shape))
+            bb.update_func(gv, CPU_ATTENTION_KERNELS[gv.name_hint](*self.attention_shape))
         super().__init__(_expr=_expr, _name=_name)
 
 
-class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels, _FastCPUPrefill):
+class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels, _FastCPUAttention):
     """TIRPagedKVCache for llvm targets, with its tree-attention kernels in the right slots and
-    parallel, vectorised prefill attention."""
+    parallel, vectorised prefill and decode attention."""
 
     def __init__(self, **kwargs):
         self.attention_shape = (kwargs["num_key_value_heads"], kwargs["num_attention_heads"], kwargs["qk_head_dim"],

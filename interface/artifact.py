@@ -18,7 +18,8 @@ from pathlib import Path
 
 CONFIG_FILE = "mlc_spec_config.json"
 # 2: typed schema with kernel signatures, per-file sizes and hashes, and the CPU features the code needs.
-FORMAT_VERSION = 2
+# 3: each model records decode_bytes, the parameter bytes one decode step reads.
+FORMAT_VERSION = 3
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 VOCAB = "vocab"  # the dimension of a kernel tensor that is the model's output vocabulary
 
@@ -89,6 +90,7 @@ class ModelEntry:
     source: str
     build_seconds: float
     param_bytes: int
+    decode_bytes: int  # param_bytes less the gathered embedding table, of which a token reads one row
     # "model": a causal LM over token ids; "eagle": a feature draft over the target's embeddings and
     # hidden states (compile/eagle.py), whose target then exports them
     kind: str = "model"

@@ -57,8 +57,8 @@ def add_parser(sub) -> None:
                    help="children per node of the token trees (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, nargs="+", default=list(PREFILL_TOKENS),
-                   help="prompt lengths whose target prefill is timed (default %(default)s; longer than "
-                        "the artifact's max_seq_len are skipped)")
+                   help="prompt lengths whose target prefill, and the decode after it, are timed (default %(default)s; "
+                        "those that leave no room in the artifact's max_seq_len are skipped)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
     p.add_argument("--compare-llamacpp", action="store_true",
@@ -77,7 +77,7 @@ def run(args) -> int:
                "workload": "file" if args.prompts else args.workload, "max_tokens": args.max_tokens}
     results["memory_bandwidth_gbs"] = memory_bandwidth()
     results["costs"] = forward_costs(engine)
-    results["decode_bandwidth_gbs"] = (engine.config.models["target"].param_bytes
+    results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["prefill"] = prefill_costs(engine, args.prefill_tokens)
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
@@ -146,21 +146,29 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
             forward = _feature_forward(engine) if lib.kind == "eagle" else lib.forward_last
             forward(kv, [seq], [session.tokens])
 
-            def step(n: int) -> float:
-                tokens = list(range(200, 200 + n))
-                t = _timed(lambda: (lib.forward_all(kv, [seq], [tokens]) if n > 1
-                                    else forward(kv, [seq], [tokens])).numpy())
-                kv.popn(seq, n)
-                return t
-
-            decode = statistics.median(step(1) for _ in range(repeats))
+            decode = _median_forward(model, seq, 1, repeats, forward)
             costs[f"{role}_decode_ms"] = decode * 1e3
             if role == "target":
-                costs["verify_over_decode"] = {k: statistics.median(step(k + 1) for _ in range(repeats)) / decode
+                costs["verify_over_decode"] = {k: _median_forward(model, seq, k + 1, repeats) / decode
                                                for k in range(1, 9)}
     if "draft_decode_ms" in costs:
         costs["draft_over_target"] = costs["draft_decode_ms"] / costs["target_decode_ms"]
     return costs
+
+
+def _median_forward(model, seq: int, n: int, repeats: int, forward_last=None) -> float:
+    """Median seconds of a forward of n tokens (a decode when n is 1, by forward_last: the library's
+    own, or a feature draft's) on seq, undone after each."""
+    tokens = list(range(200, 200 + n))
+    forward_last = forward_last or model.lib.forward_last
+
+    def step() -> float:
+        t = _timed(lambda: (model.lib.forward_all(model.kv, [seq], [tokens]) if n > 1
+                            else forward_last(model.kv, [seq], [tokens])).numpy())
+        model.kv.popn(seq, n)
+        return t
+
+    return statistics.median(step() for _ in range(repeats))
 
 
 def _feature_forward(engine):
@@ -176,17 +184,20 @@ def _feature_forward(engine):
     return forward
 
 
-def prefill_costs(engine, lengths: list[int]) -> dict:
+def prefill_costs(engine, lengths: list[int], repeats: int = 5) -> dict:
     """Seconds the target takes to prefill a prompt of n tokens, fed in the artifact's chunks as generate
-    feeds them, with each chunk's seconds: a later chunk also attends to every token cached before it."""
+    feeds them, with each chunk's seconds: a later chunk also attends to every token cached before it.
+    Then the milliseconds of a decode after those n tokens, whose attention reads all of them."""
     model, chunk, costs = engine.target, engine.prefill_chunk, {}
-    for n in (n for n in lengths if n <= engine.max_seq_len):
+    for n in (n for n in lengths if n < engine.max_seq_len):
         tokens = _prefill_prompt(engine, n)
         with engine.session() as session:
             chunks = [_timed(lambda lo=lo: model.lib.forward_last(model.kv, [session.seq_id],
                                                                   [tokens[lo:lo + chunk]]).numpy())
                       for lo in range(0, n, chunk)]
-        costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks}
+            decode = _median_forward(model, session.seq_id, 1, repeats)
+        costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks,
+                    "decode_ms_after": decode * 1e3}
     return costs
 
 
@@ -317,7 +328,8 @@ def format_table(r: dict) -> str:
     llamacpp = r.get("llamacpp", {}).get("prefill_seconds", {})
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n} tokens: {p['seconds']:.2f} s, {p['tokens_per_second']:.0f} tok/s "
-                     f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s)"
+                     f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s), "
+                     f"then decode {p['decode_ms_after']:.2f} ms/token"
                      + (f"; llama.cpp {llamacpp[n]:.2f} s, {int(n) / llamacpp[n]:.0f} tok/s" if n in llamacpp else ""))
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():

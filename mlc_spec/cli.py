@@ -1,4 +1,4 @@
-"""The mlc_spec command: compile, chat, bench, train-draft."""
+"""The mlc_spec command: compile, chat, serve, bench, train-draft."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from . import bench, chat, train_draft
+from . import bench, chat, serve, train_draft
 
 
 class Terminated(BaseException):
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     chat.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     train_draft.add_parser(sub)
     args = parser.parse_args(argv)

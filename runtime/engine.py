@@ -17,20 +17,17 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-import tvm
 from tokenizers import Tokenizer
 
 from ..interface.artifact import ArtifactError, read_artifact
 from . import options as check
 from .kv_cache import CacheFullError, pages_for
-from .library import ModelLibrary, missing_cpu_features, tvm_device
+from .library import ModelLibrary, last_line, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
-from .speculative import (MAX_TREE_NODES, DraftModel, DraftTree, FeatureDraft, FeatureModel, Model, NGramDraft,
-                          RoundStats, SamplingParams, Sequence, SpeculativeDecoder, tree_size)
+from .scheduler import MAX_DRAFT_LENGTH, Batch, Request, Stats, trim_memory_pool
+from .speculative import MAX_TREE_NODES, FeatureModel, Model, RoundStats, SamplingParams, tree_size
 
 AUTO_MAX_DRAFT = 8
-MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
 
 
 @dataclasses.dataclass
@@ -39,52 +36,6 @@ class GenerationOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     stats: dict
-
-
-class Stats:
-    """Acceptance and timing over the rounds of one or more generations."""
-
-    def __init__(self):
-        self.drafted_at = np.zeros(MAX_DRAFT_LENGTH, np.int64)
-        self.accepted_at = np.zeros(MAX_DRAFT_LENGTH, np.int64)
-        self.rounds = 0
-        self.target_calls_tokens = 0
-        self.tokens = 0
-        self.draft_seconds = 0.0
-        self.verify_seconds = 0.0
-        self.total_seconds = 0.0
-
-    def add_round(self, r: RoundStats) -> None:
-        for drafted, n in zip(r.drafted, r.accepted):
-            self.drafted_at[:drafted] += 1
-            self.accepted_at[:n] += 1
-            self.rounds += 1
-            self.target_calls_tokens += n + 1
-        self.draft_seconds += r.draft_seconds + r.catch_up_seconds
-        self.verify_seconds += r.verify_seconds
-
-    def merge(self, other: "Stats") -> None:
-        """Add another run's counts and times to these (a conversation's totals over its turns)."""
-        self.drafted_at += other.drafted_at
-        self.accepted_at += other.accepted_at
-        for name in ("rounds", "target_calls_tokens", "tokens", "draft_seconds", "verify_seconds", "total_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_dict(self) -> dict:
-        drafted = int(self.drafted_at.sum())
-        return {
-            "acceptance_rate": float(self.accepted_at.sum() / drafted) if drafted else 0.0,
-            "mean_accepted_length": self.target_calls_tokens / self.rounds if self.rounds else 0.0,
-            "tokens_per_second": self.tokens / self.total_seconds if self.total_seconds else 0.0,
-            "drafted_per_position": self.drafted_at.tolist(),
-            "accepted_per_position": self.accepted_at.tolist(),
-            "acceptance_per_position": [float(a / d) if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)],
-            "rounds": self.rounds,
-            "tokens": self.tokens,
-            "draft_seconds": self.draft_seconds,
-            "verify_seconds": self.verify_seconds,
-            "total_seconds": self.total_seconds,
-        }
 
 
 class Engine:
@@ -137,7 +88,7 @@ class Engine:
                                      prefill_chunk_size=self.prefill_chunk, page_size=self.page_size)
         except RuntimeError as err:  # TVM reports a failed allocation as an InternalError (std::bad_alloc)
             raise ValueError(f"cannot allocate the {role}'s KV cache for {self.max_batch_size} sequences of "
-                             f"{self.max_seq_len} tokens ({_last_line(err)}); lower max_batch_size or max_seq_len") from None
+                             f"{self.max_seq_len} tokens ({last_line(err)}); lower max_batch_size or max_seq_len") from None
         return (FeatureModel if lib.kind == "eagle" else Model)(lib, kv)
 
     @property
@@ -292,7 +243,7 @@ class Session:
         self.seq_id = engine._add_sequence()
         self.tokens: list[int] = []
         self.last_stats: Stats | None = None  # of the latest generate or stream call
-        self._generation: _Generation | None = None  # the generate or stream in progress
+        self._generation: Request | None = None  # the generate or stream in progress
         self._closed = False
         self._finalizer = weakref.finalize(self, engine._abandon, self.seq_id)
 
@@ -313,9 +264,14 @@ class Session:
         return _run(self.engine, [self], *self._request(prompt, token_ids, options))[0]
 
     def stream(self, prompt: str | None = None, *, token_ids: list[int] | None = None, **options) -> Iterator[str]:
-        generation = _Generation(self.engine, [self], *self._request(prompt, token_ids, options))
-        self.last_stats = generation.stats
-        yield from generation.deltas()
+        prompts, opts = self._request(prompt, token_ids, options)
+        batch = Batch(self.engine)
+        self.last_stats = batch.stats
+        with contextlib.closing(_steps(batch, [self], [Request(self.engine, prompts[0], opts)])) as steps:
+            for step in steps:
+                for _, delta in step:
+                    if delta:
+                        yield delta
 
     def _request(self, prompt, token_ids, options) -> tuple[list[list[int]], GenerateOptions]:
         prompts, single = self.engine._prompts(prompt, token_ids)
@@ -338,245 +294,37 @@ class Session:
 
 
 def _run(engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions) -> list[GenerationOutput]:
-    gen = _Generation(engine, sessions, prompts, opts)
+    if len(sessions) > engine.max_batch_size:
+        raise ValueError(f"a batch of {len(sessions)} exceeds the engine's max_batch_size {engine.max_batch_size}")
+    requests = [Request(engine, prompt, opts, index) for index, prompt in enumerate(prompts)]
+    batch = Batch(engine)
     for session in sessions:
-        session.last_stats = gen.stats
-    for _ in gen.deltas():
+        session.last_stats = batch.stats
+    for _ in _steps(batch, sessions, requests):
         pass
-    return gen.outputs()
+    stats = batch.stats.as_dict()
+    return [GenerationOutput(r.text, r.generated, r.finish_reason or "length", stats) for r in requests]
 
 
-class _Request:
-    """One sequence's progress in a generation: its new tokens, text and stop state."""
-
-    def __init__(self, session: Session, seq: Sequence, prompt_len: int, opts: GenerateOptions,
-                 tokenizer: Tokenizer, eos_ids):
-        self.session = session
-        self.seq = seq
-        self.prompt_len = prompt_len
-        self.opts = opts
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.eos_ids = eos_ids if opts.stop_at_eos else frozenset()
-        self.finish_reason: str | None = None
-        self.text = ""
-
-    @property
-    def generated(self) -> list[int]:
-        return self.session.tokens[self.prompt_len:]
-
-    def accept(self, new_tokens: list[int], max_seq_len: int) -> tuple[str, int]:
-        """Take committed tokens one by one until a stop; returns the text delta and how many were kept."""
-        delta = ""
-        for i, token in enumerate(new_tokens):
-            n_generated = len(self.generated) - len(new_tokens) + i + 1
-            if token in self.eos_ids:
-                self.finish_reason = "stop"
-                return delta, i + 1
-            piece = self.detok.add(token)
-            text = self.text + delta + piece
-            cut = _find_stop(text, self.opts.stop, len(self.text + delta))
-            if cut is not None:
-                self.finish_reason = "stop"
-                return text[:cut][len(self.text):], i + 1
-            delta += piece
-            if n_generated >= self.opts.max_tokens or self.prompt_len + n_generated >= max_seq_len:
-                self.finish_reason = "length"
-                return delta, i + 1
-        return delta, len(new_tokens)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
-    """Where the first stop string ending in the new part of the text begins."""
-    best = None
-    for stop in stops:
-        at = text.find(stop, max(0, new_from - len(stop) + 1))
-        if at >= 0 and (best is None or at < best):
-            best = at
-    return best
-
-
-class _Generation:
-    def __init__(self, engine: Engine, sessions: list[Session], prompts: list[list[int]], opts: GenerateOptions):
-        if len(sessions) > engine.max_batch_size:
-            raise ValueError(f"a batch of {len(sessions)} exceeds the engine's max_batch_size {engine.max_batch_size}")
-        self.engine = engine
-        self.opts = opts
-        self.draft = engine.draft if opts.speculative in (True, "draft", "tree") else None
-        if opts.speculative in ("draft", "tree") and self.draft is None:
-            raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
-        self.tree = opts.speculative == "tree"
-        if self.tree and isinstance(self.draft, FeatureModel):
-            raise ValueError(f"{engine.folder}'s draft is a feature draft (eagle), which proposes chains only; "
-                             "use speculative='draft'")
-        if self.tree and tree_size(opts.tree_width, opts.tree_depth) * len(sessions) > engine.prefill_chunk:
-            raise ValueError(f"{len(sessions)} trees of {tree_size(opts.tree_width, opts.tree_depth)} nodes exceed "
-                             f"the {engine.prefill_chunk} tokens a forward may carry; use a smaller tree or batch")
-        self.decoder = SpeculativeDecoder(engine.target, self._proposer(engine, opts), opts.observer)
-        self.adaptive = (engine.auto_draft_length(self.decoder.proposer)
-                         if opts.draft_length == "auto" and not self.tree and self.decoder.proposer else None)
-        self.stats = Stats()
-        self.requests = []
-        seeds = np.random.SeedSequence(opts.seed).spawn(len(sessions))
-        for session, prompt, seed in zip(sessions, prompts, seeds):
-            self._check_prompt(prompt)
-            seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(seed), opts.sampling)
-            self.requests.append(_Request(session, seq, len(prompt), opts, engine.tokenizer, engine.eos_ids))
-        self._prompts = prompts
-        with engine._exclusive():
-            for session in sessions:
-                session._check_idle()
-            for session in sessions:
-                session._generation = self
-
-    def _check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt) >= self.engine.max_seq_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens but the KV cache holds {self.engine.max_seq_len} "
-                             "per sequence; shorten the prompt or recompile with a larger --max-seq-len")
-        vocab = self.engine.target.lib.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"token id {max(prompt) if max(prompt) >= vocab else min(prompt)} is outside the vocabulary (0..{vocab - 1})")
-
-    def deltas(self) -> Iterator[str]:
-        """Text deltas of a single request (a batch yields none). Between steps, where a stream may be
-        left suspended, both caches of every sequence hold a prefix of its committed tokens."""
-        start = time.perf_counter()
-        try:
-            with self._step():
-                self._prefill()
-            active = list(self.requests)
-            while active:
-                with self._step():
-                    deltas = self._round(active)
-                active = [r for r in active if r.finish_reason is None]
-                if deltas[0] and len(self.requests) == 1:
-                    yield deltas[0]
-        finally:
-            self.stats.total_seconds = time.perf_counter() - start
-            for req in self.requests:
-                req.session._generation = None
-            _trim_memory_pool()
-
-    @contextlib.contextmanager
-    def _step(self) -> Iterator[None]:
-        """One step under the engine's lock; after an error (or a Ctrl-C) inside it, the caches are settled."""
-        with self.engine._exclusive():
-            if any(req.session._closed for req in self.requests):
-                raise RuntimeError("the session was closed while this stream was suspended")
-            try:
-                yield
-            except BaseException:
-                for req in self.requests:
-                    self._settle(req)
-                raise
-
-    def _round(self, active: list[_Request]) -> list[str]:
-        """One speculative round over the active requests; each one's text delta."""
-        k = self._draft_length(active)
-        rstats = self.decoder.round([r.seq for r in active], k)
-        self.stats.add_round(rstats)
-        if self.adaptive is not None:
-            self.adaptive.update(rstats)
-        deltas = []
-        for req, tokens in zip(active, rstats.tokens):
-            delta, kept = req.accept(tokens, self.engine.max_seq_len)
-            self._truncate(req, len(tokens) - kept)
-            req.text += delta
-            self.stats.tokens += kept
-            deltas.append(delta)
-        return deltas
-
-    def _prefill(self) -> None:
-        for req, prompt in zip(self.requests, self._prompts):
-            session = req.session
-            common = _common_prefix(session.tokens, prompt)
-            session.tokens[:] = prompt
-            # every model, a draft this request does not run too: a later one reuses its cache
-            for m in self.engine._models():
-                m.keep(req.seq, min(common, len(prompt) - 1))
-            # The draft is fed by its proposer's catch-up when a round first drafts: under
-            # draft_length="auto" a draft that does not pay never reads the prompt at all.
-            self.decoder.target.prefill(req.seq, self.engine.prefill_chunk)
-
-    def _models(self) -> list[Model]:
-        return [self.decoder.target] + ([self.draft] if self.draft is not None else [])
-
-    def _proposer(self, engine: Engine, opts: GenerateOptions):
-        if self.tree:
-            return DraftTree(self.draft, engine.prefill_chunk, opts.tree_width)
-        if isinstance(self.draft, FeatureModel):
-            return FeatureDraft(self.draft, engine.target, engine.prefill_chunk)
-        if self.draft is not None:
-            return DraftModel(self.draft, engine.prefill_chunk)
-        if opts.speculative in (True, "ngram"):
-            return NGramDraft(engine.target.lib.vocab_size, max_ngram=opts.ngram_size)
-        return None
-
-    def _draft_length(self, active: list[_Request]) -> int:
-        """The chain's k or the tree's depth; never drafting past max_tokens or the cache's per-sequence length."""
-        room = min(min(r.opts.max_tokens - len(r.generated), self.engine.max_seq_len - len(r.session.tokens))
-                   for r in active)
-        limit = max(0, room - 1)
-        if self.decoder.proposer is None:
-            return 0
-        if self.adaptive is not None:
-            return self.adaptive.choose(limit)
-        return min(self.opts.tree_depth if self.tree else self.opts.draft_length, limit)
-
-    def _truncate(self, req: _Request, drop: int) -> None:
-        """A stop inside an accepted run: forget what came after it, in the caches too."""
-        if drop > 0:
-            del req.session.tokens[-drop:]
-            for m in self._models():
-                m.sync(req.seq)
-
-    def _settle(self, req: _Request) -> None:
-        """After an error: both caches hold a prefix of the committed tokens."""
-        if not req.session._closed:
-            for m in self.engine._models():
-                m.sync(req.seq)
-
-    def outputs(self) -> list[GenerationOutput]:
-        stats = self.stats.as_dict()
-        return [GenerationOutput(r.text, r.generated, r.finish_reason or "length", stats) for r in self.requests]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-# TVM's pooled allocator, which holds every VM's intermediate buffers, keeps each freed buffer for a
-# later one of the same size and frees none: every new prompt length, batch or tree size added buffers
-# for good (1000 mixed calls grew a process from 634 MB to 2.9 GB). Its idle buffers are freed after each
-# generation; those in use are untouched, so other threads' generations are safe. Freeing only once the
-# process had grown ratcheted up (the heap fragments, +42% in 200 calls of tools/soak.py); freeing every
-# time holds it flat, and allocating a generation's buffers again is lost in the noise of its forwards.
-_trim_memory_pool = tvm.get_global_func("vm.builtin.memory_manager.clear")
-
-
-class IncrementalDetokenizer:
-    """Text deltas from a growing token list, holding back bytes of an unfinished UTF-8 character."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=False)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=False)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+def _steps(batch: Batch, sessions: list[Session], requests: list[Request]) -> Iterator[list[tuple[Request, str]]]:
+    """The requests, all joining at the first step, run to the end on these sessions a step at a time
+    (a caller may leave the iterator suspended between steps); each step's deltas."""
+    with batch.engine._exclusive():
+        for session in sessions:
+            session._check_idle()
+        for session, request in zip(sessions, requests):
+            session._generation = request
+            request.bind(session)
+            batch.join(request)
+    start = time.perf_counter()
+    try:
+        while batch.active:
+            yield batch.step()
+    finally:
+        batch.stats.total_seconds = time.perf_counter() - start
+        for session in sessions:
+            session._generation = None
+        trim_memory_pool()
 
 
 def _read_tokenizer(folder: Path) -> Tokenizer:
@@ -584,11 +332,4 @@ def _read_tokenizer(folder: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-        raise ArtifactError(f"{path}: unreadable tokenizer ({_last_line(err)}); recompile the artifact") from None
-
-
-def _last_line(err: BaseException) -> str:
-    """The gist of a library's message (TVM's carry a C++ backtrace before it)."""
-    lines = str(err).strip().splitlines()
-    return lines[-1] if lines else type(err).__name__
-
+        raise ArtifactError(f"{path}: unreadable tokenizer ({last_line(err)}); recompile the artifact") from None

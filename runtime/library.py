@@ -166,3 +166,9 @@ class ModelLibrary:
                 last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
                 logits, g, _ = self.call("prefill", embeds, features, last, kv.handle, self.params)
         return logits, g
+
+
+def last_line(err: BaseException) -> str:
+    """The gist of a library's message (TVM's carry a C++ backtrace before it)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__

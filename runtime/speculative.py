@@ -420,22 +420,27 @@ class SpeculativeDecoder:
         self.proposer = proposer
         self.observer = observer
 
-    def round(self, seqs: list[Sequence], k: int) -> RoundStats:
-        """Run one round (k: drafts per chain, or the tree's depth); its stats carry the new committed
-        tokens of each sequence (accepted drafts + 1)."""
-        k = k if self.proposer is not None else 0
-        stats = self._tree_round(seqs, k) if k and isinstance(self.proposer, DraftTree) else self._chain_round(seqs, k)
+    def round(self, seqs: list[Sequence], k: int | list[int]) -> RoundStats:
+        """Run one round; its stats carry the new committed tokens of each sequence (accepted drafts + 1).
+        k: drafts per chain, one for all or each sequence's own (0: that sequence only decodes), or the
+        tree's depth (one for all). Each sequence decides with its own sampling parameters and uniforms,
+        so its tokens depend on its own k, never on the rest of the batch."""
+        ks = [k] * len(seqs) if isinstance(k, int) else list(k)
+        if self.proposer is None:
+            ks = [0] * len(seqs)
+        if isinstance(self.proposer, DraftTree) and max(ks, default=0):
+            stats = self._tree_round(seqs, max(ks))
+        else:
+            stats = self._chain_round(seqs, ks)
         if self.observer is not None:
             self.observer(stats)
         return stats
 
-    def _chain_round(self, seqs: list[Sequence], k: int) -> RoundStats:
-        params = seqs[0].params
-        u_draft, u_accept, u_sample = _uniforms(seqs, k, params.greedy)
-        (drafts, q), draft_seconds, catch_up_seconds = (self._propose(seqs, k, params, u_draft) if k
-                                                         else (([[] for _ in seqs], None), 0.0, 0.0))
+    def _chain_round(self, seqs: list[Sequence], ks: list[int]) -> RoundStats:
+        uniforms = _uniforms(seqs, ks)
+        drafts, q_blocks, draft_seconds, catch_up_seconds = self._propose_chains(seqs, ks, uniforms)
         t0 = time.perf_counter()
-        accepted, next_tokens = self._verify(seqs, drafts, q, params, u_accept, u_sample)
+        accepted, next_tokens = self._verify(seqs, drafts, q_blocks, uniforms)
         verify_seconds = time.perf_counter() - t0
         accepted_drafts = [d[:n] for d, n in zip(drafts, accepted)]
         return RoundStats([len(d) for d in drafts], [int(n) for n in accepted], draft_seconds, verify_seconds,
@@ -443,23 +448,47 @@ class SpeculativeDecoder:
 
     def _tree_round(self, seqs: list[Sequence], depth: int) -> RoundStats:
         params = seqs[0].params
+        if any(s.params != params for s in seqs):
+            raise ValueError("a tree round takes one set of sampling parameters for all its sequences")
         # one draw per non-root node for drafting and one for accepting it: a width-1 tree draws as a chain
-        u_draft, u_accept, u_sample = _uniforms(seqs, tree_size(self.proposer.width, depth) - 1, params.greedy)
-        (trees, q), draft_seconds, catch_up_seconds = self._propose(seqs, depth, params, u_draft)
+        nodes = tree_size(self.proposer.width, depth) - 1
+        uniforms = _uniforms(seqs, [nodes] * len(seqs))
+        u_draft = None if params.greedy else np.stack([u[:nodes] for u in uniforms])
+        start = time.perf_counter()
+        self.proposer.catch_up(seqs)
         t0 = time.perf_counter()
-        leaves, next_tokens = self._verify_tree(seqs, trees, q, params, u_accept, u_sample)
+        trees, q = self.proposer.propose(seqs, depth, params, u_draft)
+        draft_seconds, catch_up_seconds = time.perf_counter() - t0, t0 - start
+        t0 = time.perf_counter()
+        leaves, next_tokens = self._verify_tree(seqs, trees, q, params, uniforms, nodes)
         verify_seconds = time.perf_counter() - t0
         paths = [tree.path(leaf) for tree, leaf in zip(trees, leaves)]
         return RoundStats([depth] * len(seqs), [len(p) for p in paths], draft_seconds, verify_seconds,
                           catch_up_seconds, self._commit(seqs, paths, next_tokens))
 
-    def _propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft):
-        """The proposer's catch-up, then its proposal: (proposal, drafting seconds, catch-up seconds)."""
+    def _propose_chains(self, seqs: list[Sequence], ks: list[int], uniforms):
+        """Each sequence's drafts (its first k) and their q rows (None when greedy), with the proposer's
+        drafting and catch-up seconds. The proposer runs once per set of sampling parameters among the
+        sequences that draft, each time with that set's longest k; shorter chains keep their first k."""
+        drafts, q_blocks = [[] for _ in seqs], [None] * len(seqs)
+        drafting = [i for i, k in enumerate(ks) if k]
+        if not drafting:
+            return drafts, q_blocks, 0.0, 0.0
         start = time.perf_counter()
-        self.proposer.catch_up(seqs)
+        self.proposer.catch_up([seqs[i] for i in drafting])
         t0 = time.perf_counter()
-        proposal = self.proposer.propose(seqs, k, params, u_draft)
-        return proposal, time.perf_counter() - t0, t0 - start
+        for params, members in _by_params(seqs, drafting):
+            k = max(ks[i] for i in members)
+            # rows past a sequence's own k draft tokens it drops: their uniforms are padding
+            u_draft = None if params.greedy else np.stack([np.pad(uniforms[i][:ks[i]], (0, k - ks[i]))
+                                                           for i in members])
+            proposed, q = self.proposer.propose([seqs[i] for i in members], k, params, u_draft)
+            row = 0  # q holds each sequence's rows in turn, as many as it drafted
+            for i, d in zip(members, proposed):
+                drafts[i] = list(d[:ks[i]])
+                q_blocks[i] = None if q is None else q[row:row + len(drafts[i])]
+                row += len(d)
+        return drafts, q_blocks, time.perf_counter() - t0, t0 - start
 
     def _commit(self, seqs: list[Sequence], accepted: list[list[int]], next_tokens) -> list[list[int]]:
         """The accepted drafts and the target's next token join each sequence; caches back to the invariant."""
@@ -473,24 +502,49 @@ class SpeculativeDecoder:
         return new_tokens
 
     # -- verify and decide ----------------------------------------------------------------------------
-    def _verify(self, seqs, drafts, q, params: SamplingParams, u_accept, u_sample):
+    def _verify(self, seqs, drafts, q_blocks, uniforms):
+        """One target forward over every chain; greedy sequences decide by the argmax, sampled ones by
+        rejection sampling with their own temperature, top-k and top-p on each of their rows."""
         target = self.target
         chains = [[s.tokens[-1]] + d for s, d in zip(seqs, drafts)]
         # Without drafts this is a plain decode step: the decode function's one-row matmuls are
         # cheaper than the verify function's blocks of rows, and give the same per-row sums.
-        forward = target.forward_all if any(drafts) else target.forward_last
+        drafting = any(drafts)
+        forward = target.forward_all if drafting else target.forward_last
         logits = forward([s.seq_id for s in seqs], chains)
-        indptr = np.cumsum([0] + [len(d) + 1 for d in drafts])
-        flat_drafts = [t for d in drafts for t in d]
-        if params.greedy:
-            return target.lib.kernels.verify_greedy(logits, flat_drafts, indptr)
-        p = target.lib.kernels.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
-        q = q if q is not None else np.zeros((0, target.lib.vocab_size), np.float32)
-        # a proposer may draft fewer than k for a sequence: its first len(d) acceptance uniforms
-        flat_u = np.concatenate([u[:len(d)] for u, d in zip(u_accept, drafts)]).astype(np.float32)
-        return target.lib.kernels.verify_sampling(p, q, flat_drafts, indptr, flat_u, u_sample)
+        rows = np.cumsum([0] + [len(c) if drafting else 1 for c in chains])
+        accepted, next_tokens = np.zeros(len(seqs), np.int64), np.zeros(len(seqs), np.int64)
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if greedy and sampled:  # each kind's rows go to its own kernel
+            logits = logits.numpy()
+        for members, decide in ((greedy, self._decide_greedy), (sampled, self._decide_sampled)):
+            if members:
+                part = logits if len(members) == len(seqs) else logits[np.concatenate(
+                    [np.arange(rows[i], rows[i + 1]) for i in members])]
+                accepted[members], next_tokens[members] = decide(part, [seqs[i] for i in members],
+                                                                 [drafts[i] for i in members],
+                                                                 [q_blocks[i] for i in members],
+                                                                 [uniforms[i] for i in members])
+        return accepted, next_tokens
 
-    def _verify_tree(self, seqs, trees: list[Tree], q, params: SamplingParams, u_accept, u_sample):
+    def _decide_greedy(self, logits, seqs, drafts, q_blocks, uniforms):
+        indptr = np.cumsum([0] + [len(d) + 1 for d in drafts])
+        return self.target.lib.kernels.verify_greedy(logits, [t for d in drafts for t in d], indptr)
+
+    def _decide_sampled(self, logits, seqs, drafts, q_blocks, uniforms):
+        kernels = self.target.lib.kernels
+        counts = [len(d) + 1 for d in drafts]
+        p = kernels.sampling_probs(logits, *_row_params([s.params for s in seqs], counts))
+        blocks = [q for q in q_blocks if q is not None and len(q)]
+        q = np.concatenate(blocks) if blocks else np.zeros((0, self.target.lib.vocab_size), np.float32)
+        # a sequence drafted len(d) <= k tokens: its first len(d) acceptance uniforms, then its final one
+        k_of = [(len(u) - 1) // 2 for u in uniforms]
+        flat_u = np.concatenate([u[k:k + len(d)] for u, k, d in zip(uniforms, k_of, drafts)]).astype(np.float32)
+        u_sample = np.array([u[2 * k] for u, k in zip(uniforms, k_of)], np.float32)
+        return kernels.verify_sampling(p, q, [t for d in drafts for t in d], np.cumsum([0] + counts), flat_u, u_sample)
+
+    def _verify_tree(self, seqs, trees: list[Tree], q, params: SamplingParams, uniforms, nodes: int):
         """One tree-attention forward of the target over every tree, the tree kernel's walk, and the
         commit that keeps only each accepted root->leaf path in the target's cache."""
         kv, lib, ids = self.target.kv, self.target.lib, [s.seq_id for s in seqs]
@@ -504,29 +558,44 @@ class SpeculativeDecoder:
             else:
                 p = lib.kernels.sampling_probs(logits, *_row_params(params, int(indptr[-1])))
                 # node n's acceptance uniform is its sequence's n-th; the root has none
-                node_u = np.concatenate([np.concatenate([[0.0], u[:len(tree.tokens) - 1]])
-                                         for u, tree in zip(u_accept, trees)]).astype(np.float32)
+                node_u = np.concatenate([np.concatenate([[0.0], u[nodes:nodes + len(tree.tokens) - 1]])
+                                         for u, tree in zip(uniforms, trees)]).astype(np.float32)
+                u_sample = np.array([u[2 * nodes] for u in uniforms], np.float32)
                 leaves, next_tokens = lib.kernels.tree_verify_sampling(p, q, tokens, parents, indptr,
-                                                               node_u, u_sample)
+                                                                       node_u, u_sample)
             kv.commit_tree(ids, leaves)
         finally:
             kv.discard_tree()  # after a failure: an uncommitted tree blocks every later forward
         return leaves, next_tokens
 
 
-def _row_params(params: SamplingParams, rows: int):
-    """The same temperature, top-k and top-p on every row: all p_0..p_k and all q_1..q_k alike."""
-    return (np.full(rows, params.temperature, np.float32), np.full(rows, params.top_k, np.int32),
-            np.full(rows, params.top_p, np.float32))
+def _by_params(seqs: list[Sequence], members: list[int]) -> list[tuple[SamplingParams, list[int]]]:
+    """The members grouped by their sampling parameters, in order of first appearance."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for i in members:
+        groups.setdefault(seqs[i].params, []).append(i)
+    return list(groups.items())
 
 
-def _uniforms(seqs: list[Sequence], k: int, greedy: bool):
-    """Each sequence draws from its own seeded generator in a fixed order, so a seed fixes the output
-    whatever else is in the batch: k for drafting, k for acceptance, one for the final token."""
-    if greedy:
-        return None, None, None
-    draws = np.stack([s.rng.random(2 * k + 1, dtype=np.float64) for s in seqs]).astype(np.float32)
-    # float32 rounding can turn u < 1 into 1.0; keep every uniform in [0, 1).
-    draws = np.minimum(draws, np.float32(1.0) - np.finfo(np.float32).epsneg)
-    return draws[:, :k], draws[:, k:2 * k], draws[:, 2 * k]
+def _row_params(params: SamplingParams | list[SamplingParams], rows: int | list[int]):
+    """Temperature, top-k and top-p per row: one set for all rows, or each sequence's own set on each of
+    its rows (all of its p_0..p_k and q_1..q_k alike)."""
+    per_seq, counts = (params, rows) if isinstance(params, list) else ([params], [rows])
+    return (np.repeat(np.array([p.temperature for p in per_seq], np.float32), counts),
+            np.repeat(np.array([p.top_k for p in per_seq], np.int32), counts),
+            np.repeat(np.array([p.top_p for p in per_seq], np.float32), counts))
 
+
+def _uniforms(seqs: list[Sequence], counts: list[int]) -> list[np.ndarray | None]:
+    """Each sampled sequence draws from its own seeded generator in a fixed order, so a seed fixes its
+    output whatever else is in the batch: n for drafting, n for acceptance, one for the final token
+    (n: its drafts, or its tree's nodes below the root). A greedy sequence draws nothing."""
+    out = []
+    for seq, n in zip(seqs, counts):
+        if seq.params.greedy:
+            out.append(None)
+            continue
+        draws = seq.rng.random(2 * n + 1, dtype=np.float64).astype(np.float32)
+        # float32 rounding can turn u < 1 into 1.0; keep every uniform in [0, 1).
+        out.append(np.minimum(draws, np.float32(1.0) - np.finfo(np.float32).epsneg))
+    return out

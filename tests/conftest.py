@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from checkpoints import write_checkpoint
+from helpers import VOCAB
 
 
 class Artifacts:
@@ -39,3 +40,12 @@ def artifacts(tmp_path_factory) -> Artifacts:
 def good_checkpoint(artifacts):
     """The plain tiny Llama (GQA 2, untied) most tests compile."""
     return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def partial_artifact(artifacts):
+    """The tiny Llama with a perturbed copy as its draft (partial acceptance, where rollback bugs live),
+    128 tokens per sequence: the engine, scheduler and server tests share it."""
+    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
+    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target, noise=0.1)
+    return artifacts.compile("spec-partial", target, draft, max_seq_len=128)

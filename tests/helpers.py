@@ -88,6 +88,19 @@ def exact_first_two(ckpt, prompt, temperature, top_k):
     return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
 
 
+def fail_kernel_call(monkeypatch, lib, name: str, n: int) -> None:
+    """Make the n-th call of one of the library's kernels raise RuntimeError("injected")."""
+    real, calls = getattr(lib.kernels, name), []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(lib.kernels, name, failing)
+
+
 def generate_all(engine, batch: list[list[int]], **opts) -> list[list[int]]:
     out = []
     for i in range(0, len(batch), 8):

@@ -39,6 +39,17 @@ def test_the_config_reads_back_as_written(artifact, tmp_path):
     assert ArtifactConfig.from_json(json.loads((tmp_path / CONFIG_FILE).read_text()), "again") == config
 
 
+def test_decode_bytes_leave_out_only_the_gathered_embedding(artifact):
+    from safetensors.numpy import load_file
+
+    target = read_artifact(artifact).models["target"]
+    params = load_file(artifact / target.params)
+    embedding = params["model.embed_tokens"]
+    assert embedding.shape[0] == 320  # untied: its own table, of which a decode reads one row
+    assert target.param_bytes == sum(p.nbytes for p in params.values())
+    assert target.decode_bytes == target.param_bytes - embedding.nbytes
+
+
 @pytest.mark.parametrize("version", [1, FORMAT_VERSION + 1, None])
 def test_another_format_version_is_refused_with_the_fix(copy, version):
     _edit_config(copy, format=version)

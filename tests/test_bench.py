@@ -23,7 +23,7 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     assert r["costs"]["target_decode_ms"] > 0 and r["costs"]["draft_over_target"] > 0
     # 300 tokens do not fit the artifact's max_seq_len of 128
     assert set(r["prefill"]) == {"40"} and len(r["prefill"]["40"]["chunk_seconds"]) == 1
-    assert r["prefill"]["40"]["tokens_per_second"] > 0
+    assert r["prefill"]["40"]["tokens_per_second"] > 0 and r["prefill"]["40"]["decode_ms_after"] > 0
     runs = r["end_to_end"]
     assert set(runs) == {"target_only", "draft k=2", "draft k=4", "tree w=2 d=2", "tree w=2 d=4", "ngram k=2",
                          "ngram k=4", "draft auto"}

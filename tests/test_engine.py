@@ -18,19 +18,10 @@ from mlc_spec import Engine
 from mlc_spec.cli import main
 from mlc_spec.runtime.engine import ArtifactError
 
-VOCAB = 320
-
 
 @pytest.fixture(scope="module")
-def artifact(artifacts):
-    target = artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
-    draft = artifacts.checkpoint("perturbed", arch="llama", vocab_size=VOCAB, perturb_from=target, noise=0.1)
-    return artifacts.compile("spec-partial", target, draft, max_seq_len=128)
-
-
-@pytest.fixture(scope="module")
-def engine(artifact) -> Engine:
-    return Engine(artifact, max_batch_size=8)
+def engine(partial_artifact) -> Engine:
+    return Engine(partial_artifact, max_batch_size=8)
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -106,9 +97,9 @@ def test_numpy_token_ids_are_integers(engine):
     (dict(max_batch_size=-1), "max_batch_size must be between 1 and 1024, got -1"),
     (dict(max_batch_size=2.0), "max_batch_size must be an integer"),
 ], ids=repr)
-def test_bad_engine_sizes_are_refused(artifact, options, message):
+def test_bad_engine_sizes_are_refused(partial_artifact, options, message):
     with pytest.raises(ValueError) as err:
-        Engine(artifact, **options)
+        Engine(partial_artifact, **options)
     assert message in one_line(err)
 
 
@@ -214,8 +205,8 @@ def test_a_draft_left_out_of_a_turn_stays_consistent(engine):
     ("resized", "tokenizer.json: 9 bytes, the artifact recorded"),
     ("garbage", "unreadable tokenizer"),  # as large as the real one: past the size check
 ])
-def test_a_damaged_tokenizer_is_one_line(artifact, tmp_path, capsys, damage, message):
-    copy = shutil.copytree(artifact, tmp_path / "artifact")
+def test_a_damaged_tokenizer_is_one_line(partial_artifact, tmp_path, capsys, damage, message):
+    copy = shutil.copytree(partial_artifact, tmp_path / "artifact")
     tokenizer = copy / "tokenizer.json"
     if damage == "missing":
         tokenizer.unlink()

@@ -1,5 +1,6 @@
 """Prefill over several chunks and sequences: each chunk after the first also attends to the pages
-cached before it (compile/attention.py's CPU kernels), and its logits match transformers at every position."""
+cached before it (compile/attention.py's CPU kernels), and its logits match transformers at every position.
+So do decodes over many cached pages, one sequence or several of different lengths at once."""
 
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ def test_one_forward_over_two_cached_sequences(artifacts):
     got = lib.forward_all(kv, [0, 1], [ids[n:] for ids, n in zip(seqs, cached)]).numpy()
     want = np.concatenate([hf_logits(ckpt, ids)[n:] for ids, n in zip(seqs, cached)])
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mistral-gqa3-v333", "llama-mha-tied-v301"])
+def test_decode_over_many_pages_matches_transformers(artifacts, name):
+    """Batched decode of two sequences whose contexts end inside different pages, token after token."""
+    ckpt, lib, kv, vocab = _compiled(artifacts, name)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, vocab, n).tolist() for n in (68, 53)]
+    cached = [60, 45]
+    for seq_id, (ids, n) in enumerate(zip(seqs, cached)):
+        kv.add_sequence(seq_id)
+        lib.forward_last(kv, [seq_id], [ids[:n]])
+    got = [lib.forward_last(kv, [0, 1], [[seqs[0][n + i]], [seqs[1][m + i]]]).numpy() for i, (n, m) in
+           enumerate([cached] * 8)]
+    for seq_id, (ids, n) in enumerate(zip(seqs, cached)):
+        np.testing.assert_allclose(np.stack([g[seq_id] for g in got]), hf_logits(ckpt, ids)[n:n + 8], atol=1e-4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import VOCAB, exact_first_two, generate_all, prompts
+from helpers import VOCAB, exact_first_two, fail_kernel_call, generate_all, prompts
 from mlc_spec import Engine
 
 DRAFTS = ("self", "random", "partial")
@@ -425,17 +425,7 @@ def test_a_failed_tree_verify_leaves_the_caches_usable(engines, reference, monke
     """An error between the target's tree forward and its commit discards the tree: the cache keeps the
     committed tokens and TVM accepts the next forward."""
     engine = engines["partial"]
-    lib = engine.target.lib
-    real = lib.kernels.tree_verify_greedy
-    calls = []
-
-    def fail_on_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        return real(*args)
-
-    monkeypatch.setattr(lib.kernels, "tree_verify_greedy", fail_on_third)
+    fail_kernel_call(monkeypatch, engine.target.lib, "tree_verify_greedy", 3)
     prompt = prompts(100)[7]
     with engine.session() as session:
         with pytest.raises(RuntimeError, match="injected"):
@@ -464,8 +454,12 @@ def test_tree_options_are_validated(engines):
     with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
         engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)
     engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=7, max_tokens=2)  # 255 nodes fit
-    with pytest.raises(ValueError, match="3 trees of 255 nodes exceed the 512 tokens a forward may carry"):
-        engine.generate(token_ids=[[5]] * 3, speculative="tree", tree_width=2, tree_depth=7)
+    # three trees of 255 nodes overflow one 512-token forward: the batch verifies them in two, still exact
+    batch = prompts(3, seed=4)
+    outs = engine.generate(token_ids=batch, speculative="tree", tree_width=2, tree_depth=7, max_tokens=12,
+                           stop_at_eos=False)
+    alone = engine.generate(token_ids=batch, speculative=False, max_tokens=12, stop_at_eos=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
 
 
 def test_auto_draft_length_carries_over_between_requests(engines, reference):

@@ -17,6 +17,7 @@ import tvm_ffi
 from tvm import tirx
 from tvm.ir.expr import TensorLoad
 from tvm.relax.frontend.nn.llm import kv_cache
+from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 
 from mlc_spec.compile import workarounds
@@ -73,13 +74,14 @@ def test_cpu_tree_attention_kernels_are_passed_in_the_gpu_order():
     assert _tree_kernel_order(source, gpu) == [gpu[1], gpu[0]]
 
 
-def test_cpu_prefill_attention_is_scalar_and_on_one_thread():
-    """workarounds._FastCPUPrefill: TVM's CPU prefill kernels (paged and ragged), which the llvm branch
-    passes under the names it replaces, have no parallel or vectorised loop."""
+def test_cpu_attention_is_scalar_and_on_one_thread():
+    """workarounds._FastCPUAttention: TVM's CPU prefill (paged and ragged) and decode kernels, which the
+    llvm branch passes under the names it replaces, have no parallel or vectorised loop."""
     source = inspect.getsource(kv_cache.TIRPagedKVCache.__init__)
-    assert all(f'"{name}"' in source for name in workarounds.CPU_PREFILL_KERNELS)
+    assert all(f'"{name}"' in source for name in workarounds.CPU_ATTENTION_KERNELS)
     for func in (_attention_prefill_cpu(2, 4, 16, "float32", False, {}),
-                 _attention_prefill_ragged_cpu(2, 4, 16, 16, "float32", {})):
+                 _attention_prefill_ragged_cpu(2, 4, 16, 16, "float32", {}),
+                 _attention_decode_cpu(2, 4, 16, "float32", False, {})):
         kinds = []
         tvm_ffi.structural_walk(func, (tirx.For, lambda loop: kinds.append(loop.kind)))
         assert kinds and all(kind == tirx.ForKind.SERIAL for kind in kinds)
