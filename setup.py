@@ -30,6 +30,7 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu", "fastapi", "uvicorn",
                  "openai", "httpx"],
+        "train": ["torch==2.13.0", "tqdm"],
     },
     entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},
 )

@@ -29,6 +29,7 @@ from ..runtime import options as check
 from . import kernels, workarounds
 from .checkpoint import GATHERED_EMBEDDING, QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
+from .eagle import KIND, TOKEN_IDS, EagleDraft, eagle_checkpoint, is_eagle_folder
 from .model import CausalLM, WeightLayout
 from .pipeline import pipeline_for, tir_pipeline_for
 from .streaming_matmul import weight_tile
@@ -49,6 +50,8 @@ class CompileOptions:
     draft_quantization: str | None = None
     # A CPU code generator other than LLVM for this CPU: a dict target of kind llvm or c (device cpu).
     cpu_target: dict | None = None
+    # The target's *_hidden forwards, which a feature draft reads (always there with one) and train-draft too
+    export_hidden: bool = False
 
 
 def compile_artifact(target: str | Path, draft: str | Path | None = None, output: str | Path | None = None,
@@ -62,15 +65,22 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
     _check_output(out, sources)
     log(f"load: {target}" + (f" and draft {draft}" if draft else ""))
     checkpoints = {"target": load_checkpoint(target)}
-    if draft is not None:
+    kinds = {"target": "model"}
+    if draft is not None and is_eagle_folder(draft):
+        checkpoints["draft"], token_ids = eagle_checkpoint(draft, checkpoints["target"])
+        kinds["draft"] = KIND
+    elif draft is not None:
         checkpoints["draft"] = load_checkpoint(draft)
+        kinds["draft"] = "model"
     configs = {role: ck.config for role, ck in checkpoints.items()}
     vocab = configs["target"].vocab_size
-    if draft is not None:
+    if kinds.get("draft") == "model":
         check_same_tokenizer(checkpoints["target"], checkpoints["draft"])
     staging = _staging_dir(out)
     try:
-        models = {role: _build_model(role, checkpoints[role], configs[role], vocab, tvm_target, opts, staging, log)
+        extra = {"draft": {TOKEN_IDS: token_ids.astype(np.int32)}} if kinds.get("draft") == KIND else {}
+        models = {role: _build_model(role, checkpoints[role], configs[role], vocab, tvm_target, opts, staging, log,
+                                     kinds, extra.get(role, {}))
                   for role in checkpoints}
         log(f"write: {out}")
         (staging / "tokenizer.json").write_text(checkpoints["target"].tokenizer_json)
@@ -198,14 +208,24 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size: int, target: tvm.target.Target,
-                 opts: CompileOptions, staging: Path, log: Callable[[str], None]) -> ModelEntry:
+                 opts: CompileOptions, staging: Path, log: Callable[[str], None], kinds: dict[str, str],
+                 extra_params: dict[str, np.ndarray]) -> ModelEntry:
+    """kinds: each role's kind; a target whose draft is a feature draft exports its hidden states.
+    extra_params are stored beside the weights for the runtime (an eagle draft's token ids)."""
     tile = weight_tile(model_target(target))
     quantization = _quantization(role, opts, tile, target)
-    log(f"convert: {role} weights ({cfg.architecture}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) "
+    eagle = kinds[role] == KIND
+    output_vocab_size = cfg.vocab_size if eagle else output_vocab_size
+    log(f"convert: {role} weights ({kinds[role]}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) "
         f"to {opts.dtype}, quantization {quantization}")
     params, formats = convert_weights(cfg, ck, opts.dtype, output_vocab_size, tile, quantization)
     log(f"lower: {role} for {target.kind.name}" + (f" ({_count(formats)})" if formats else ""))
-    model = CausalLM(cfg, model_target(target), output_vocab_size, WeightLayout(tile, formats))
+    layout = WeightLayout(tile, formats)
+    if eagle:
+        model = EagleDraft(cfg, model_target(target), layout)
+    else:
+        model = CausalLM(cfg, model_target(target), output_vocab_size, layout,
+                         export_hidden=role == "target" and (opts.export_hidden or kinds.get("draft") == KIND))
     model.to(opts.dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     param_names = [name for name, _ in named_params]
@@ -222,8 +242,9 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     library = f"{role}-{opts.device}.so"
     executable.export_library(str(staging / library))
     build_seconds = time.perf_counter() - start
-    save_file(params, str(staging / f"{role}.safetensors"))
+    save_file({**params, **extra_params}, str(staging / f"{role}.safetensors"))
     return ModelEntry(
+        kind=kinds[role],
         library=library,
         params=f"{role}.safetensors",
         param_names=tuple(param_names),

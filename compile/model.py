@@ -248,11 +248,14 @@ class CausalLM(nn.Module):
     """The exported functions of one model library (MLC-LLM's naming, token ids in)."""
 
     def __init__(self, c: ModelConfig, target: tvm.target.Target, output_vocab_size: int | None = None,
-                 layout: WeightLayout | None = None):
+                 layout: WeightLayout | None = None, export_hidden: bool = False):
         """output_vocab_size aligns a draft's logits to its target's vocabulary: extra padding rows
         of the draft's head are dropped, missing ones come out as -inf (the draft never proposes them).
-        layout says how each Linear stores its weight."""
+        layout says how each Linear stores its weight. export_hidden adds the *_hidden twins of the
+        forwards, which also return every row's last hidden state (after the final norm: the row the
+        head reads), and embed: what a feature draft (eagle.py) reads of its target."""
         self.c = c
+        self.export_hidden = export_hidden
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
         layout = dataclasses.replace(layout or WeightLayout(), dot=integer_dot(target))
@@ -290,6 +293,14 @@ class CausalLM(nn.Module):
         h = op.take(op.reshape(h, (input_ids.shape[0], self.c.hidden_size)), logit_positions, axis=0)
         return self._logits(h), paged_kv_cache
 
+    def prefill_hidden(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        """prefill, and the hidden state of every row."""
+        h = op.reshape(self._hidden(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK), (input_ids.shape[0], self.c.hidden_size))
+        return self._logits(op.take(h, logit_positions, axis=0)), h, paged_kv_cache
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.embed(input_ids)
+
     def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         return self._all_logits(input_ids, paged_kv_cache, 1)
 
@@ -311,8 +322,19 @@ class CausalLM(nn.Module):
         return verify
 
     def _all_logits(self, input_ids: Tensor, kv: PagedKVCache, row_block: int):
-        h = self._hidden(input_ids, kv, row_block)
-        return self._logits(op.reshape(h, (input_ids.shape[0], self.c.hidden_size)), row_block), kv
+        logits, _, kv = self._all_rows(input_ids, kv, row_block)
+        return logits, kv
+
+    def _all_rows(self, input_ids: Tensor, kv: PagedKVCache, row_block: int):
+        """Logits and hidden states at every token given."""
+        h = op.reshape(self._hidden(input_ids, kv, row_block), (input_ids.shape[0], self.c.hidden_size))
+        return self._logits(h, row_block), h, kv
+
+    def _hidden_twin(self, row_block: int):
+        def forward(input_ids: Tensor, paged_kv_cache: PagedKVCache):
+            return self._all_rows(input_ids, paged_kv_cache, row_block)
+
+        return forward
 
     def create_paged_kv_cache(
         self,
@@ -366,11 +388,32 @@ class CausalLM(nn.Module):
         }
         for r in self.verify_row_blocks:
             setattr(self, f"verify_{r}", self._verify_rows(r))
+        if self.export_hidden:
+            spec.update(self._hidden_spec(ids, kv, packed))
+        spec.update(self._kernel_spec(plain))
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+    def _hidden_spec(self, ids, kv, packed: dict) -> dict:
+        """The *_hidden twins of batch_decode and the verifies, prefill_hidden and embed_tokens."""
+        spec = {"prefill_hidden": {"input_ids": ids, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                                   "paged_kv_cache": kv, "$": packed},
+                "embed_tokens": {"input_ids": ids, "$": packed}}
+        twins = {"batch_decode_hidden": (nn.spec.Tensor(["batch_size"], "int32"), 1),
+                 "verify_hidden": (ids, VERIFY_ROW_BLOCK),
+                 **{f"verify_{r}_hidden": (ids, r) for r in self.verify_row_blocks}}
+        for name, (input_ids, row_block) in twins.items():
+            spec[name] = {"input_ids": input_ids, "paged_kv_cache": kv, "$": packed}
+            setattr(self, name, self._hidden_twin(row_block))
+        return spec
+
+    def _kernel_spec(self, plain: dict) -> dict:
+        """The registry kernels (compile/kernels/), over this model's output vocabulary."""
+        spec = {}
         for name, func in kernels.scheduled_kernels(self.target).items():
             signature = kernels.KERNELS[name].signature
             spec[name] = {**{a.name: self._spec_tensor(a) for a in signature.args}, "$": plain}
             setattr(self, name, _kernel_call(signature, func))
-        return nn.spec.ModuleSpec.from_raw(spec, self)
+        return spec
 
     def _spec_tensor(self, arg: TensorSpec) -> nn.spec.Tensor:
         # "batch+1" becomes its own symbol: the kernel's buffer shapes tie it to batch

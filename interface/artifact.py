@@ -91,6 +91,9 @@ class ModelEntry:
     build_seconds: float
     param_bytes: int
     decode_bytes: int  # param_bytes less the gathered embedding table, of which a token reads one row
+    # "model": a causal LM over token ids; "eagle": a feature draft over the target's embeddings and
+    # hidden states (compile/eagle.py), whose target then exports them
+    kind: str = "model"
 
     @property
     def embed_vocab_size(self) -> int:

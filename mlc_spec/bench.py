@@ -153,9 +153,10 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
             if model is None:
                 continue
             kv, lib, seq = model.kv, model.lib, session.seq_id
-            lib.forward_last(kv, [seq], [session.tokens])
+            forward = _feature_forward(engine) if lib.kind == "eagle" else lib.forward_last
+            forward(kv, [seq], [session.tokens])
 
-            decode = _median_forward(model, seq, 1, repeats)
+            decode = _median_forward(model, seq, 1, repeats, forward)
             costs[f"{role}_decode_ms"] = decode * 1e3
             if role == "target":
                 costs["verify_over_decode"] = {k: _median_forward(model, seq, k + 1, repeats) / decode
@@ -165,17 +166,32 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
     return costs
 
 
-def _median_forward(model, seq: int, n: int, repeats: int) -> float:
-    """Median seconds of a forward of n tokens (a decode when n is 1) on seq, undone after each."""
+def _median_forward(model, seq: int, n: int, repeats: int, forward_last=None) -> float:
+    """Median seconds of a forward of n tokens (a decode when n is 1, by forward_last: the library's
+    own, or a feature draft's) on seq, undone after each."""
     tokens = list(range(200, 200 + n))
+    forward_last = forward_last or model.lib.forward_last
 
     def step() -> float:
         t = _timed(lambda: (model.lib.forward_all(model.kv, [seq], [tokens]) if n > 1
-                            else model.lib.forward_last(model.kv, [seq], [tokens])).numpy())
+                            else forward_last(model.kv, [seq], [tokens])).numpy())
         model.kv.popn(seq, n)
         return t
 
     return statistics.median(step() for _ in range(repeats))
+
+
+def _feature_forward(engine):
+    """A feature draft's forward_last for timing: the target's embeddings of the tokens, zero features."""
+    lib, width = engine.draft.lib, engine.config.models["target"].config["hidden_size"]
+
+    def forward(kv, seq_ids, token_lists):
+        tokens = [t for tokens in token_lists for t in tokens]
+        embeds = engine.target.lib.embed(tokens)
+        features = np.zeros((len(tokens), width), embeds.dtype)
+        return lib.forward_features(kv, seq_ids, [len(t) for t in token_lists], embeds, features)[0]
+
+    return forward
 
 
 def prefill_costs(engine, lengths: list[int], repeats: int = 5) -> dict:
@@ -205,10 +221,12 @@ def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths:
     from .runtime.speculative import MAX_TREE_NODES, tree_size
 
     runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
+    # a feature draft (eagle) proposes chains only
+    trees = engine.has_draft and engine.config.models["draft"].kind == "model"
     for k in draft_lengths:
         if engine.has_draft:
             runs[f"draft k={k}"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length=k)
-            if tree_size(tree_width, k) <= MAX_TREE_NODES:
+            if trees and tree_size(tree_width, k) <= MAX_TREE_NODES:
                 runs[f"tree w={tree_width} d={k}"] = _generate(engine, prompts, max_tokens, speculative="tree",
                                                               tree_width=tree_width, tree_depth=k)
         runs[f"ngram k={k}"] = _generate(engine, prompts, max_tokens, speculative="ngram", draft_length=k)
@@ -257,7 +275,8 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
 
     target = load("target")
-    assistant = load("draft") if engine.has_draft else None
+    # transformers' assisted generation runs a draft model, not a feature draft
+    assistant = load("draft") if engine.has_draft and engine.config.models["draft"].kind == "model" else None
     out = {}
     for name, extra in (("plain", {}), ("assisted", {"assistant_model": assistant})):
         if name == "assisted" and assistant is None:

@@ -1,4 +1,4 @@
-"""The mlc_spec command: compile, chat, serve, bench."""
+"""The mlc_spec command: compile, chat, serve, bench, train-draft."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from . import bench, chat, serve
+from . import bench, chat, serve, train_draft
 
 
 class Terminated(BaseException):
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_parser(sub)
     serve.add_parser(sub)
     bench.add_parser(sub)
+    train_draft.add_parser(sub)
     args = parser.parse_args(argv)
     received: list[int] = []
     previous = _catch_signals(received)

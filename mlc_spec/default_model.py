@@ -61,12 +61,15 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     gguf = default_gguf(log)
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
+    from .compile.eagle import is_eagle_folder
 
     # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layers and its copy of the
     # target's Q8_0 embedding become Q8_0 again (bit for bit): both read what llama.cpp would.
     options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
     if draft_dir is None:
         return compile_artifact(gguf, None, out, options, log=log)
+    if is_eagle_folder(draft_dir):  # a feature draft reads the target's embedding and head itself
+        return compile_artifact(gguf, draft_dir, out, options, log=log)
     # The complete draft folder stays in the cache beside the artifact: bench --compare-hf loads it
     # with transformers, as the assistant of the target's GGUF.
     folder = cache_dir() / "drafts" / _digest(_files(draft_dir))

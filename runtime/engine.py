@@ -25,7 +25,7 @@ from .kv_cache import CacheFullError, pages_for
 from .library import ModelLibrary, last_line, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
 from .scheduler import MAX_DRAFT_LENGTH, Batch, Request, Stats, trim_memory_pool
-from .speculative import MAX_TREE_NODES, Model, RoundStats, SamplingParams, tree_size
+from .speculative import MAX_TREE_NODES, FeatureModel, Model, RoundStats, SamplingParams, tree_size
 
 AUTO_MAX_DRAFT = 8
 
@@ -89,7 +89,7 @@ class Engine:
         except RuntimeError as err:  # TVM reports a failed allocation as an InternalError (std::bad_alloc)
             raise ValueError(f"cannot allocate the {role}'s KV cache for {self.max_batch_size} sequences of "
                              f"{self.max_seq_len} tokens ({last_line(err)}); lower max_batch_size or max_seq_len") from None
-        return Model(lib, kv)
+        return (FeatureModel if lib.kind == "eagle" else Model)(lib, kv)
 
     @property
     def has_draft(self) -> bool:
@@ -148,7 +148,7 @@ class Engine:
     def _drop(self, seq_id: int) -> None:
         for m in self._models():
             if seq_id in m.kv.sequences:
-                m.kv.remove_sequence(seq_id)
+                m.remove_sequence(seq_id)
 
     # -- one-shot generation ----------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, *, token_ids: list[int] | list[list[int]] | None = None,

@@ -93,10 +93,15 @@ class ModelLibrary:
             raise ArtifactError(f"{folder / entry.params}: lacks {missing[0]}; recompile the artifact")
         self.params = [tvm.runtime.tensor(weights[name], dev) for name in entry.param_names]
         self.verify_row_blocks = frozenset(entry.verify_row_blocks)
+        self.kind = entry.kind
+        # a feature draft's head: the target token id of each of its output rows
+        self.token_ids = weights["token_ids"].astype(np.int64) if "token_ids" in weights else None
         self.kernels = Kernels(self, kernels)
         self._functions: dict = {}
         # Time spent inside compiled calls, for the share of a run spent elsewhere (bench's host share).
         self.compiled_seconds = 0.0
+        # the target of a feature draft exports its hidden states (compile/model.py's *_hidden forwards)
+        self.exports_hidden = self.vm.module.implements_function("prefill_hidden")
 
     def call(self, name: str, *args):
         function = self._functions.get(name) or self._functions.setdefault(name, self.vm[name])
@@ -120,28 +125,47 @@ class ModelLibrary:
         return tvm.runtime.tensor(tokens, self.dev)
 
     # -- forwards: each returns float32 logits on the device ------------------------------------------
-    def forward_last(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]]):
+    # With hidden=True (a library that exports_hidden), also the hidden state of every token fed, [n, hidden].
+    def forward_last(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]], hidden: bool = False):
         """Feed each sequence its tokens; logits at each sequence's last token, [batch, vocab]."""
         lengths = [len(t) for t in token_lists]
         flat = [t for tokens in token_lists for t in tokens]
+        suffix = "_hidden" if hidden else ""
         with kv.forward(seq_ids, lengths):
             if all(n == 1 for n in lengths):
-                logits, _ = self.call("batch_decode", self.ids(flat), kv.handle, self.params)
+                out = self.call("batch_decode" + suffix, self.ids(flat), kv.handle, self.params)
             else:
                 last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
-                logits, _ = self.call("prefill", self.ids(flat), last, kv.handle, self.params)
-        return logits
+                out = self.call("prefill" + suffix, self.ids(flat), last, kv.handle, self.params)
+        return (out[0], out[1]) if hidden else out[0]
 
     def forward_all(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]],
-                    tree_parents: list[int] | None = None):
+                    tree_parents: list[int] | None = None, hidden: bool = False):
         """Feed each sequence its tokens (a chain, or a tree given parent pointers); logits at every token."""
         lengths = [len(t) for t in token_lists]
         flat = [t for tokens in token_lists for t in tokens]
         # a quantized model's verify_<n> computes exactly n rows per weight pass (compile/model.py)
         verify = f"verify_{len(flat)}" if len(flat) in self.verify_row_blocks else "verify"
         with kv.forward(seq_ids, lengths, tree_parents):
-            logits, _ = self.call(verify, self.ids(flat), kv.handle, self.params)
-        return logits
+            out = self.call(verify + ("_hidden" if hidden else ""), self.ids(flat), kv.handle, self.params)
+        return (out[0], out[1]) if hidden else out[0]
+
+    def embed(self, tokens) -> tvm.runtime.Tensor:
+        """The token embeddings a feature draft reads, [n, hidden]."""
+        return self.call("embed_tokens", self.ids(tokens), self.params)
+
+    def forward_features(self, kv: PagedKVCache, seq_ids: list[int], lengths: list[int], embeds, features):
+        """A feature draft's step: each sequence's rows of (embedding, feature), flat; its logits over its
+        head's tokens and its own feature at each sequence's last row."""
+        embeds, features = (a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
+                            for a in (embeds, features))
+        with kv.forward(seq_ids, lengths):
+            if all(n == 1 for n in lengths):
+                logits, g, _ = self.call("batch_decode", embeds, features, kv.handle, self.params)
+            else:
+                last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
+                logits, g, _ = self.call("prefill", embeds, features, last, kv.handle, self.params)
+        return logits, g
 
 
 def last_line(err: BaseException) -> str:

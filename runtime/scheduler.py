@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 
 from .kv_cache import CacheFullError
 from .library import last_line
-from .speculative import (DraftModel, DraftTree, NGramDraft, RoundStats, Sequence, SpeculativeDecoder,
-                          tree_size)
+from .speculative import (DraftModel, DraftTree, FeatureDraft, FeatureModel, NGramDraft, RoundStats, Sequence,
+                          SpeculativeDecoder, tree_size)
 
 MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
 
@@ -102,6 +102,9 @@ def proposer_key(engine, opts) -> tuple | None:
         raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
     if opts.speculative is False:
         return None
+    if opts.speculative == "tree" and isinstance(engine.draft, FeatureModel):
+        raise ValueError(f"{engine.folder}'s draft is a feature draft (eagle), which proposes chains only; "
+                         "use speculative='draft'")
     if opts.speculative == "tree":
         return ("tree", opts.tree_width, opts.tree_depth, opts.sampling)
     if opts.speculative == "ngram" or engine.draft is None:
@@ -267,6 +270,8 @@ class Batch:
                 proposer = DraftTree(engine.draft, engine.prefill_chunk, key[1])
             elif key[0] == "ngram":
                 proposer = NGramDraft(engine.target.lib.vocab_size, max_ngram=key[1])
+            elif isinstance(engine.draft, FeatureModel):
+                proposer = FeatureDraft(engine.draft, engine.target, engine.prefill_chunk)
             else:
                 proposer = DraftModel(engine.draft, engine.prefill_chunk)
             self._decoders[key] = SpeculativeDecoder(engine.target, proposer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -65,11 +66,15 @@ class RoundStats:
 
 
 class Model:
-    """A model library with its KV cache: what the loop needs of target and draft alike."""
+    """A model library with its KV cache: what the loop needs of target and draft alike.
+
+    A target that exports its hidden states (the target of a feature draft) keeps them beside its cache:
+    features[seq_id] holds one row per cached token, cut back whenever the cache is."""
 
     def __init__(self, lib: ModelLibrary, kv: PagedKVCache):
         self.lib = lib
         self.kv = kv
+        self.features: dict[int, FeatureRows] | None = {} if lib.exports_hidden else None
 
     def cached(self, seq: Sequence) -> int:
         return self.kv.length(seq.seq_id)
@@ -77,16 +82,79 @@ class Model:
     def keep(self, seq: Sequence, n: int) -> None:
         """Cut the sequence's cache back to its first n tokens (a no-op if it holds no more)."""
         self.kv.popn(seq.seq_id, self.cached(seq) - n)
+        if self.features is not None:
+            # to what the cache holds: a session's reset empties the cache without this
+            self.features.setdefault(seq.seq_id, FeatureRows()).truncate(self.cached(seq))
 
     def sync(self, seq: Sequence) -> None:
         """Restore the invariant: the cache holds a prefix of the committed tokens, all but the last at most."""
         self.keep(seq, min(self.cached(seq), len(seq.tokens) - 1))
 
+    def remove_sequence(self, seq_id: int) -> None:
+        self.kv.remove_sequence(seq_id)
+        if self.features is not None:
+            self.features.pop(seq_id, None)
+
     def prefill(self, seq: Sequence, chunk: int) -> None:
         """Feed the committed tokens it lacks except the last, in chunks the cache accepts."""
         start, end = self.cached(seq), len(seq.tokens) - 1
         for lo in range(start, end, chunk):
-            self.lib.forward_last(self.kv, [seq.seq_id], [seq.tokens[lo:min(end, lo + chunk)]])
+            self.forward_last([seq.seq_id], [seq.tokens[lo:min(end, lo + chunk)]])
+
+    def forward_last(self, seq_ids: list[int], token_lists: list[list[int]]):
+        """The library's forward_last, keeping the hidden states of a target that exports them."""
+        return self._forward(self.lib.forward_last, seq_ids, token_lists)
+
+    def forward_all(self, seq_ids: list[int], token_lists: list[list[int]]):
+        """The library's forward_all over chains, keeping the hidden states of a target that exports them."""
+        return self._forward(self.lib.forward_all, seq_ids, token_lists)
+
+    def _forward(self, forward, seq_ids: list[int], token_lists: list[list[int]]):
+        if self.features is None:
+            return forward(self.kv, seq_ids, token_lists)
+        logits, hidden = forward(self.kv, seq_ids, token_lists, hidden=True)
+        rows = hidden.numpy()
+        offsets = np.cumsum([0] + [len(t) for t in token_lists])
+        for i, seq_id in enumerate(seq_ids):
+            self.features.setdefault(seq_id, FeatureRows()).append(rows[offsets[i]:offsets[i + 1]])
+        return logits
+
+
+class FeatureRows:
+    """A growing [n, hidden] array of one sequence's target features (amortised appends)."""
+
+    def __init__(self):
+        self.data: np.ndarray | None = None
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        if self.data is None or self.n + len(rows) > len(self.data):
+            grown = np.empty((max(2 * (self.n + len(rows)), 64), rows.shape[1]), rows.dtype)
+            if self.data is not None:
+                grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.data[self.n:self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        assert end <= self.n, (start, end, self.n)
+        return self.data[start:end]
+
+
+class Proposer(Protocol):
+    """What SpeculativeDecoder asks of a proposer, every round: catch_up (take in the committed tokens it
+    lacks, timed apart from drafting), propose (k tokens per sequence, or a tree of depth k, with their
+    q rows when sampling: (drafts, q)), and after the round's commit, sync (drop whatever the sequence's
+    committed tokens no longer support)."""
+
+    def sync(self, seq: Sequence) -> None: ...
+
+    def catch_up(self, seqs: list[Sequence]) -> None: ...
+
+    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray | None): ...
 
 
 class _ModelDraft:
@@ -266,8 +334,85 @@ class NGramDraft:
         return []
 
 
+class FeatureModel(Model):
+    """A feature draft's library and cache. Its cache entry i is sequence position i+1, fed the token
+    there and the target's feature of the position before (position 0 has none), so it holds at most
+    one entry fewer than the tokens it was fed."""
+
+    def keep(self, seq: Sequence, n: int) -> None:
+        self.kv.popn(seq.seq_id, self.cached(seq) - max(0, n - 1))
+
+    def sync(self, seq: Sequence) -> None:
+        self.kv.popn(seq.seq_id, self.cached(seq) - min(self.cached(seq), len(seq.tokens) - 1))
+
+
+class FeatureDraft:
+    """EAGLE-style proposals (compile/eagle.py): the draft reads the target's features of the committed
+    tokens and its own feature after each drafted one. Its head covers a subset of the vocabulary; q is
+    zero outside it, so the verification rule stays exact (a token outside it can still come from the
+    target's residual).
+
+    Its cache keeps only entries fed the target's own features: those of drafted positions, fed the
+    draft's features, are dropped at sync, and the next catch-up feeds the accepted ones afresh."""
+
+    def __init__(self, model: FeatureModel, target: Model, prefill_chunk: int):
+        self.model = model
+        self.target = target
+        self.prefill_chunk = prefill_chunk
+        self._true_entries: dict[int, int] = {}  # per sequence: the entries fed target features, this round
+
+    def sync(self, seq: Sequence) -> None:
+        true = self._true_entries.pop(seq.seq_id, None)
+        if true is not None:
+            self.model.kv.popn(seq.seq_id, self.model.cached(seq) - true)
+        self.model.sync(seq)
+
+    def catch_up(self, seqs: list[Sequence]) -> None:
+        """Feed positions cached+1 .. N-2 (N committed tokens), in chunks: all but the one propose feeds."""
+        while True:
+            todo = [(s, self.model.cached(s) + 1, len(s.tokens) - 1) for s in seqs]
+            todo = [(s, lo, min(end, lo + self.prefill_chunk)) for s, lo, end in todo if lo < end]
+            if not todo:
+                return
+            self._feed(todo)
+
+    def _feed(self, spans: list[tuple[Sequence, int, int]]):
+        """Feed each sequence positions lo..hi-1 with the target's features; the draft's logits and
+        feature at each one's last position."""
+        tokens = [t for s, lo, hi in spans for t in s.tokens[lo:hi]]
+        features = np.concatenate([self.target.features[s.seq_id].rows(lo - 1, hi - 1) for s, lo, hi in spans])
+        return self.model.lib.forward_features(self.model.kv, [s.seq_id for s, _, _ in spans],
+                                               [hi - lo for _, lo, hi in spans], self.target.lib.embed(tokens), features)
+
+    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
+        if k == 0 or min(len(s.tokens) for s in seqs) < 2:  # position 0 has no feature before it
+            return [[] for _ in seqs], None
+        lib = self.model.lib
+        logits, g = self._feed([(s, len(s.tokens) - 1, len(s.tokens)) for s in seqs])
+        for s in seqs:
+            self._true_entries[s.seq_id] = self.model.cached(s)
+        ids, steps, q_rows = [s.seq_id for s in seqs], [], []
+        for j in range(k):
+            if j:
+                logits, g = lib.forward_features(self.model.kv, ids, [1] * len(seqs), self.target.lib.embed(steps[-1]), g)
+            if params.greedy:
+                picks = lib.kernels.argmax(logits)
+            else:
+                q = lib.kernels.sampling_probs(logits, *_row_params(params, len(seqs)))
+                picks = lib.kernels.sample_from_probs(q, u_draft[:, j])
+                q_rows.append(q.numpy())
+            steps.append(lib.token_ids[np.asarray(picks, np.int64)])
+        drafts = np.stack(steps, axis=1).tolist()
+        if params.greedy:
+            return drafts, None
+        # Sequence-major rows, as DraftModel's, scattered over the target's vocabulary
+        q = np.zeros((len(seqs) * k, self.target.lib.vocab_size), np.float32)
+        q[:, lib.token_ids] = np.stack(q_rows, axis=1).reshape(len(seqs) * k, -1)
+        return drafts, q
+
+
 class SpeculativeDecoder:
-    def __init__(self, target: Model, proposer: DraftModel | DraftTree | NGramDraft | None,
+    def __init__(self, target: Model, proposer: Proposer | None,
                  observer: Callable[[RoundStats], None] | None = None):
         """observer: told of every round, after its tokens are committed (bench and the backend checks
         record decisions and timings with it)."""
@@ -365,8 +510,8 @@ class SpeculativeDecoder:
         # Without drafts this is a plain decode step: the decode function's one-row matmuls are
         # cheaper than the verify function's blocks of rows, and give the same per-row sums.
         drafting = any(drafts)
-        forward = target.lib.forward_all if drafting else target.lib.forward_last
-        logits = forward(target.kv, [s.seq_id for s in seqs], chains)
+        forward = target.forward_all if drafting else target.forward_last
+        logits = forward([s.seq_id for s in seqs], chains)
         rows = np.cumsum([0] + [len(c) if drafting else 1 for c in chains])
         accepted, next_tokens = np.zeros(len(seqs), np.int64), np.zeros(len(seqs), np.int64)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]

@@ -70,6 +70,24 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
 
 
+def exact_first_two(ckpt, prompt, temperature, top_k):
+    """The target's distribution of its first two sampled tokens, from transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64)
+
+    def probs(ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].numpy() / temperature
+        keep = logits >= np.sort(logits)[-top_k]
+        p = np.where(keep, np.exp(logits - logits.max()), 0.0)
+        return p / p.sum()
+
+    p1 = probs(prompt)
+    return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
+
+
 def fail_kernel_call(monkeypatch, lib, name: str, n: int) -> None:
     """Make the n-th call of one of the library's kernels raise RuntimeError("injected")."""
     real, calls = getattr(lib.kernels, name), []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import VOCAB, fail_kernel_call, generate_all, prompts
+from helpers import VOCAB, exact_first_two, fail_kernel_call, generate_all, prompts
 from mlc_spec import Engine
 
 DRAFTS = ("self", "random", "partial")
@@ -167,24 +167,6 @@ def test_same_seed_same_output(engines):
     c = [o.token_ids for o in engine.generate(**{**opts, "seed": 43})]
     assert a == b
     assert a != c
-
-
-def exact_first_two(ckpt, prompt, temperature, top_k):
-    """The target's distribution of its first two sampled tokens, from transformers' logits."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64)
-
-    def probs(ids):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].numpy() / temperature
-        keep = logits >= np.sort(logits)[-top_k]
-        p = np.where(keep, np.exp(logits - logits.max()), 0.0)
-        return p / p.sum()
-
-    p1 = probs(prompt)
-    return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
 
 
 @pytest.mark.parametrize("speculative", [False, True, "ngram", "tree"])

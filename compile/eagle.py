@@ -1,0 +1,100 @@
+"""The EAGLE-style feature draft (mlc_spec/eagle.py trains it): fc(concat(token embedding, target
+feature)) -> one Llama decoder layer over its own paged KV cache -> final norm -> a head over the
+draft_vocab_size tokens of token_ids, the target's most frequent.
+
+The draft reads the target: the token embeddings come from the target library's embed_tokens (shared,
+never copied) and the features from its *_hidden forwards; its head is the target's output head cut to
+token_ids at compile time. Its functions take embeddings and features, and return the logits over the
+head's tokens with the draft's own feature (the input of its next step), at each sequence's last row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+from .checkpoint import Checkpoint, SafetensorsTensors
+from .config import CompileError, ModelConfig
+from .model import KV_CACHE_SPEC, VERIFY_ROW_BLOCK, CausalLM, WeightLayout
+
+KIND = "eagle"
+TOKEN_IDS = "token_ids"  # the head's target token ids, int32, stored with the draft's parameters
+
+
+def is_eagle_folder(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("draft_kind") == KIND
+    except (ValueError, AttributeError):
+        return False
+
+
+def eagle_checkpoint(folder: str | Path, target: Checkpoint) -> tuple[Checkpoint, np.ndarray]:
+    """The draft folder as a checkpoint of a one-layer model with a tied head: the target's output head
+    rows of token_ids (an untied target's lm_head, else its embedding); and token_ids."""
+    folder = Path(folder)
+    hf = json.loads((folder / "config.json").read_text())
+    tensors = dict(SafetensorsTensors(folder))
+    if TOKEN_IDS not in tensors or "fc.weight" not in tensors:
+        raise CompileError(f"{folder}: an eagle draft needs fc.weight and {TOKEN_IDS}; write it with `mlc_spec train-draft`")
+    token_ids = np.asarray(tensors.pop(TOKEN_IDS)).astype(np.int64)
+    target_cfg = target.config
+    if hf.get("vocab_size") != target_cfg.vocab_size or hf.get("hidden_size") != target_cfg.hidden_size:
+        raise CompileError(f"{folder}: trained for a target of vocabulary {hf.get('vocab_size')} and width "
+                           f"{hf.get('hidden_size')}, not this one ({target_cfg.vocab_size}, {target_cfg.hidden_size}); "
+                           "train a draft for this target with `mlc_spec train-draft`")
+    if token_ids.min() < 0 or token_ids.max() >= target_cfg.vocab_size:
+        raise CompileError(f"{folder}: {TOKEN_IDS} holds ids outside the target's vocabulary")
+    head = "model.embed_tokens.weight" if target_cfg.tie_word_embeddings else "lm_head.weight"
+    tensors["model.embed_tokens.weight"] = np.asarray(target.tensors[head], np.float32)[token_ids]
+    config = {**hf, "vocab_size": len(token_ids), "tie_word_embeddings": True, "num_hidden_layers": 1}
+    return Checkpoint(str(folder), config, tensors, target.tokenizer_json, target.tokenizer_config), token_ids
+
+
+class EagleDraft(CausalLM):
+    def __init__(self, c: ModelConfig, target: tvm.target.Target, layout: WeightLayout | None = None):
+        super().__init__(c, target, c.vocab_size, layout)
+        layout = dataclasses.replace(layout or WeightLayout(), dot=self.lm_head.dot)
+        self.fc = layout.linear("fc", 2 * c.hidden_size, c.hidden_size)
+
+    def _step(self, embeds: Tensor, features: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
+        """The draft's features (after its final norm) at every row."""
+        n, h = embeds.shape[0], self.c.hidden_size
+        x = self.fc(op.concat([embeds, features], dim=-1), row_block)
+        return op.reshape(self.model(op.reshape(x, (1, n, h)), kv, row_block), (n, h))
+
+    def prefill(self, embeds: Tensor, features: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        g = op.take(self._step(embeds, features, paged_kv_cache, VERIFY_ROW_BLOCK), logit_positions, axis=0)
+        return self._logits(g), g, paged_kv_cache
+
+    def batch_decode(self, embeds: Tensor, features: Tensor, paged_kv_cache: PagedKVCache):
+        g = self._step(embeds, features, paged_kv_cache, 1)
+        return self._logits(g), g, paged_kv_cache
+
+    @property
+    def verify_row_blocks(self) -> list[int]:
+        return []
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        plain = {"param_mode": "none", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        h = self.c.hidden_size
+        rows, batch = nn.spec.Tensor(["seq_len", h], self.dtype), nn.spec.Tensor(["batch_size", h], self.dtype)
+        spec = {
+            "prefill": {"embeds": rows, "features": rows, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                        "paged_kv_cache": kv, "$": packed},
+            "batch_decode": {"embeds": batch, "features": batch, "paged_kv_cache": kv, "$": packed},
+            "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
+            **self._kernel_spec(plain),
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,400 @@
+"""mlc_spec train-draft: train an EAGLE-style feature draft for a compiled target, on this CPU.
+
+Stages, each resumable (a rerun picks up where the last one stopped):
+  corpus    the compiled target's own replies (greedy and sampled) to the prompts of draft_prompts.py,
+            generated with the batch API; written as JSON lines as batches finish.
+  features  the compiled target's hidden states over every prompt + reply (its prefill: exactly the
+            features the runtime's draft reads), from a copy of the target compiled with them exported.
+  train     the draft of eagle.py in torch, with the target's embedding and head frozen and shared;
+            held-out greedy acceptance per draft position as it goes; checkpoints to resume from.
+  export    a draft folder for `mlc_spec compile --draft` (compile/eagle.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .draft_prompts import build_prompts
+
+CORPUS_MODES = {"greedy": 0.0, "sampled": 0.7}  # reply temperature of each half of the corpus
+
+
+def corpus_files(work: Path) -> dict[str, Path]:
+    return {"train": work / "corpus-train.jsonl", "heldout": work / "corpus-heldout.jsonl"}
+
+
+def read_corpus(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_corpus(engine, work: Path, *, n_train: int, n_heldout: int, max_tokens: int, batch: int, seed: int,
+                 log=print) -> None:
+    """Each prompt is answered once greedily and once sampled; a batch's rows are appended together,
+    so a stopped run resumes at the first batch it had not written."""
+    from .chat import ChatTemplate
+
+    template = ChatTemplate.of(engine)
+    train, heldout = build_prompts(seed, n_train, n_heldout)
+    for split, prompts in (("heldout", heldout), ("train", train)):
+        path = corpus_files(work)[split]
+        done = len(read_corpus(path)) // len(CORPUS_MODES)
+        start, tokens = time.perf_counter(), 0
+        with open(path, "a") as out:
+            for b in range(done, len(prompts), batch):
+                ids = [template.encode(engine, [{"role": "user", "content": p}]) for p in prompts[b:b + batch]]
+                rows = []
+                for mode, temperature in CORPUS_MODES.items():
+                    outs = engine.generate(token_ids=ids, max_tokens=max_tokens, temperature=temperature,
+                                           seed=seed * 1_000_003 + b, speculative=False)
+                    rows += [{"prompt": p, "reply": o.token_ids, "mode": mode} for p, o in zip(ids, outs)]
+                out.write("".join(json.dumps(r) + "\n" for r in rows))
+                out.flush()
+                tokens += sum(len(r["reply"]) for r in rows)
+                elapsed = time.perf_counter() - start
+                log(f"[corpus {split}] {min(b + batch, len(prompts))}/{len(prompts)} prompts, {tokens} reply "
+                    f"tokens this run, {elapsed:.0f}s, {tokens / elapsed:.0f} tok/s")
+
+
+# -- features ---------------------------------------------------------------------------------------------
+MAX_TRAIN_TOKENS = 320  # prompt + reply, per sequence
+
+
+def sequences(rows: list[dict]) -> list[tuple[list[int], int]]:
+    """(tokens, reply start) per corpus row, cut to MAX_TRAIN_TOKENS."""
+    return [((r["prompt"] + r["reply"])[:MAX_TRAIN_TOKENS], len(r["prompt"])) for r in rows if r["reply"]]
+
+
+def extract_features(engine, seqs: list[tuple[list[int], int]], path: Path, log=print):
+    """The compiled target's features of every sequence (its prefill, exactly what the runtime's draft
+    will read), float16, one row per token (the last row, which no training position reads, is zero);
+    saved every few hundred sequences so a stopped run resumes."""
+    import torch
+    from tqdm import tqdm
+
+    done = torch.load(path) if path.is_file() else []
+    start = len(done)
+    for i in tqdm(range(start, len(seqs)), desc=f"features {path.stem}", unit="seq", mininterval=30):
+        tokens = seqs[i][0]
+        with engine.session() as session:
+            session.generate(token_ids=tokens, max_tokens=1, speculative=False)
+            rows = engine.target.features[session.seq_id].rows(0, len(tokens) - 1)
+            done.append(torch.from_numpy(np.concatenate([rows, np.zeros_like(rows[:1])])).half())
+        if (i + 1) % 200 == 0 or i + 1 == len(seqs):
+            torch.save(done, path)
+    return done
+
+
+def feature_engine(engine, work: Path, log):
+    """An engine whose target exports its hidden states: this one, or the target recompiled with them."""
+    from .runtime.engine import Engine
+
+    if engine.target.lib.exports_hidden:
+        return engine
+    folder = work / "feature-target"
+    if not (folder / "mlc_spec_config.json").is_file():
+        from .compile.build import CompileOptions, compile_artifact
+
+        log(f"compiling the target with its hidden states exported into {folder} (once)")
+        source = engine.config.models["target"].source
+        compile_artifact(source, None, folder, CompileOptions(device=engine.config.device, dtype=engine.config.dtype,
+                                                              export_hidden=True), log=log)
+    return Engine(folder, device=engine.config.device, max_batch_size=1, max_seq_len=engine.max_seq_len)
+
+
+# -- training -------------------------------------------------------------------------------------------
+def frequent_tokens(rows: list[dict], n: int, always: tuple[int, ...]) -> np.ndarray:
+    """The n most frequent reply tokens (the head's vocabulary), the always-kept ones (EOS) among them."""
+    counts = np.bincount([t for r in rows for t in r["reply"]], minlength=max(always) + 1)
+    counts[list(always)] = counts.max() + 1
+    top = np.argsort(-counts, kind="stable")[:n]
+    return np.sort(top).astype(np.int64)
+
+
+def batches(seqs, feats, size: int, rng):
+    """Length-bucketed batches (less padding), shuffled: (ids [b, s], feats [b, s, h], reply start [b], lengths)."""
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    rng.shuffle(chunks)
+    for chunk in chunks:
+        width = max(len(seqs[i][0]) for i in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        f = torch.zeros((len(chunk), width, feats[0].shape[-1]))
+        for j, i in enumerate(chunk):
+            ids[j, :len(seqs[i][0])] = torch.tensor(seqs[i][0])
+            f[j, :len(seqs[i][0])] = feats[i].float()
+        yield ids, f, torch.tensor([seqs[i][1] for i in chunk]), torch.tensor([len(seqs[i][0]) for i in chunk])
+
+
+def step_masks(starts, lengths, width: int, steps: int):
+    """Per step r, [b, width-1] where g_r[:, i] (position p = i+1, predicting t_{p+1}) is trained and
+    scored: t_{p+1} is a reply token inside the sequence, and the chain began at a position >= 1."""
+    import torch
+
+    i = torch.arange(width - 1)[None]
+    predicted = i + 2  # the position of the token g_r[:, i] predicts
+    inside = (predicted < lengths[:, None]) & (predicted >= starts[:, None])
+    return [inside & (i >= r - 1) for r in range(1, steps + 1)]
+
+
+def draft_loss(net, ids, feats, masks):
+    """Sum over steps of the cross-entropy to the target's distribution over the head's tokens, plus
+    the feature regression EAGLE uses (smooth L1 to the target's next feature)."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = net.unroll(ids, feats, len(masks))
+    want = feats[:, 1:]  # f_p for g at position p
+    p = torch.softmax(net.logits(want), -1)
+    total, parts = 0.0, []
+    for r, (g, m) in enumerate(zip(outs, masks)):
+        if not m.any():
+            parts.append(0.0)
+            continue
+        ce = -(p[m] * torch.log_softmax(net.logits(g[m]), -1)).sum(-1).mean()
+        reg = F.smooth_l1_loss(g[m], want[m])
+        weight = 0.8 ** r  # EAGLE-3's decay over the unrolled steps
+        total = total + weight * (ce + reg)
+        parts.append(ce.item())
+    return total, parts
+
+
+def acceptance(net, seqs, feats, steps: int, batch: int = 8) -> list[float]:
+    """Held-out greedy acceptance per draft position: the share of chain starts (every reply position)
+    whose first r drafted tokens all equal the target's greedy reply, drafting as the runtime does."""
+    import random
+
+    import torch
+
+    hits, total = torch.zeros(steps), 0
+    with torch.inference_mode():
+        for ids, f, starts, lengths in batches(seqs, feats, batch, random.Random(0)):
+            outs = net.unroll(ids, f, steps)
+            masks = step_masks(starts, lengths, ids.shape[1], steps)
+            chain = masks[0].clone()
+            total += int(chain.sum())
+            for r, g in enumerate(outs):
+                pred = net.token_ids[net.logits(g).argmax(-1)]
+                ok = torch.zeros_like(chain)
+                # step r+1 of the chain that began at index i scores at index i + r
+                n = ids.shape[1] - 2 - r
+                ok[:, :n] = (pred[:, r:r + n] == ids[:, r + 2:r + 2 + n]) & masks[r][:, r:r + n]
+                chain &= ok
+                hits[r] += int(chain.sum())
+    return (hits / max(total, 1)).tolist()
+
+
+def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, steps: int, batch: int, lr: float,
+          eval_every: int, log=print) -> dict:
+    """AdamW with warm-up and cosine decay over the time budget; a checkpoint (model, optimizer, step,
+    seconds) after every evaluation, from which a rerun continues."""
+    import math
+    import random
+
+    import torch
+    from tqdm import tqdm
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ckpt = work / "checkpoint.pt"  # train_from_corpus reads its head's tokens too
+    state = {"step": 0, "seconds": 0.0, "history": []}
+    if ckpt.is_file():
+        saved = torch.load(ckpt)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        log(f"[train] resuming at step {state['step']}, {state['seconds'] / 60:.1f} min trained")
+    budget, rng = minutes * 60, random.Random(state["step"])
+    bar = tqdm(desc="train", unit="step", initial=state["step"], mininterval=30)
+    ema = None
+    while state["seconds"] < budget:
+        for ids, f, starts, lengths in batches(seqs, feats, batch, rng):
+            if state["seconds"] >= budget:
+                break
+            t0 = time.perf_counter()
+            frac = state["seconds"] / budget
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (state["step"] + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            loss, parts = draft_loss(net, ids, f, step_masks(starts, lengths, ids.shape[1], steps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            state["step"] += 1
+            state["seconds"] += time.perf_counter() - t0
+            ema = parts[0] if ema is None else 0.98 * ema + 0.02 * parts[0]
+            bar.update()
+            bar.set_postfix(ce1=f"{ema:.3f}", min=f"{state['seconds'] / 60:.1f}")
+            if state["step"] % eval_every == 0:
+                record(net, held, held_feats, steps, state, log)
+                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt)
+    bar.close()
+    record(net, held, held_feats, steps, state, log)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt)
+    return state
+
+
+def record(net, held, held_feats, steps: int, state: dict, log) -> None:
+    acc = acceptance(net, held, held_feats, steps)
+    state["history"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
+                             "acceptance": [round(a, 4) for a in acc]})
+    log(f"[eval] step {state['step']} ({state['seconds'] / 60:.1f} min): held-out greedy acceptance per position "
+        + " ".join(f"{a:.3f}" for a in acc) + f", {1 + sum(acc):.2f} tokens per target call at k={steps}")
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def export(net, target_config: dict, out: Path, note: str) -> None:
+    """A draft folder `mlc_spec compile --draft` takes: config.json (draft_kind "eagle"), float16 weights
+    with Hugging Face layer names and the head's target token ids; the head itself is the target's."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .eagle import target_config as layer_config
+
+    c = layer_config(target_config)
+    config = {"draft_kind": "eagle", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              **{k: v for k, v in c.items() if k != "num_hidden_layers"}, "num_hidden_layers": 1,
+              "vocab_size": target_config["vocab_size"], "draft_vocab_size": int(net.token_ids.numel()),
+              "tie_word_embeddings": False, "hidden_act": "silu",
+              "max_position_embeddings": target_config.get("max_position_embeddings", 4096),
+              "bos_token_id": target_config.get("bos_token_id"), "eos_token_id": target_config.get("eos_token_id")}
+    tensors = {"fc.weight": net.fc.weight, "model.norm.weight": net.norm.weight,
+               **{f"model.layers.0.{k}": v for k, v in net.layer.state_dict().items()}}
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    tensors["token_ids"] = net.token_ids.to(torch.int32).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "LICENSE-NOTE.md").write_text(note)
+
+
+LICENSE_NOTE = """# EAGLE-style draft for {target}: licence and provenance
+
+Trained by `mlc_spec train-draft` on the target's own replies (self-distillation) and its features;
+the weights derive from the target and share its licence (SmolLM2-135M-Instruct: Apache License 2.0,
+https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct). The head is the target's own output head
+restricted to the {vocab} tokens listed in `token_ids`; it is not stored here.
+
+## Recipe
+{recipe}
+"""
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    p = sub.add_parser("train-draft", help="train an EAGLE-style feature draft for a compiled target (CPU, torch)")
+    p.add_argument("artifact", nargs="?", help="artifact folder of the target (default: the embedded default pair)")
+    p.add_argument("--work", default="draft-work", help="corpus, features, checkpoints and log (resumable)")
+    p.add_argument("--out", default="draft-eagle", help="the draft folder to write, for `mlc_spec compile --draft`")
+    p.add_argument("--prompts", type=int, default=4000, help="training prompts, each answered greedily and sampled")
+    p.add_argument("--heldout", type=int, default=32, help="held-out prompts (unseen topics), for acceptance")
+    p.add_argument("--max-tokens", type=int, default=128, help="reply length cap")
+    p.add_argument("--gen-batch", type=int, default=16, help="prompts per batch API call")
+    p.add_argument("--stage", choices=("all", "corpus", "train"), default="all",
+                   help="corpus: only generate it; train: train on the corpus generated so far (default all)")
+    p.add_argument("--vocab", type=int, default=8192, help="the head's tokens: the corpus's most frequent")
+    p.add_argument("--minutes", type=float, default=60.0, help="training time budget (a rerun continues)")
+    p.add_argument("--steps", type=int, default=3, help="chained draft steps trained and scored")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    try:
+        import torch
+        import tqdm  # noqa: F401
+    except ImportError:
+        raise ValueError("train-draft needs torch and tqdm; install them with `pip install mlc_spec[train]`") from None
+    from .runtime.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    logfile = open(work / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logfile.write(msg + "\n")
+        logfile.flush()
+
+    artifact = Path(args.artifact) if args.artifact else _default_artifact()
+    engine = Engine(artifact, max_batch_size=args.gen_batch, max_seq_len=512)
+    if args.stage != "train":
+        build_corpus(engine, work, n_train=args.prompts, n_heldout=args.heldout, max_tokens=args.max_tokens,
+                     batch=args.gen_batch, seed=args.seed, log=log)
+    if args.stage == "corpus":
+        return 0
+    source = engine.config.models["target"].source
+    net, target_cfg, recipe = train_from_corpus(engine, work, args, log)
+    export(net, target_cfg, out, LICENSE_NOTE.format(target=Path(source).name, vocab=args.vocab, recipe=recipe))
+    log(f"wrote {out}; compile it with: mlc_spec compile {source} --draft {out}")
+    return 0
+
+
+def train_from_corpus(engine, work: Path, args, log):
+    import torch
+
+    from .compile.checkpoint import load_checkpoint
+    from .eagle import DraftNet
+
+    ck = load_checkpoint(engine.config.models["target"].source)
+    files = corpus_files(work)
+    train_rows, held_rows = read_corpus(files["train"]), read_corpus(files["heldout"])
+    held_rows = [r for r in held_rows if r["mode"] == "greedy"]  # acceptance is measured on greedy replies
+    train_seqs, held_seqs = sequences(train_rows), sequences(held_rows)
+    features = feature_engine(engine, work, log)
+    held_feats = extract_features(features, held_seqs, work / "features-heldout.pt", log=log)
+    train_feats = extract_features(features, train_seqs, work / "features-train.pt", log=log)
+    checkpoint = work / "checkpoint.pt"
+    if checkpoint.is_file():  # the head a resumed run trained (the corpus may have grown since)
+        token_ids = torch.load(checkpoint)["model"]["token_ids"]
+    else:
+        token_ids = torch.from_numpy(frequent_tokens(train_rows, args.vocab, tuple(ck.config.eos_token_ids)))
+    head = "model.embed_tokens.weight" if ck.config.tie_word_embeddings else "lm_head.weight"
+    net = DraftNet(ck.hf_config, torch.from_numpy(np.asarray(ck.tensors["model.embed_tokens.weight"], np.float32)),
+                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)))
+    last = f"model.layers.{ck.config.num_hidden_layers - 1}."
+    with torch.no_grad():  # start where the target ends: its final norm, its last layer
+        net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
+        net.layer.load_state_dict({k.removeprefix(last): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
+                                   for k in ck.tensors if k.startswith(last)})
+    n_tokens = sum(len(r["reply"]) for r in train_rows)
+    log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
+        f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
+    state = train(net, train_seqs, train_feats, held_seqs, held_feats, work, minutes=args.minutes, steps=args.steps,
+                  batch=args.batch, lr=args.lr, eval_every=args.eval_every, log=log)
+    acc = state["history"][-1]["acceptance"]
+    params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    width = ck.config.hidden_size
+    recipe = (f"- draft: fc(2x{width} -> {width}), one Llama decoder layer (initialised from the target's last), "
+              f"final norm; {params / 1e6:.1f}M parameters; head over the {len(token_ids)} most frequent reply tokens\n"
+              f"- corpus: {len(train_rows)} replies of the target to {len(train_rows) // 2} prompts (greedy and "
+              f"sampled at {CORPUS_MODES['sampled']}), {n_tokens} reply tokens\n"
+              f"- training: {state['step']} steps, batch {args.batch}, lr {args.lr}, {args.steps} chained steps, "
+              f"{state['seconds'] / 60:.0f} min on {args.threads} CPU threads\n"
+              f"- held-out greedy acceptance per position: {' '.join(f'{a:.3f}' for a in acc)}\n")
+    return net, ck.hf_config, recipe
+
+
+def coverage(rows: list[dict], token_ids) -> float:
+    keep = set(token_ids.tolist())
+    tokens = [t for r in rows for t in r["reply"]]
+    return sum(t in keep for t in tokens) / max(len(tokens), 1)
+
+
+def _default_artifact() -> Path:
+    from .default_model import default_artifact
+
+    return default_artifact()

@@ -1,0 +1,177 @@
+"""The EAGLE-style feature draft: the target's exported features, the compiled draft against its torch
+definition (mlc_spec/eagle.py), greedy exactness and the sampled distribution with a head over a subset
+of the vocabulary (q zero outside it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import VOCAB, exact_first_two, generate_all, prompts
+from mlc_spec import Engine
+
+torch = pytest.importorskip("torch")
+
+HEAD_TOKENS = np.unique(np.r_[np.arange(0, VOCAB, 3), 1])  # a third of the vocabulary, EOS (1) among it
+
+
+@pytest.fixture(scope="session")
+def target_ckpt(artifacts):
+    return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
+
+
+def draft_net(target_ckpt):
+    from safetensors.numpy import load_file
+
+    from mlc_spec.eagle import DraftNet
+
+    config = json.loads((target_ckpt / "config.json").read_text())
+    tensors = load_file(str(target_ckpt / "model.safetensors"))
+    torch.manual_seed(0)
+    net = DraftNet(config, torch.from_numpy(tensors["model.embed_tokens.weight"]), torch.from_numpy(HEAD_TOKENS),
+                   torch.from_numpy(tensors["lm_head.weight"]))
+    with torch.no_grad():  # clear margins between the draft's choices, as in a trained draft
+        net.fc.weight.mul_(4.0)
+    return net, config
+
+
+@pytest.fixture(scope="session")
+def eagle(artifacts, target_ckpt, tmp_path_factory):
+    """(engine, the torch draft it was compiled from)."""
+    from mlc_spec.train_draft import export
+
+    net, config = draft_net(target_ckpt)
+    folder = tmp_path_factory.mktemp("eagle-draft")
+    export(net, config, folder, "test draft")
+    net.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})  # as shipped: float16
+    artifact = artifacts.compile("eagle", target_ckpt, folder, max_seq_len=128)
+    return Engine(artifact, max_batch_size=16), net
+
+
+def test_target_exports_its_last_hidden_state(eagle, target_ckpt):
+    """The features the draft reads: transformers' last hidden state (after the final norm), per row."""
+    from transformers import AutoModelForCausalLM
+
+    engine, _ = eagle
+    ids = prompts(1, seed=3)[0][:40]
+    with engine.session() as session:
+        session.generate(token_ids=ids, max_tokens=1, speculative=False)
+        ours = engine.target.features[session.seq_id].rows(0, len(ids) - 1)
+    model = AutoModelForCausalLM.from_pretrained(target_ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1].numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_draft_chains_as_its_torch_definition(eagle):
+    """The runtime's catch-up and chained proposals give the tokens DraftNet.unroll predicts: same fc
+    input order, positions, norm, head rows and id map, and the draft's own features after step one."""
+    from mlc_spec.runtime.speculative import FeatureDraft, SamplingParams, Sequence
+
+    engine, net = eagle
+    k = 4
+    for prompt in prompts(6, seed=5)[2:]:
+        with engine.session() as session:
+            session.generate(token_ids=prompt, max_tokens=1, speculative=False)
+            seq = Sequence(session.seq_id, list(prompt), np.random.default_rng(0), SamplingParams())
+            engine.target.keep(seq, len(prompt) - 1)
+            feats = engine.target.features[session.seq_id].rows(0, len(prompt) - 1).copy()
+            proposer = FeatureDraft(engine.draft, engine.target, engine.prefill_chunk)
+            proposer.catch_up([seq])
+            drafts, _ = proposer.propose([seq], k, SamplingParams(), None)
+            proposer.sync(seq)
+        ids = torch.tensor([prompt + drafts[0]])
+        f = torch.zeros((1, ids.shape[1], feats.shape[1]))
+        f[0, :len(prompt) - 1] = torch.from_numpy(feats)
+        with torch.no_grad():
+            outs = net.unroll(ids, f, k)
+        start = len(prompt) - 2  # index of position len(prompt)-1, the chain's first step
+        want = [int(net.token_ids[net.logits(g[0, start + r]).argmax()]) for r, g in enumerate(outs)]
+        assert drafts[0] == want
+
+
+@pytest.fixture(scope="session")
+def reference(eagle):
+    engine, _ = eagle
+    return generate_all(engine, prompts(100), max_tokens=40, stop_at_eos=False, speculative=False)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_feature_draft_equals_target_alone(eagle, reference, k):
+    engine, _ = eagle
+    assert generate_all(engine, prompts(100), max_tokens=40, stop_at_eos=False, speculative="draft",
+                        draft_length=k) == reference
+
+
+def test_feature_draft_proposes_and_some_proposals_are_accepted(eagle):
+    """Not a proposer that drafts nothing: every round drafts (but the last few, which max_tokens cuts)."""
+    engine, _ = eagle
+    out = engine.generate(token_ids=prompts(1, seed=2)[0], max_tokens=40, speculative="draft", draft_length=3,
+                          stop_at_eos=False, temperature=1.0, top_k=4, seed=0)
+    assert out.stats["drafted_per_position"][0] >= out.stats["rounds"] - 2
+    assert out.stats["accepted_per_position"][0] > 0
+
+
+def test_multi_turn_with_a_feature_draft_equals_target_alone(eagle):
+    """A session's second turn reuses the cached prefix: the target's features are cut back with it."""
+    engine, _ = eagle
+    first, second = prompts(2, seed=9)
+    outs = {}
+    for speculative in (False, "draft"):
+        with engine.session() as session:
+            a = session.generate(token_ids=first, max_tokens=20, stop_at_eos=False, speculative=speculative).token_ids
+            b = session.generate(token_ids=first + a[:5] + second, max_tokens=20, stop_at_eos=False,
+                                 speculative=speculative).token_ids
+        outs[speculative] = (a, b)
+    assert outs[False] == outs["draft"]
+
+
+def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt):
+    """FM4/FM5 with q zero outside the head's tokens: the target's distribution holds (chi-square)."""
+    from scipy.stats import chisquare
+
+    engine, _ = eagle
+    prompt = prompts(1, seed=11)[0][:12]
+    exact = exact_first_two(target_ckpt, prompt, temperature=1.0, top_k=4)
+    assert any(a not in HEAD_TOKENS or b not in HEAD_TOKENS for a, b in exact), "the test needs tokens outside the head"
+    counts = dict.fromkeys(exact, 0)
+    batch, draws = 16, 8000
+    for call in range(draws // batch):
+        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
+                               speculative="draft", draft_length=3, stop_at_eos=False)
+        for o in outs:
+            counts[tuple(o.token_ids[:2])] += 1
+    keys = sorted(exact)
+    observed = np.array([counts[key] for key in keys])
+    expected = np.array([exact[key] for key in keys]) * observed.sum()
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_trees_are_refused_with_a_feature_draft(eagle):
+    engine, _ = eagle
+    with pytest.raises(ValueError, match="feature draft"):
+        engine.generate(token_ids=[5, 6, 7], max_tokens=4, speculative="tree")
+
+
+def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys):
+    """corpus -> features -> training with held-out acceptance -> a draft folder; a rerun resumes from
+    the corpus and the checkpoint instead of starting over."""
+    from mlc_spec.cli import main as cli
+
+    engine, _ = eagle
+    work, out = tmp_path / "work", tmp_path / "draft"
+    args = ["train-draft", str(engine.folder), "--work", str(work), "--out", str(out), "--prompts", "4",
+            "--heldout", "2", "--max-tokens", "8", "--gen-batch", "4", "--minutes", "0.02", "--eval-every", "2",
+            "--vocab", "64", "--threads", "1"]
+    assert cli(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["draft_kind"] == "eagle" and config["draft_vocab_size"] == 64
+    corpus = (work / "corpus-train.jsonl").read_text().splitlines()
+    assert len(corpus) == 8  # each prompt answered greedily and sampled
+    log = (work / "log.txt").read_text()
+    assert "held-out greedy acceptance per position" in log
+    assert cli(args[:-8] + ["--minutes", "0.04", "--eval-every", "2", "--vocab", "64", "--threads", "1"]) == 0
+    assert (work / "corpus-train.jsonl").read_text().splitlines() == corpus
+    assert "resuming at step" in (work / "log.txt").read_text()
