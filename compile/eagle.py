@@ -64,7 +64,7 @@ class EagleDraft(CausalLM):
     def __init__(self, c: ModelConfig, target: tvm.target.Target, layout: WeightLayout | None = None):
         super().__init__(c, target, c.vocab_size, layout)
         layout = dataclasses.replace(layout or WeightLayout(), dot=self.lm_head.dot)
-        self.fc = layout.linear("fc", 2 * c.hidden_size, c.hidden_size)
+        self.fc = layout.linear("fc", 2 * c.hidden_size, [c.hidden_size])
 
     def _step(self, embeds: Tensor, features: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
         """The draft's features (after its final norm) at every row."""
