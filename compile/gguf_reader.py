@@ -54,13 +54,13 @@ _ARCHITECTURES = {
 # Only llama.cpp's Llama converter permutes q/k rows; its Qwen2 converter writes them as they are.
 _PERMUTED_QK_ARCHITECTURES = {"llama"}
 
-_TOP_LEVEL_TENSORS = {
+TOP_LEVEL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 
-_LAYER_TENSORS = {
+LAYER_TENSORS = {  # a layer's GGUF tensor -> its Hugging Face module
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -72,7 +72,7 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_REQUIRED_LAYER_WEIGHTS = tuple(_LAYER_TENSORS)
+_REQUIRED_LAYER_WEIGHTS = tuple(LAYER_TENSORS)
 
 # llama.cpp stores Llama 3 rope scaling as per-frequency factors in this tensor, not as metadata.
 _ROPE_FREQS_TENSOR = "rope_freqs.weight"
@@ -395,20 +395,20 @@ def _hf_tensors(gguf_tensors: dict, config: dict, architecture: str):
 
 def _hf_tensor_name(gguf_name: str):
     """The Hugging Face name of a GGUF tensor; None for tensors with no Hugging Face counterpart."""
-    if gguf_name in _TOP_LEVEL_TENSORS:
-        return _TOP_LEVEL_TENSORS[gguf_name]
+    if gguf_name in TOP_LEVEL_TENSORS:
+        return TOP_LEVEL_TENSORS[gguf_name]
     if gguf_name == _ROPE_FREQS_TENSOR:
         return None  # folded into config["rope_scaling"]
     match = _LAYER_TENSOR_NAME.fullmatch(gguf_name)
     if match and match.group(2) in _IGNORED_LAYER_TENSORS:
         return None
-    if not match or match.group(2) not in _LAYER_TENSORS:
+    if not match or match.group(2) not in LAYER_TENSORS:
         raise GGUFError(
             f"GGUF tensor {gguf_name!r} has no counterpart in a plain Llama/Qwen2 model; "
             "this file holds a variant this reader does not support"
         )
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_TENSORS[part]}.{kind}"
+    return f"model.layers.{layer}.{LAYER_TENSORS[part]}.{kind}"
 
 
 def _dequantize(tensor) -> np.ndarray:
@@ -436,7 +436,7 @@ def _unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
 def _check_complete(tensors: dict, config: dict) -> None:
     expected = ["model.embed_tokens.weight", "model.norm.weight"]
     for layer in range(config["num_hidden_layers"]):
-        expected += [f"model.layers.{layer}.{_LAYER_TENSORS[part]}.weight" for part in _REQUIRED_LAYER_WEIGHTS]
+        expected += [f"model.layers.{layer}.{LAYER_TENSORS[part]}.weight" for part in _REQUIRED_LAYER_WEIGHTS]
     missing = [name for name in expected if name not in tensors]
     if missing:
         raise GGUFError(

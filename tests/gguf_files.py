@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QType
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from mlc_spec.compile.gguf_reader import permute_qk_for_gguf
+from mlc_spec.compile.gguf_reader import LAYER_TENSORS, TOP_LEVEL_TENSORS, permute_qk_for_gguf
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKEN = "<think>"  # an added, non-special token: llama.cpp marks it USER_DEFINED
@@ -46,18 +46,6 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-LLAMA_GGUF_TO_HF_LAYER = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
 # --- llama.cpp's conversion, reproduced ------------------------------------------------------
@@ -95,14 +83,12 @@ def llama3_rope_factors(rope_scaling: dict, rope_theta: float, head_dim: int) ->
 
 
 def gguf_tensor_name(hf_name: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    top = {hf: g for g, hf in TOP_LEVEL_TENSORS.items()}
     if hf_name in top:
         return top[hf_name]
-    if hf_name == "lm_head.weight":
-        return "output.weight"
     _, _, layer, *rest = hf_name.split(".")
     module, kind = ".".join(rest[:-1]), rest[-1]
-    part = {hf: g for g, hf in LLAMA_GGUF_TO_HF_LAYER.items()}[module]
+    part = {hf: g for g, hf in LAYER_TENSORS.items()}[module]
     return f"blk.{layer}.{part}.{kind}"
 
 
