@@ -1,18 +1,21 @@
-"""CPU attention for the paged KV cache: flash-style, parallel and vectorised.
+"""CPU attention for the paged KV cache: flash-style, parallel and vectorised, one pass over all keys.
 
-TVM 0.27's CPU attention kernels (tir_attention_prefill_cpu over the cached pages,
-tir_attention_prefill_ragged_cpu over the chunk's own tokens, tir_attention_decode_cpu for one token
-per sequence) are scalar loop nests on one thread, so every prefill chunk after the first, which
-attends to all the pages cached before it, grew slower by seconds per cached chunk, and a decode at
-2000 tokens of context spent most of its time in attention. These take their place
-(workarounds.CPUPagedKVCache installs them) with the same arguments and results: the output, and the
-log2-sum-exp TVM's merge kernel combines partial attentions with.
+TVM 0.27's CPU attention kernels are scalar loop nests on one thread, and it computes a multi-token
+forward's attention in two parts (the new tokens among themselves, then against the cached pages)
+merged in float: a rounding apart from a decode's, which attends to all its keys in one pass. With
+int8-quantized activations such a rounding moves an input across a rounding boundary now and then,
+the logits move by tenths, and a speculative verify picks a token the target alone would not have.
+So both kinds of forward run one kernel here over the same page-aligned blocks of keys, and a token's
+attention is bit for bit the same whether it is decoded or verified: paged_decode_cpu takes TVM's decode
+slot (workarounds.CPUPagedKVCache installs it); chunk_attention_cpu is run by runtime/cpu_attention.py
+in place of TVM's two prefill parts, which cannot see each other's keys.
 
 Each parallel task takes one KV head, the query heads that share it and a tile of QUERIES queries
-(`rows` in all; a decode's tile is its one query), and walks the keys a block of KEYS at a time (a page of the cache) with an online
-softmax: scores for the block, a running max and sum per row, the output rescaled and accumulated.
-Scores are kept transposed, [key, row], so the softmax's max and sum over keys run down columns,
-vectorised over rows; they are in log2 units (queries scaled by sm_scale * log2(e)), as in TVM's kernels.
+(`rows` in all; a decode's tile is its one query), and walks the keys a block of KEYS at a time (a
+page of the cache) with an online softmax: scores for the block, a running max and sum per row, the
+output rescaled and accumulated. Scores are kept transposed, [key, row], so the softmax's max and sum
+over keys run down columns, vectorised over rows (each row's arithmetic is the same whatever the tile);
+they are in log2 units (queries scaled by sm_scale * log2(e)), as in TVM's kernels.
 """
 
 from __future__ import annotations
@@ -34,51 +37,9 @@ EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5
              2.402264791363012e-1, 6.931472028550421e-1)
 
 
-def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
-    """tir_attention_prefill_cpu: queries against the pages cached for their sequence."""
-    attend_sequence = _sequence_attention(h_kv, h_q, d, QUERIES)
-
-    @T.prim_func(s_tir=True)
-    def batch_prefill_paged_kv_cpu(
-        var_q: T.handle,  # [total_len, h_q, d]
-        var_q_indptr: T.handle,  # [batch_size + 1]
-        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
-        var_page_indptr: T.handle,  # [batch_size + 1]
-        var_page_values: T.handle,  # [nnz_pages]
-        var_length_info: T.handle,  # [batch_size]: tokens in each sequence's last page
-        var_k_rope_pos_offset: T.handle,  # [batch_size]
-        var_q_rope_position: T.handle,  # [total_len]
-        var_output: T.handle,  # [total_len, h_q, d]
-        var_lse: T.handle,  # [total_len, h_q]
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, KEYS, d), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
-        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
-        T.Assert(rotary_mode == 0, "RoPE inside attention is not supported: the model applies it before the cache")
-
-        for b in range(batch_size):
-            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-            kv_len: T.let[T.int32] = T.Select(n_pages > 0, (n_pages - 1) * KEYS + length_info[b], 0)
-            attend_sequence(_load_page, pages, page_values, page_indptr[b], kv_len, q, q_indptr[b],
-                            q_indptr[b + 1] - q_indptr[b], causal, sm_scale * LOG2E, output, lse)
-
-    return batch_prefill_paged_kv_cpu
-
-
 def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """tir_attention_decode_cpu: each sequence's one new token against all its cached pages (its own
-    key and value among them)."""
+    key and value among them: TVM appends a decode's before its attention)."""
     attend_sequence = _sequence_attention(h_kv, h_q, d, 1)
 
     @T.prim_func(s_tir=True)
@@ -108,75 +69,83 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         T.Assert(rotary_mode == 0, "RoPE inside attention is not supported: the model applies it before the cache")
 
         for b in range(batch_size):
-            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-            kv_len: T.let[T.int32] = T.Select(n_pages > 0, (n_pages - 1) * KEYS + length_info[b], 0)
-            attend_sequence(_load_page, pages, page_values, page_indptr[b], kv_len, q, b, 1, 0, sm_scale * LOG2E,
-                            output, lse)
+            cached: T.let[T.int32] = _cached_length(page_indptr, length_info, b)
+            # no new rows to read (q stands in for them): TVM has put the token's key in its pages
+            attend_sequence(pages, page_values, page_indptr[b], cached, q, q, 0, cached, q, b, 1, 0,
+                            sm_scale * LOG2E, output, lse)
 
     return batch_decode_paged_kv_cpu
 
 
-def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str):
-    """tir_attention_prefill_ragged_cpu: queries against the keys and values of the same forward."""
+def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
+    """Each sequence's new queries against all its keys in one pass: first those cached in its pages,
+    then its new ones (rows kv_indptr[b].. of k and v), causal with the last query seeing every key.
+    TVM splits a multi-token forward's attention into these two parts and merges them in float, a
+    rounding apart from a decode's single pass; runtime/cpu_attention.py runs this kernel in their
+    place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
+    blocks of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'."""
     attend_sequence = _sequence_attention(h_kv, h_q, d, QUERIES)
 
     @T.prim_func(s_tir=True)
-    def batch_prefill_ragged_kv_cpu(
-        var_q: T.handle,  # [qo_len, h_q, d]
+    def chunk_attention_cpu(
+        var_q: T.handle,  # [total_q, h_q, d]
         var_q_indptr: T.handle,  # [batch_size + 1]
-        var_k: T.handle,  # [kv_len, h_kv, d]
-        var_v: T.handle,  # [kv_len, h_kv, d]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch_size + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch_size]: cached tokens in each sequence's last page
+        var_k: T.handle,  # [total_kv, h_kv, d]: the new keys
+        var_v: T.handle,  # [total_kv, h_kv, d]
         var_kv_indptr: T.handle,  # [batch_size + 1]
-        var_q_rope_position: T.handle,  # [qo_len]
-        var_k_rope_pos_offset: T.handle,  # [batch_size]
-        var_output: T.handle,  # [qo_len, h_q, d]
-        var_lse: T.handle,  # [qo_len, h_q]
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
+        var_output: T.handle,  # [total_q, h_q, d]
+        var_lse: T.handle,  # [total_q, h_q]
         sm_scale: T.float32,
     ):
-        batch_size, qo_len, kv_len_total = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        batch_size, total_q, total_kv, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_q, h_q, d), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        k = T.match_buffer(var_k, (kv_len_total, h_kv, d), dtype)
-        v = T.match_buffer(var_v, (kv_len_total, h_kv, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, KEYS, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=T.int32())
+        k = T.match_buffer(var_k, (total_kv, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (total_kv, h_kv, d), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=T.int32())  # binds batch_size
-        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
-        T.Assert(rotary_mode == 0, "RoPE inside attention is not supported: the model applies it before the cache")
+        output = T.match_buffer(var_output, (total_q, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
 
         for b in range(batch_size):
-            attend_sequence(_load_rows, k, v, kv_indptr[b], kv_indptr[b + 1] - kv_indptr[b], q, q_indptr[b],
-                            q_indptr[b + 1] - q_indptr[b], causal, sm_scale * LOG2E, output, lse)
+            cached: T.let[T.int32] = _cached_length(page_indptr, length_info, b)
+            attend_sequence(pages, page_values, page_indptr[b], cached, k, v, kv_indptr[b],
+                            cached + kv_indptr[b + 1] - kv_indptr[b], q, q_indptr[b], q_indptr[b + 1] - q_indptr[b], 1,
+                            sm_scale * LOG2E, output, lse)
 
-    return batch_prefill_ragged_kv_cpu
+    return chunk_attention_cpu
+
+
+def _cached_length(page_indptr, length_info, b):
+    n_pages = page_indptr[b + 1] - page_indptr[b]
+    return T.Select(n_pages > 0, (n_pages - 1) * KEYS + length_info[b], 0)
 
 
 @T.macro
-def _load_page(K, V, block, kv_head, kv_len, pages, page_values, first_page):
-    """K and V [KEYS, d] = page `block` of the sequence, zero past its keys."""
-    page: T.let[T.int32] = page_values[first_page + block]
+def _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, first_row):
+    """K and V [KEYS, d] = keys block * KEYS.. of the sequence: below `cached` from its pages, then
+    from its new rows (k and v from first_row), zero past kv_len."""
     for j in range(KEYS):
-        for c in T.vectorized(K.shape[1]):
+        if block * KEYS + j < cached:
+            for c in T.vectorized(K.shape[1]):
+                K[j, c] = T.Cast("float32", pages[page_values[first_page + block], 0, kv_head, j, c])
+                V[j, c] = T.Cast("float32", pages[page_values[first_page + block], 1, kv_head, j, c])
+        elif block * KEYS + j < kv_len:
+            for c in T.vectorized(K.shape[1]):
+                K[j, c] = T.Cast("float32", k[first_row + block * KEYS + j - cached, kv_head, c])
+                V[j, c] = T.Cast("float32", v[first_row + block * KEYS + j - cached, kv_head, c])
+        else:
             # a page's free slots are uninitialised, and zero times NaN is NaN
-            K[j, c] = T.Select(block * KEYS + j < kv_len, T.Cast("float32", pages[page, 0, kv_head, j, c]),
-                               T.float32(0))
-            V[j, c] = T.Select(block * KEYS + j < kv_len, T.Cast("float32", pages[page, 1, kv_head, j, c]),
-                               T.float32(0))
-
-
-@T.macro
-def _load_rows(K, V, block, kv_head, kv_len, k, v, first_row):
-    """K and V [KEYS, d] = rows block * KEYS.. of the sequence's keys and values, zero past its keys."""
-    for j in range(KEYS):
-        for c in T.vectorized(K.shape[1]):
-            K[j, c] = T.if_then_else(block * KEYS + j < kv_len,
-                                     T.Cast("float32", k[first_row + block * KEYS + j, kv_head, c]), T.float32(0))
-            V[j, c] = T.if_then_else(block * KEYS + j < kv_len,
-                                     T.Cast("float32", v[first_row + block * KEYS + j, kv_head, c]), T.float32(0))
+            for c in T.vectorized(K.shape[1]):
+                K[j, c] = T.float32(0)
+                V[j, c] = T.float32(0)
 
 
 def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
@@ -256,9 +225,10 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                     state[0, i * group + g] + T.log2(state[1, i * group + g]), T.float32(EMPTY_LSE))
 
     @T.macro
-    def attend_sequence(load_block, keys, values, first, kv_len, q, q_start, n_q, causal, scale, output, lse):
-        """One sequence's queries against its keys, which load_block(K, V, block, kv_head, kv_len,
-        keys, values, first) brings a block at a time."""
+    def attend_sequence(pages, page_values, first_page, cached, k, v, first_row, kv_len, q, q_start, n_q, causal,
+                        scale, output, lse):
+        """One sequence's queries against its kv_len keys: `cached` in its pages, the rest in rows of k
+        and v from first_row."""
         for task in T.parallel(h_kv * T.ceildiv(n_q, queries)):
             kv_head: T.let[T.int32] = task % h_kv
             q0: T.let[T.int32] = _first_query(task // h_kv, n_q, queries)
@@ -273,7 +243,7 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                 out = T.sblock_alloc_buffer((rows, d), "float32")
                 start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out)
                 for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0, queries), KEYS)):
-                    load_block(K, V, block, kv_head, kv_len, keys, values, first)
+                    _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, first_row)
                     attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
                 finish(output, lse, q_start, q0, n_q, kv_head, state, out)
 

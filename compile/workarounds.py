@@ -16,6 +16,8 @@ from tvm.ir.expr import TensorLoad
 from tvm.ir.prim.expr import Let, Max, Min
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, TIRPagedKVCache
 
+from ..interface.artifact import (CHUNK_ATTENTION_KERNEL, CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS,
+                                  CPU_ATTENTION_NEW_TREE)
 from . import attention
 
 C_TIR_PIPELINE = "mlc_spec_c_source"
@@ -121,28 +123,38 @@ class _SwapCPUTreeKernels(PagedKVCache):
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 
-CPU_ATTENTION_KERNELS = {
-    "tir_attention_prefill_cpu": attention.paged_prefill_cpu,
-    "tir_attention_prefill_ragged_cpu": attention.ragged_prefill_cpu,
-    "tir_attention_decode_cpu": attention.paged_decode_cpu,
+CPU_ATTENTION_KERNELS = {"tir_attention_decode_cpu": attention.paged_decode_cpu}
+# TVM's two parts of a multi-token forward's attention (the new tokens' own part of a chain or of a
+# token tree, then the cached pages') -> the runtime's functions that run attention.chunk_attention_cpu
+# over both at once (runtime/cpu_attention.py says how).
+CPU_PREFILL_ATTENTION = {
+    "tir_attention_prefill_ragged_cpu": CPU_ATTENTION_NEW_TOKENS,
+    "tir_attention_prefill_with_tree_mask_cpu": CPU_ATTENTION_NEW_TREE,
+    "tir_attention_prefill_cpu": CPU_ATTENTION_CACHED_PAGES,
 }
 
 
 class _FastCPUAttention(PagedKVCache):
-    """TVM 0.27's CPU prefill and decode attention kernels are scalar loop nests on one thread: each
-    prefill chunk after the first, attending to the pages cached before it, took seconds more per cached
-    chunk, and decode grew slower by a few milliseconds per hundred tokens of context. This receives the
-    create call like _SwapCPUTreeKernels and puts compile/attention.py's kernels in the module under the
-    same names, in place of TVM's."""
+    """TVM 0.27's CPU attention kernels are scalar loop nests on one thread, and its multi-token
+    forwards merge two partial attentions in float, a rounding apart from a decode (see
+    compile/attention.py). This receives the create call like _SwapCPUTreeKernels: the decode kernel
+    becomes attention.py's under TVM's name, the two prefill slots the runtime's functions, and the
+    chunk kernel those call is added to the module as CHUNK_ATTENTION_KERNEL."""
 
     def __init__(self, _expr: relax.Call, _name: str):
         bb = relax.BlockBuilder.current()
-        slots = [a.fields[1] for a in _expr.args if _tuple_func_name(a) in CPU_ATTENTION_KERNELS]
-        if len(slots) != len(CPU_ATTENTION_KERNELS):
+        names = [_tuple_func_name(a) for a in _expr.args]
+        if not set(CPU_ATTENTION_KERNELS) | set(CPU_PREFILL_ATTENTION) <= set(names):
             raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU attention workaround")
-        for gv in slots:
-            bb.update_func(gv, CPU_ATTENTION_KERNELS[gv.name_hint](*self.attention_shape))
-        super().__init__(_expr=_expr, _name=_name)
+        args = list(_expr.args)
+        for i, name in enumerate(names):
+            if name in CPU_ATTENTION_KERNELS:
+                bb.update_func(args[i].fields[1], CPU_ATTENTION_KERNELS[name](*self.attention_shape))
+            elif name in CPU_PREFILL_ATTENTION:
+                args[i] = relax.Tuple([args[i].fields[0], relax.ExternFunc(CPU_PREFILL_ATTENTION[name])])
+        bb.add_func(attention.chunk_attention_cpu(*self.attention_shape).with_attr("global_symbol", CHUNK_ATTENTION_KERNEL),
+                    CHUNK_ATTENTION_KERNEL)
+        super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 
 class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels, _FastCPUAttention):

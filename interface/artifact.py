@@ -19,9 +19,16 @@ from pathlib import Path
 CONFIG_FILE = "mlc_spec_config.json"
 # 2: typed schema with kernel signatures, per-file sizes and hashes, and the CPU features the code needs.
 # 3: each model records decode_bytes, the parameter bytes one decode step reads.
-FORMAT_VERSION = 3
+# 4: CPU libraries attend multi-token forwards through the runtime's CPU_ATTENTION_* functions.
+FORMAT_VERSION = 4
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 VOCAB = "vocab"  # the dimension of a kernel tensor that is the model's output vocabulary
+# A CPU library's paged KV cache calls these global functions (runtime/cpu_attention.py registers them)
+# for the two parts of a multi-token forward's attention, and they call its CHUNK_ATTENTION_KERNEL.
+CPU_ATTENTION_NEW_TOKENS = "mlc_spec.cpu_attention.new_tokens"
+CPU_ATTENTION_NEW_TREE = "mlc_spec.cpu_attention.new_tree"
+CPU_ATTENTION_CACHED_PAGES = "mlc_spec.cpu_attention.cached_pages"
+CHUNK_ATTENTION_KERNEL = "mlc_spec_chunk_attention"
 
 
 class ArtifactError(ValueError):
