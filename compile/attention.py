@@ -70,8 +70,8 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
 
         for b in range(batch_size):
             cached: T.let[T.int32] = _cached_length(page_indptr, length_info, b)
-            # no new rows to read (q stands in for them): TVM has put the token's key in its pages
-            attend_sequence(pages, page_values, page_indptr[b], cached, q, q, 0, cached, q, b, 1, 0,
+            # no new keys to read (q and page_values stand in for them): TVM has put the token's in its pages
+            attend_sequence(pages, page_values, page_indptr[b], cached, q, q, page_values, 0, cached, q, b, 1, 0,
                             sm_scale * LOG2E, output, lse)
 
     return batch_decode_paged_kv_cpu
@@ -79,7 +79,7 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
 
 def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     """Each sequence's new queries against all its keys in one pass: first those cached in its pages,
-    then its new ones (rows kv_indptr[b].. of k and v), causal with the last query seeing every key.
+    then its new ones (rows kv_rows[kv_indptr[b]..] of k and v), causal with the last query seeing every key.
     TVM splits a multi-token forward's attention into these two parts and merges them in float, a
     rounding apart from a decode's single pass; runtime/cpu_attention.py runs this kernel in their
     place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
@@ -96,12 +96,14 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         var_length_info: T.handle,  # [batch_size]: cached tokens in each sequence's last page
         var_k: T.handle,  # [total_kv, h_kv, d]: the new keys
         var_v: T.handle,  # [total_kv, h_kv, d]
-        var_kv_indptr: T.handle,  # [batch_size + 1]
+        var_kv_rows: T.handle,  # [n_kv]: the row of k and v of each sequence's new keys in turn
+        var_kv_indptr: T.handle,  # [batch_size + 1], into kv_rows
         var_output: T.handle,  # [total_q, h_q, d]
         var_lse: T.handle,  # [total_q, h_q]
         sm_scale: T.float32,
     ):
-        batch_size, total_q, total_kv, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        batch_size, total_q, total_kv, n_kv, nnz_pages, max_num_pages = (T.int32(), T.int32(), T.int32(), T.int32(),
+                                                                          T.int32(), T.int32())
         q = T.match_buffer(var_q, (total_q, h_q, d), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
         pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, KEYS, d), dtype)
@@ -110,13 +112,14 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=T.int32())
         k = T.match_buffer(var_k, (total_kv, h_kv, d), dtype)
         v = T.match_buffer(var_v, (total_kv, h_kv, d), dtype)
+        kv_rows = T.match_buffer(var_kv_rows, (n_kv,), "int32", elem_offset=T.int32())
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
         output = T.match_buffer(var_output, (total_q, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
 
         for b in range(batch_size):
             cached: T.let[T.int32] = _cached_length(page_indptr, length_info, b)
-            attend_sequence(pages, page_values, page_indptr[b], cached, k, v, kv_indptr[b],
+            attend_sequence(pages, page_values, page_indptr[b], cached, k, v, kv_rows, kv_indptr[b],
                             cached + kv_indptr[b + 1] - kv_indptr[b], q, q_indptr[b], q_indptr[b + 1] - q_indptr[b], 1,
                             sm_scale * LOG2E, output, lse)
 
@@ -129,9 +132,9 @@ def _cached_length(page_indptr, length_info, b):
 
 
 @T.macro
-def _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, first_row):
+def _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, kv_rows, first_new):
     """K and V [KEYS, d] = keys block * KEYS.. of the sequence: below `cached` from its pages, then
-    from its new rows (k and v from first_row), zero past kv_len."""
+    its new ones (rows kv_rows[first_new..] of k and v), zero past kv_len."""
     for j in range(KEYS):
         if block * KEYS + j < cached:
             for c in T.vectorized(K.shape[1]):
@@ -139,8 +142,8 @@ def _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, ca
                 V[j, c] = T.Cast("float32", pages[page_values[first_page + block], 1, kv_head, j, c])
         elif block * KEYS + j < kv_len:
             for c in T.vectorized(K.shape[1]):
-                K[j, c] = T.Cast("float32", k[first_row + block * KEYS + j - cached, kv_head, c])
-                V[j, c] = T.Cast("float32", v[first_row + block * KEYS + j - cached, kv_head, c])
+                K[j, c] = T.Cast("float32", k[kv_rows[first_new + block * KEYS + j - cached], kv_head, c])
+                V[j, c] = T.Cast("float32", v[kv_rows[first_new + block * KEYS + j - cached], kv_head, c])
         else:
             # a page's free slots are uninitialised, and zero times NaN is NaN
             for c in T.vectorized(K.shape[1]):
@@ -225,10 +228,10 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                     state[0, i * group + g] + T.log2(state[1, i * group + g]), T.float32(EMPTY_LSE))
 
     @T.macro
-    def attend_sequence(pages, page_values, first_page, cached, k, v, first_row, kv_len, q, q_start, n_q, causal,
-                        scale, output, lse):
-        """One sequence's queries against its kv_len keys: `cached` in its pages, the rest in rows of k
-        and v from first_row."""
+    def attend_sequence(pages, page_values, first_page, cached, k, v, kv_rows, first_new, kv_len, q, q_start, n_q,
+                        causal, scale, output, lse):
+        """One sequence's queries against its kv_len keys: `cached` in its pages, the rest in rows
+        kv_rows[first_new..] of k and v."""
         for task in T.parallel(h_kv * T.ceildiv(n_q, queries)):
             kv_head: T.let[T.int32] = task % h_kv
             q0: T.let[T.int32] = _first_query(task // h_kv, n_q, queries)
@@ -243,7 +246,8 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                 out = T.sblock_alloc_buffer((rows, d), "float32")
                 start(q, q_start, q0, n_q, kv_head, scale, causal, kv_len, Qt, seen, state, out)
                 for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0, queries), KEYS)):
-                    _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, first_row)
+                    _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, kv_rows,
+                                first_new)
                     attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
                 finish(output, lse, q_start, q0, n_q, kv_head, state, out)
 

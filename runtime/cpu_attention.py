@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 
 import numpy as np
@@ -31,52 +32,66 @@ PAGE_SIZE = 16  # compile/attention.py's KEYS: TVM's CPU kernels fix the page si
 
 
 @dataclasses.dataclass
-class NewKeys:
-    """The chunk kernel's view of a forward's new tokens: its sequences' queries (q_indptr) and new
-    keys (k, v, kv_indptr). A token tree's node is a sequence of its own (tree_nodes: how many each
-    of TVM's sequences has), its new keys its ancestors' and its own."""
+class Layout:
+    """How a forward's new tokens map onto the chunk kernel's sequences, the same in every layer: their
+    queries (q_indptr) and new keys (rows kv_rows[kv_indptr[b]..] of k and v). A token tree's node is
+    a sequence of its own (tree_nodes: how many each of TVM's sequences has), its new keys those of its
+    path from the root. cached: whether any sequence has cached pages (TVM then calls the second part)."""
     q_indptr: object
-    k: object
-    v: object
+    kv_rows: object
     kv_indptr: object
+    cached: bool
     tree_nodes: np.ndarray | None = None
+    node_pages: tuple | None = None  # each node's copy of its sequence's page table, once made
 
 
 class ChunkAttention:
-    """One library's chunk kernel, and the new keys of the layer being attended."""
+    """One library's chunk kernel; the layout of the forward running, and the new keys of its layer."""
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.new_keys: NewKeys | None = None
+        self.begin_forward()
+
+    def begin_forward(self) -> None:
+        self.layout: Layout | None = None
+        self.new_keys = None
 
     def attend_new_tokens(self, q, q_indptr, k, v, kv_indptr, cached_lengths, output, lse, sm_scale):
-        self._keep_or_attend(q, NewKeys(q_indptr, k, v, kv_indptr), cached_lengths, output, lse, sm_scale)
+        if self.layout is None:
+            total = np.arange(k.shape[0], dtype=np.int32)
+            self.layout = Layout(q_indptr, tvm.runtime.tensor(total, k.device), kv_indptr,
+                                 bool(np.any(cached_lengths.numpy())))
+        self._keep_or_attend(q, k, v, output, lse, sm_scale)
 
     def attend_new_tree(self, q, q_indptr, k, v, q_positions, tree_order, output, lse, sm_scale):
-        q_indptr = q_indptr.numpy()
-        cached_lengths = q_positions.numpy()[q_indptr[:-1]]  # each tree's root sits right after its cached tokens
-        self._keep_or_attend(q, new_tree_keys(q_indptr, k, v, tree_order.numpy()), cached_lengths, output, lse,
-                             sm_scale)
+        if self.layout is None:
+            q_indptr = q_indptr.numpy()
+            cached = np.any(q_positions.numpy()[q_indptr[:-1]])  # a tree's root sits right after its cached tokens
+            self.layout = tree_layout(q_indptr, tree_order.numpy(), bool(cached), k.device)
+        self._keep_or_attend(q, k, v, output, lse, sm_scale)
 
     def attend_cached_pages(self, q, pages, page_indptr, page_values, length_info, output, lse, sm_scale):
-        new, self.new_keys = self.new_keys, None
-        if new.tree_nodes is not None:
-            page_indptr, page_values, length_info = pages_per_node(page_indptr.numpy(), page_values.numpy(),
-                                                                   length_info.numpy(), new.tree_nodes, q.device)
-        self.kernel(q, new.q_indptr, pages, page_indptr, page_values, length_info, new.k, new.v, new.kv_indptr, output,
-                    lse, sm_scale)
+        layout, (k, v) = self.layout, self.new_keys
+        self.new_keys = None
+        tables = (page_indptr, page_values, length_info)
+        if layout.tree_nodes is not None:
+            if layout.node_pages is None:
+                layout.node_pages = pages_per_node(*(t.numpy() for t in tables), layout.tree_nodes, q.device)
+            tables = layout.node_pages
+        self.kernel(q, layout.q_indptr, pages, *tables, k, v, layout.kv_rows, layout.kv_indptr, output, lse, sm_scale)
 
-    def _keep_or_attend(self, q, new: NewKeys, cached_lengths, output, lse, sm_scale):
-        if np.any(cached_lengths):
-            self.new_keys = new
-            output.copyfrom(np.zeros(output.shape, output.dtype))
-            lse.copyfrom(np.full(lse.shape, EMPTY_LSE, np.float32))
+    def _keep_or_attend(self, q, k, v, output, lse, sm_scale):
+        layout = self.layout
+        if layout.cached:
+            self.new_keys = (k, v)
+            _filled(tuple(output.shape), str(output.dtype), 0.0, q.device).copyto(output)
+            _filled(tuple(lse.shape), "float32", EMPTY_LSE, q.device).copyto(lse)
             return
-        no_pages = _no_pages(new.k.shape[1], new.k.shape[2], new.k.dtype, new.q_indptr.shape[0] - 1, q.device)
-        self.kernel(q, new.q_indptr, *no_pages, new.k, new.v, new.kv_indptr, output, lse, sm_scale)
+        no_pages = _no_pages(k.shape[1], k.shape[2], k.dtype, layout.q_indptr.shape[0] - 1, q.device)
+        self.kernel(q, layout.q_indptr, *no_pages, k, v, layout.kv_rows, layout.kv_indptr, output, lse, sm_scale)
 
 
-def new_tree_keys(q_indptr: np.ndarray, k, v, tree_order: np.ndarray) -> NewKeys:
+def tree_layout(q_indptr: np.ndarray, tree_order: np.ndarray, cached: bool, device) -> Layout:
     """Each node of each tree as a sequence of one query whose new keys are those of its path from the
     root, itself last: what its decode would attend to after that path. tree_order holds TVM's
     depth-first interval of each node: j is on i's path when first[j] <= first[i] < end[j]."""
@@ -88,16 +103,14 @@ def new_tree_keys(q_indptr: np.ndarray, k, v, tree_order: np.ndarray) -> NewKeys
             path = np.flatnonzero(node_path)  # ancestors come before their descendants, so in depth order
             rows.append(start + path)
             counts.append(len(path))
-    rows = np.concatenate(rows)
-    device = k.device
     kv_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return NewKeys(tvm.runtime.tensor(np.arange(len(counts) + 1, dtype=np.int32), device),
-                   tvm.runtime.tensor(k.numpy()[rows], device), tvm.runtime.tensor(v.numpy()[rows], device),
-                   tvm.runtime.tensor(kv_indptr, device), tree_nodes=np.diff(q_indptr))
+    return Layout(tvm.runtime.tensor(np.arange(len(counts) + 1, dtype=np.int32), device),
+                  tvm.runtime.tensor(np.concatenate(rows).astype(np.int32), device),
+                  tvm.runtime.tensor(kv_indptr, device), cached, tree_nodes=np.diff(q_indptr))
 
 
 def pages_per_node(page_indptr: np.ndarray, page_values: np.ndarray, length_info: np.ndarray, nodes: np.ndarray,
-                   device):
+                   device) -> tuple:
     """Each sequence's page table repeated for each of its tree's nodes."""
     tables = [page_values[page_indptr[b]:page_indptr[b + 1]] for b in range(len(nodes)) for _ in range(nodes[b])]
     indptr = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int32)
@@ -113,6 +126,8 @@ _thread = threading.local()
 def current(attention: ChunkAttention | None):
     """Make this library's chunk attention the one the cache's calls reach, for one forward."""
     previous = getattr(_thread, "attention", None)
+    if attention is not None:
+        attention.begin_forward()
     _thread.attention = attention
     try:
         yield
@@ -130,7 +145,7 @@ def _active() -> ChunkAttention:
 @tvm.register_global_func(CPU_ATTENTION_NEW_TOKENS, override=True)
 def _new_tokens(q, q_indptr, k, v, kv_indptr, _q_positions, cached_lengths, output, lse, _causal, _rotary_mode,
                 _rope_scale, _rope_theta, sm_scale):
-    _active().attend_new_tokens(q, q_indptr, k, v, kv_indptr, cached_lengths.numpy(), output, lse, sm_scale)
+    _active().attend_new_tokens(q, q_indptr, k, v, kv_indptr, cached_lengths, output, lse, sm_scale)
 
 
 @tvm.register_global_func(CPU_ATTENTION_NEW_TREE, override=True)
@@ -143,6 +158,11 @@ def _new_tree(q, q_indptr, k, v, _kv_indptr, q_positions, _mn_indptr, tree_order
 def _cached_pages(q, _q_indptr, pages, page_indptr, page_values, length_info, _k_rope_offset, _q_positions, output,
                   lse, _causal, _rotary_mode, _rope_scale, _rope_theta, sm_scale):
     _active().attend_cached_pages(q, pages, page_indptr, page_values, length_info, output, lse, sm_scale)
+
+
+@functools.lru_cache(maxsize=16)  # a verify's few shapes, and the last prefill chunks'
+def _filled(shape, dtype, value, device):
+    return tvm.runtime.tensor(np.full(shape, value, dtype), device)
 
 
 _NO_PAGES: dict = {}
