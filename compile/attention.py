@@ -77,14 +77,15 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     return batch_decode_paged_kv_cpu
 
 
-def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
+def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, queries: int = QUERIES):
     """Each sequence's new queries against all its keys in one pass: first those cached in its pages,
     then its new ones (rows kv_rows[kv_indptr[b]..] of k and v), causal with the last query seeing every key.
     TVM splits a multi-token forward's attention into these two parts and merges them in float, a
     rounding apart from a decode's single pass; runtime/cpu_attention.py runs this kernel in their
     place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
-    blocks of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'."""
-    attend_sequence = _sequence_attention(h_kv, h_q, d, QUERIES)
+    blocks of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'.
+    Tiles of `queries` queries; few_queries(h_kv, h_q) fills one vector of rows, for verifies."""
+    attend_sequence = _sequence_attention(h_kv, h_q, d, queries)
 
     @T.prim_func(s_tir=True)
     def chunk_attention_cpu(
@@ -124,6 +125,11 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                             sm_scale * LOG2E, output, lse)
 
     return chunk_attention_cpu
+
+
+def few_queries(h_kv: int, h_q: int) -> int:
+    """The tile of queries whose rows fill one vector (a tile of 8 verifying 2 tokens computes 4x the rows)."""
+    return max(1, LANES // (h_q // h_kv))
 
 
 def _cached_length(page_indptr, length_info, b):

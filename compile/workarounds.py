@@ -16,7 +16,7 @@ from tvm.ir.expr import TensorLoad
 from tvm.ir.prim.expr import Let, Max, Min
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, TIRPagedKVCache
 
-from ..interface.artifact import (CHUNK_ATTENTION_KERNEL, CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS,
+from ..interface.artifact import (CHUNK_ATTENTION_KERNELS, CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS,
                                   CPU_ATTENTION_NEW_TREE)
 from . import attention
 
@@ -139,7 +139,7 @@ class _FastCPUAttention(PagedKVCache):
     forwards merge two partial attentions in float, a rounding apart from a decode (see
     compile/attention.py). This receives the create call like _SwapCPUTreeKernels: the decode kernel
     becomes attention.py's under TVM's name, the two prefill slots the runtime's functions, and the
-    chunk kernel those call is added to the module as CHUNK_ATTENTION_KERNEL."""
+    chunk kernels those call are added to the module as CHUNK_ATTENTION_KERNELS."""
 
     def __init__(self, _expr: relax.Call, _name: str):
         bb = relax.BlockBuilder.current()
@@ -152,8 +152,10 @@ class _FastCPUAttention(PagedKVCache):
                 bb.update_func(args[i].fields[1], CPU_ATTENTION_KERNELS[name](*self.attention_shape))
             elif name in CPU_PREFILL_ATTENTION:
                 args[i] = relax.Tuple([args[i].fields[0], relax.ExternFunc(CPU_PREFILL_ATTENTION[name])])
-        bb.add_func(attention.chunk_attention_cpu(*self.attention_shape).with_attr("global_symbol", CHUNK_ATTENTION_KERNEL),
-                    CHUNK_ATTENTION_KERNEL)
+        h_kv, h_q, _, _ = self.attention_shape
+        for name, queries in zip(CHUNK_ATTENTION_KERNELS, (attention.QUERIES, attention.few_queries(h_kv, h_q))):
+            kernel = attention.chunk_attention_cpu(*self.attention_shape, queries)
+            bb.add_func(kernel.with_attr("global_symbol", name), name)
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 

@@ -24,11 +24,14 @@ FORMAT_VERSION = 4
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 VOCAB = "vocab"  # the dimension of a kernel tensor that is the model's output vocabulary
 # A CPU library's paged KV cache calls these global functions (runtime/cpu_attention.py registers them)
-# for the two parts of a multi-token forward's attention, and they call its CHUNK_ATTENTION_KERNEL.
+# for the two parts of a multi-token forward's attention, and they call its CHUNK_ATTENTION_KERNELS: the
+# first for prefill chunks, the second, in small tiles of queries, when no sequence has more than
+# FEW_QUERIES new tokens (verifies, token trees).
 CPU_ATTENTION_NEW_TOKENS = "mlc_spec.cpu_attention.new_tokens"
 CPU_ATTENTION_NEW_TREE = "mlc_spec.cpu_attention.new_tree"
 CPU_ATTENTION_CACHED_PAGES = "mlc_spec.cpu_attention.cached_pages"
-CHUNK_ATTENTION_KERNEL = "mlc_spec_chunk_attention"
+CHUNK_ATTENTION_KERNELS = ("mlc_spec_chunk_attention", "mlc_spec_chunk_attention_few")
+FEW_QUERIES = 8
 
 
 class ArtifactError(ValueError):

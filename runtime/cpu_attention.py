@@ -25,7 +25,7 @@ import threading
 import numpy as np
 import tvm
 
-from ..interface.artifact import CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS, CPU_ATTENTION_NEW_TREE
+from ..interface.artifact import CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS, CPU_ATTENTION_NEW_TREE, FEW_QUERIES
 
 EMPTY_LSE = -5e4  # compile/attention.py's: the log-sum-exp of no keys at all
 PAGE_SIZE = 16  # compile/attention.py's KEYS: TVM's CPU kernels fix the page size
@@ -36,20 +36,22 @@ class Layout:
     """How a forward's new tokens map onto the chunk kernel's sequences, the same in every layer: their
     queries (q_indptr) and new keys (rows kv_rows[kv_indptr[b]..] of k and v). A token tree's node is
     a sequence of its own (tree_nodes: how many each of TVM's sequences has), its new keys those of its
-    path from the root. cached: whether any sequence has cached pages (TVM then calls the second part)."""
+    path from the root. cached: whether any sequence has cached pages (TVM then calls the second part);
+    few: whether none has more than FEW_QUERIES queries (the kernel in small tiles then does less)."""
     q_indptr: object
     kv_rows: object
     kv_indptr: object
     cached: bool
+    few: bool
     tree_nodes: np.ndarray | None = None
     node_pages: tuple | None = None  # each node's copy of its sequence's page table, once made
 
 
 class ChunkAttention:
-    """One library's chunk kernel; the layout of the forward running, and the new keys of its layer."""
+    """One library's chunk kernels; the layout of the forward running, and the new keys of its layer."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, few_queries_kernel):
+        self.kernels = {False: kernel, True: few_queries_kernel}
         self.begin_forward()
 
     def begin_forward(self) -> None:
@@ -59,8 +61,9 @@ class ChunkAttention:
     def attend_new_tokens(self, q, q_indptr, k, v, kv_indptr, cached_lengths, output, lse, sm_scale):
         if self.layout is None:
             total = np.arange(k.shape[0], dtype=np.int32)
+            few = np.diff(q_indptr.numpy()).max() <= FEW_QUERIES
             self.layout = Layout(q_indptr, tvm.runtime.tensor(total, k.device), kv_indptr,
-                                 bool(np.any(cached_lengths.numpy())))
+                                 bool(np.any(cached_lengths.numpy())), bool(few))
         self._keep_or_attend(q, k, v, output, lse, sm_scale)
 
     def attend_new_tree(self, q, q_indptr, k, v, q_positions, tree_order, output, lse, sm_scale):
@@ -78,7 +81,8 @@ class ChunkAttention:
             if layout.node_pages is None:
                 layout.node_pages = pages_per_node(*(t.numpy() for t in tables), layout.tree_nodes, q.device)
             tables = layout.node_pages
-        self.kernel(q, layout.q_indptr, pages, *tables, k, v, layout.kv_rows, layout.kv_indptr, output, lse, sm_scale)
+        self.kernels[layout.few](q, layout.q_indptr, pages, *tables, k, v, layout.kv_rows, layout.kv_indptr, output,
+                                 lse, sm_scale)
 
     def _keep_or_attend(self, q, k, v, output, lse, sm_scale):
         layout = self.layout
@@ -88,7 +92,8 @@ class ChunkAttention:
             _filled(tuple(lse.shape), "float32", EMPTY_LSE, q.device).copyto(lse)
             return
         no_pages = _no_pages(k.shape[1], k.shape[2], k.dtype, layout.q_indptr.shape[0] - 1, q.device)
-        self.kernel(q, layout.q_indptr, *no_pages, k, v, layout.kv_rows, layout.kv_indptr, output, lse, sm_scale)
+        self.kernels[layout.few](q, layout.q_indptr, *no_pages, k, v, layout.kv_rows, layout.kv_indptr, output, lse,
+                                 sm_scale)
 
 
 def tree_layout(q_indptr: np.ndarray, tree_order: np.ndarray, cached: bool, device) -> Layout:
@@ -106,7 +111,7 @@ def tree_layout(q_indptr: np.ndarray, tree_order: np.ndarray, cached: bool, devi
     kv_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return Layout(tvm.runtime.tensor(np.arange(len(counts) + 1, dtype=np.int32), device),
                   tvm.runtime.tensor(np.concatenate(rows).astype(np.int32), device),
-                  tvm.runtime.tensor(kv_indptr, device), cached, tree_nodes=np.diff(q_indptr))
+                  tvm.runtime.tensor(kv_indptr, device), cached, few=True, tree_nodes=np.diff(q_indptr))
 
 
 def pages_per_node(page_indptr: np.ndarray, page_values: np.ndarray, length_info: np.ndarray, nodes: np.ndarray,

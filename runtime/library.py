@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from ..interface.artifact import CHUNK_ATTENTION_KERNEL, DEVICES, ArtifactError, KernelSignature, ModelEntry
+from ..interface.artifact import CHUNK_ATTENTION_KERNELS, DEVICES, ArtifactError, KernelSignature, ModelEntry
 from . import cpu_attention
 from .kv_cache import PagedKVCache
 
@@ -99,8 +99,8 @@ class ModelLibrary:
         self.token_ids = weights["token_ids"].astype(np.int64) if "token_ids" in weights else None
         self.kernels = Kernels(self, kernels)
         self._functions: dict = {}
-        chunk_kernel = self.vm.module.get_function(CHUNK_ATTENTION_KERNEL, query_imports=True)
-        self.chunk_attention = cpu_attention.ChunkAttention(chunk_kernel) if chunk_kernel is not None else None
+        chunk_kernels = [self.vm.module.get_function(name, query_imports=True) for name in CHUNK_ATTENTION_KERNELS]
+        self.chunk_attention = cpu_attention.ChunkAttention(*chunk_kernels) if chunk_kernels[0] is not None else None
         # Time spent inside compiled calls, for the share of a run spent elsewhere (bench's host share).
         self.compiled_seconds = 0.0
         # the target of a feature draft exports its hidden states (compile/model.py's *_hidden forwards)
