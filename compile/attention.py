@@ -24,11 +24,12 @@ import math
 
 from tvm.script import tirx as T
 
-KEYS = 16  # keys per block: one page of the cache (TVM's CPU kernels fix the page size at 16)
+from ..interface.artifact import CPU_PAGE_SIZE, EMPTY_LSE
+
+KEYS = CPU_PAGE_SIZE  # keys per block: one page of the cache
 QUERIES = 8  # queries per prefill task
 KEY_PASS = 4  # score rows computed together: each query vector loaded serves four keys
 LANES = 8  # float32 lanes of an AVX2 register
-EMPTY_LSE = -5e4  # what TVM's kernels report for a row with no keys: the merge weighs it zero
 LOG2E = math.log2(math.e)
 NONE = T.min_value("float32")  # the score of a key a row does not see
 # 2^f on [-0.5, 0.5] as 1 + f * poly(f) (Cephes' exp2f): relative error below 1e-7, as exp2f's;

@@ -32,6 +32,8 @@ CPU_ATTENTION_NEW_TREE = "mlc_spec.cpu_attention.new_tree"
 CPU_ATTENTION_CACHED_PAGES = "mlc_spec.cpu_attention.cached_pages"
 CHUNK_ATTENTION_KERNELS = ("mlc_spec_chunk_attention", "mlc_spec_chunk_attention_few")
 FEW_QUERIES = 8
+CPU_PAGE_SIZE = 16  # TVM's CPU attention kernels fix the page size, and the chunk kernels' block is one page
+EMPTY_LSE = -5e4  # the log2-sum-exp of a row with no keys, as TVM's kernels report it: its merge weighs it zero
 
 
 class ArtifactError(ValueError):

@@ -25,10 +25,8 @@ import threading
 import numpy as np
 import tvm
 
-from ..interface.artifact import CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS, CPU_ATTENTION_NEW_TREE, FEW_QUERIES
-
-EMPTY_LSE = -5e4  # compile/attention.py's: the log-sum-exp of no keys at all
-PAGE_SIZE = 16  # compile/attention.py's KEYS: TVM's CPU kernels fix the page size
+from ..interface.artifact import (CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS, CPU_ATTENTION_NEW_TREE,
+                                  CPU_PAGE_SIZE, EMPTY_LSE, FEW_QUERIES)
 
 
 @dataclasses.dataclass
@@ -91,7 +89,7 @@ class ChunkAttention:
             _filled(tuple(output.shape), str(output.dtype), 0.0, q.device).copyto(output)
             _filled(tuple(lse.shape), "float32", EMPTY_LSE, q.device).copyto(lse)
             return
-        no_pages = _no_pages(k.shape[1], k.shape[2], k.dtype, layout.q_indptr.shape[0] - 1, q.device)
+        no_pages = _no_pages(k.shape[1], k.shape[2], str(k.dtype), layout.q_indptr.shape[0] - 1, q.device)
         self.kernels[layout.few](q, layout.q_indptr, *no_pages, k, v, layout.kv_rows, layout.kv_indptr, output, lse,
                                  sm_scale)
 
@@ -170,15 +168,9 @@ def _filled(shape, dtype, value, device):
     return tvm.runtime.tensor(np.full(shape, value, dtype), device)
 
 
-_NO_PAGES: dict = {}
-
-
-def _no_pages(h_kv: int, d: int, dtype, batch: int, device) -> tuple:
+@functools.cache  # one per library shape and batch size
+def _no_pages(h_kv: int, d: int, dtype: str, batch: int, device) -> tuple:
     """An empty page table for `batch` sequences (one unused page, so every buffer has an element)."""
-    key = (h_kv, d, str(dtype), batch, str(device))
-    if key not in _NO_PAGES:
-        zeros = np.zeros(batch + 1, np.int32)
-        _NO_PAGES[key] = (tvm.runtime.tensor(np.zeros((1, 2, h_kv, PAGE_SIZE, d), str(dtype)), device),
-                          tvm.runtime.tensor(zeros, device), tvm.runtime.tensor(zeros[:1], device),
-                          tvm.runtime.tensor(zeros[:batch], device))
-    return _NO_PAGES[key]
+    zeros = np.zeros(batch + 1, np.int32)
+    pages = np.zeros((1, 2, h_kv, CPU_PAGE_SIZE, d), dtype)
+    return tuple(tvm.runtime.tensor(a, device) for a in (pages, zeros, zeros[:1], zeros[:batch]))
