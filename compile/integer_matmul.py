@@ -304,8 +304,10 @@ def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: li
 
 
 def _zeros(rows: int, lanes: int, dtype: str):
-    """Per-row vector accumulators in registers, zeroed."""
-    buffer = T.alloc_buffer((rows, lanes), dtype, scope="local")
+    """Per-row vector accumulators in registers, zeroed. In "global" scope: TVM gives a small constant
+    allocation of that scope a stack slot, which LLVM keeps in registers; a "local" one became a
+    workspace allocation and a store per task (LowerTVMBuiltin), a third of a 5-row block's time."""
+    buffer = T.alloc_buffer((rows, lanes), dtype, scope="global")
     for i in range(rows):
         T.buffer_store(buffer, tirx.Broadcast(tirx.const(0, dtype), lanes), [i, tirx.Ramp(0, 1, lanes)])
     return buffer
