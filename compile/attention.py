@@ -20,22 +20,16 @@ they are in log2 units (queries scaled by sm_scale * log2(e)), as in TVM's kerne
 
 from __future__ import annotations
 
-import math
-
 from tvm.script import tirx as T
 
 from ..interface.artifact import CPU_PAGE_SIZE, EMPTY_LSE
+from .vector_math import LOG2E, exp2
 
 KEYS = CPU_PAGE_SIZE  # keys per block: one page of the cache
 QUERIES = 8  # queries per prefill task
 KEY_PASS = 4  # score rows computed together: each query vector loaded serves four keys
 LANES = 8  # float32 lanes of an AVX2 register
-LOG2E = math.log2(math.e)
 NONE = T.min_value("float32")  # the score of a key a row does not see
-# 2^f on [-0.5, 0.5] as 1 + f * poly(f) (Cephes' exp2f): relative error below 1e-7, as exp2f's;
-# LLVM has no vector exp2 on x86 and calls exp2f lane by lane, slower than the matmuls here.
-EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-             2.402264791363012e-1, 6.931472028550421e-1)
 
 
 def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str):
@@ -186,8 +180,9 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                 out[r, c] = T.float32(0)
 
     @T.macro
-    def attend(Qt, K, V, S, acc, seen, state, out, key0):
-        """Fold keys key0 .. key0 + KEYS into the running state."""
+    def attend(Qt, K, V, S, acc, seen, state, out, key0, real_rows):
+        """Fold keys key0 .. key0 + KEYS into the running state. The scores are computed for whole
+        vectors of rows, the outputs only for the tile's real rows (a decode has group of its rows)."""
         for j0 in range(KEYS // KEY_PASS):
             # LANES-wide pieces with constant offsets, which LLVM keeps in registers across c
             for j1, r0 in T.grid(KEY_PASS, rows // LANES):
@@ -208,14 +203,14 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
             for r in T.vectorized(rows):
                 state[2, r] = T.max(state[2, r], S[j, r])
         for r in T.vectorized(rows):
-            state[3, r] = _exp2(state[0, r] - state[2, r])
+            state[3, r] = exp2(state[0, r] - state[2, r])
             state[0, r] = state[2, r]
             state[1, r] = state[1, r] * state[3, r]
         for j in range(KEYS):
             for r in T.vectorized(rows):
-                S[j, r] = T.Select(S[j, r] > NONE, _exp2(S[j, r] - state[0, r]), T.float32(0))
+                S[j, r] = T.Select(S[j, r] > NONE, exp2(S[j, r] - state[0, r]), T.float32(0))
                 state[1, r] = state[1, r] + S[j, r]
-        for r in range(rows):
+        for r in range(real_rows):
             for c in T.vectorized(d):
                 out[r, c] = out[r, c] * state[3, r]
             for j in range(KEYS):
@@ -255,7 +250,7 @@ def _sequence_attention(h_kv: int, h_q: int, d: int, queries: int):
                 for block in range(T.ceildiv(_keys_seen(causal, kv_len, n_q, q0, queries), KEYS)):
                     _load_block(K, V, block, kv_head, kv_len, pages, page_values, first_page, cached, k, v, kv_rows,
                                 first_new)
-                    attend(Qt, K, V, S, acc, seen, state, out, block * KEYS)
+                    attend(Qt, K, V, S, acc, seen, state, out, block * KEYS, T.min(queries, n_q - q0) * group)
                 finish(output, lse, q_start, q0, n_q, kv_head, state, out)
 
     return attend_sequence
@@ -271,15 +266,3 @@ def _first_query(tile_index, n_q, queries: int):
     and under causal masking a later tile sees more keys."""
     half = tile_index // 2
     return T.Select(tile_index % 2 == 0, half, T.ceildiv(n_q, queries) - 1 - half) * queries
-
-
-def _exp2(x):
-    """2^x for x <= 0, vectorisable: 2^round(x) from the exponent bits times 2^f by EXP2_POLY
-    (x below -127 gives 0, where 2^x is below the smallest normal float)."""
-    x = T.max(x, T.float32(-127))
-    n = T.floor(x + T.float32(0.5))
-    f = x - n
-    poly = T.float32(EXP2_POLY[0])
-    for coefficient in EXP2_POLY[1:]:
-        poly = poly * f + T.float32(coefficient)
-    return T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23)) * (T.float32(1) + f * poly)

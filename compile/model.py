@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .integer_matmul import IntegerDot, activation_scales_shape, integer_dot, integer_matmul, quantize_activations
 from .quantization import BITS, CODE_TILE, LAYOUTS, format_runs, packed_shapes, packed_tiles
 from .quantized_matmul import code_at, group_scale_min, quantized_matmul
+from .swiglu import swiglu_cpu
 
 # Rows a packed matmul computes per weight pass in multi-token forwards: the k+1 = 5 tokens of a
 # verify at the default draft length, and 5 rows x 4 vectors of accumulators fit AVX-512's registers.
@@ -210,12 +211,23 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig, layout: WeightLayout, prefix: str):
+        self.intermediate_size = c.intermediate_size
         self.gate_up_proj = layout.linear(prefix + "gate_up_proj", c.hidden_size, [c.intermediate_size] * 2)
         self.down_proj = layout.linear(prefix + "down_proj", c.intermediate_size, [c.hidden_size])
+        self.cpu = layout.tile is not None
 
     def forward(self, x: Tensor, row_block: int) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x, row_block), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up, row_block)
+        return self.down_proj(self._swiglu(self.gate_up_proj(x, row_block)), row_block)
+
+    def _swiglu(self, gate_up: Tensor) -> Tensor:
+        if not self.cpu:
+            gate, up = op.split(gate_up, 2, axis=-1)
+            return op.silu(gate) * up
+        *lead, width = gate_up.shape
+        flat = op.reshape(gate_up, (-1, width))
+        out = Tensor.placeholder((flat.shape[0], self.intermediate_size), gate_up.dtype)
+        y = op.tensor_ir_op(swiglu_cpu(self.intermediate_size, gate_up.dtype), "swiglu", [flat], out)
+        return op.reshape(y, (*lead, self.intermediate_size))
 
 
 class DecoderLayer(nn.Module):
