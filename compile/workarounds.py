@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, TIRPagedKVCache
 
 from ..interface.artifact import (CHUNK_ATTENTION_KERNELS, CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS,
                                   CPU_ATTENTION_NEW_TREE)
-from . import attention
+from . import attention, rope
 
 C_TIR_PIPELINE = "mlc_spec_c_source"
 
@@ -159,13 +159,32 @@ class _FastCPUAttention(PagedKVCache):
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 
-class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels, _FastCPUAttention):
-    """TIRPagedKVCache for llvm targets, with its tree-attention kernels in the right slots and
-    parallel, vectorised prefill and decode attention."""
+class _FastCPURope(PagedKVCache):
+    """TVM 0.27's CPU split of the fused qkv evaluates RoPE's powf, cosf and sinf for every element of
+    every head, one lane at a time. This receives the create call like _SwapCPUTreeKernels and puts
+    rope.py's kernel, which computes each token's angles once, under TVM's name."""
+
+    def __init__(self, _expr: relax.Call, _name: str):
+        rotary = [a for a in _expr.args if isinstance(a, relax.GlobalVar) and a.name_hint == SPLIT_ROTARY]
+        if len(rotary) != 1:
+            raise RuntimeError("unexpected TIRPagedKVCache layout: re-check the CPU RoPE workaround")
+        relax.BlockBuilder.current().update_func(rotary[0], rope.split_rotary_cpu(*self.rope_args))
+        super().__init__(_expr=_expr, _name=_name)
+
+
+SPLIT_ROTARY = "tir_split_rotary"
+
+
+class CPUPagedKVCache(TIRPagedKVCache, _SwapCPUTreeKernels, _FastCPUAttention, _FastCPURope):
+    """TIRPagedKVCache for llvm targets, with its tree-attention kernels in the right slots,
+    parallel, vectorised prefill and decode attention, and RoPE's angles computed once per token."""
 
     def __init__(self, **kwargs):
         self.attention_shape = (kwargs["num_key_value_heads"], kwargs["num_attention_heads"], kwargs["qk_head_dim"],
                                 kwargs["dtype"])
+        self.rope_args = (kwargs["rope_theta"], kwargs["rope_scale"], kwargs["qk_head_dim"],
+                          kwargs["num_attention_heads"], kwargs["num_key_value_heads"], kwargs["dtype"],
+                          kwargs["rope_scaling"], kwargs["rotary_dim"])
         super().__init__(**kwargs)
 
 

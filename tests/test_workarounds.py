@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import tvm
 import tvm_ffi
@@ -19,8 +20,9 @@ from tvm.ir.expr import TensorLoad
 from tvm.relax.frontend.nn.llm import kv_cache
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-from mlc_spec.compile import workarounds
+from mlc_spec.compile import rope, workarounds
 
 
 def _cpu_paged_prefill() -> tvm.IRModule:
@@ -87,6 +89,36 @@ def test_cpu_attention_is_scalar_and_on_one_thread():
         assert kinds and all(kind == tirx.ForKind.SERIAL for kind in kinds)
 
 
+ROPE_SCALINGS = [{}, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}]
+
+
+def test_cpu_rope_is_scalar_and_ours_gives_its_bits():
+    """workarounds._FastCPURope: TVM's split of the fused qkv has no vectorised loop (it evaluates its
+    angles per element); rope.split_rotary_cpu, which takes its slot, gives the same bits."""
+    source = inspect.getsource(kv_cache.TIRPagedKVCache.__init__)
+    assert f'"{workarounds.SPLIT_ROTARY}"' in source
+    h_q, h_kv, d, n = 6, 2, 32, 4
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    qkv = np.random.default_rng(0).standard_normal((n, h_q + 2 * h_kv, d)).astype(np.float32)
+    positions = tvm.runtime.tensor(np.array([0, 1, 300, 5000], np.int32))
+    for scaling in ROPE_SCALINGS:
+        for rotary_dim in (d, d // 2):
+            args = (500000.0, 1.0, d, h_q, h_kv, "float32", scaling, rotary_dim)
+            theirs = llama_rope_with_position_map(*args)
+            kinds = []
+            tvm_ffi.structural_walk(theirs, (tirx.For, lambda loop: kinds.append(loop.kind)))
+            assert kinds and all(kind == tirx.ForKind.SERIAL for kind in kinds)
+            outs = []
+            for func in (theirs, rope.split_rotary_cpu(*args)):
+                f = tvm.compile(func.with_attr("global_symbol", "split"), target=target)
+                split = [tvm.runtime.tensor(np.zeros((n, h, d), np.float32)) for h in (h_q, h_kv, h_kv)]
+                f(tvm.runtime.tensor(qkv), positions, *split, 1)
+                outs.append([a.numpy() for a in split])
+            for ours, want in zip(outs[1], outs[0]):
+                np.testing.assert_array_equal(ours, want, err_msg=f"{scaling} rotary_dim {rotary_dim}")
+
+
 def _run(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
     """script in a fresh interpreter, where nothing is registered yet (TVMScript needs it in a file)."""
     path = tmp_path / "probe.py"
@@ -98,7 +130,7 @@ _C_SOURCE = """
     import os, sys, tempfile
     import tvm
     from tvm.script import tirx as T
-    from mlc_spec.compile import workarounds
+    from mlc_spec.compile import rope, workarounds
 
     @T.prim_func
     def exp2(A: T.Buffer((4,), "float32"), B: T.Buffer((4,), "float32")):
