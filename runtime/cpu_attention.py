@@ -43,6 +43,7 @@ class Layout:
     few: bool
     tree_nodes: np.ndarray | None = None
     node_pages: tuple | None = None  # each node's copy of its sequence's page table, once made
+    empty: tuple | None = None  # the empty attention (output, lse) the first part reports, once made
 
 
 class ChunkAttention:
@@ -86,8 +87,11 @@ class ChunkAttention:
         layout = self.layout
         if layout.cached:
             self.new_keys = (k, v)
-            _filled(tuple(output.shape), str(output.dtype), 0.0, q.device).copyto(output)
-            _filled(tuple(lse.shape), "float32", EMPTY_LSE, q.device).copyto(lse)
+            if layout.empty is None:  # every layer of the forward has the same shapes
+                layout.empty = (_filled(tuple(output.shape), str(output.dtype), 0.0, q.device),
+                                _filled(tuple(lse.shape), "float32", EMPTY_LSE, q.device))
+            layout.empty[0].copyto(output)
+            layout.empty[1].copyto(lse)
             return
         no_pages = _no_pages(k.shape[1], k.shape[2], str(k.dtype), layout.q_indptr.shape[0] - 1, q.device)
         self.kernels[layout.few](q, layout.q_indptr, *no_pages, k, v, layout.kv_rows, layout.kv_indptr, output, lse,
