@@ -14,7 +14,7 @@ K-quants take ggml's Q8_K activations instead: per row and super-block of 256 in
 min(127, round(x * -127 / m)) with m the input of largest magnitude (the positive one on a tie), halves
 to even, a float32 scale d_x = 1 / (-127 / m), and the code sums of each group. A super-block then adds
 
-    q4_k: (d_w * d_x) * sum_g(sc_g * isum_g) - (dmin_w * d_x) * sum_g(m_g * sum_g(x codes))
+    q4_k, q5_k: (d_w * d_x) * sum_g(sc_g * isum_g) - (dmin_w * d_x) * sum_g(m_g * sum_g(x codes))
     q6_k: (d_w * d_x) * sum_g(sc_g * isum_g)
 
 with both sums exact in int32, as ggml's vec_dot_q4_K_q8_K and vec_dot_q6_K_q8_K compute them (on
@@ -72,16 +72,19 @@ class IntegerDot:
             acc = tirx.call_llvm_pure_intrin(self.int_type, f"llvm.x86.avx512.vpdpbusd.{32 * self.lanes}", acc, u, s)
         return acc
 
-    def scaled_dot(self, unsigned: list, signed: list, scale):
-        """dot(unsigned, signed) times each lane's int32 scale (|scale| < 2^15), the 16-bit pair sums
-        fitting int16 as in dot: on AVX2 the scale, repeated in both halves of its lane, is the pmaddwd
-        operand that widens them, as ggml's K-quant dot products do."""
+    def scaled_dot(self, unsigned: list, signed: list, scale, pairs_fit_int16: bool):
+        """dot(unsigned, signed) times each lane's int32 scale (|scale| < 2^15): on AVX2 the scale,
+        repeated in both halves of its lane, is the pmaddwd operand that widens the 16-bit pair sums, as
+        ggml's K-quant dot products do, once for all of them when their sum fits int16 (see dot)."""
         if self.name != "avx2":
-            return self.dot(unsigned, signed, pairs_fit_int16=True) * scale
-        halves = tirx.bitwise_or(tirx.shift_left(scale, tirx.Broadcast(tirx.const(16, "int32"), self.lanes)),
-                                 tirx.bitwise_and(scale, tirx.Broadcast(tirx.const(0xFFFF, "int32"), self.lanes)))
-        return _pmaddwd(_sum([_pmaddubsw(u, s) for u, s in zip(unsigned, signed)]),
-                        tirx.reinterpret("int16x16", halves))
+            return self.dot(unsigned, signed, pairs_fit_int16) * scale
+        halves = tirx.reinterpret("int16x16", tirx.bitwise_or(
+            tirx.shift_left(scale, tirx.Broadcast(tirx.const(16, "int32"), self.lanes)),
+            tirx.bitwise_and(scale, tirx.Broadcast(tirx.const(0xFFFF, "int32"), self.lanes))))
+        products = [_pmaddubsw(u, s) for u, s in zip(unsigned, signed)]
+        if pairs_fit_int16:
+            return _pmaddwd(_sum(products), halves)
+        return _sum([_pmaddwd(p, halves) for p in products])
 
     def sign_by(self, x, w):
         """x with the sign of w applied (0 where w is 0), bytewise: signed(x) . |w| = x . w."""
@@ -264,11 +267,12 @@ def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, ti
 def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, tile: int,
                            rows: list) -> None:
     """_rows_pass for K-quants: per super-block, each row sums its groups' scaled integer dot products
-    (and min terms) exactly in int32, then adds them to its float accumulator (the module docstring).
-    The integer pair sums fit int16: 16 products of 4-bit codes, or 8 of Q6_K's |code| <= 32, with |x| <= 127."""
+    (and min terms) exactly in int32, then adds them to its float accumulator (the module docstring)."""
     layout, lanes = LAYOUTS[fmt], dot.lanes
-    scales, sub = stored
+    high, scales, sub = stored if layout.bits == 5 else (None, *stored)
     size, per_block = layout.group, layout.block // layout.group
+    # 16 products of 4-bit codes, or 8 of Q6_K's |code| <= 32, with |x| <= 127; not 16 of 5-bit codes
+    pairs_fit_int16 = layout.bits != 5
     int_lanes, ramp = f"int32x{lanes}", tirx.Ramp(0, 1, lanes)
     with T.serial(0, tile // lanes) as c:
         lane0 = c * lanes
@@ -278,12 +282,12 @@ def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: li
             sums = _zeros(len(rows) * (2 if layout.has_min else 1), lanes, "int32")
             with T.serial(0, per_block) as part:
                 g = block * per_block + part
-                unsigned, signs = _unpack(dot, layout.bits, size, weight, j, g, lane0)
+                unsigned, signs = _unpack(dot, layout.bits, size, weight, j, g, lane0, high)
                 sc = T.Bind(sub.vload([j, g, 0, lane0], f"{sub.dtype}x{lanes}").astype(int_lanes))
                 m = T.Bind(sub.vload([j, g, 1, lane0], f"{sub.dtype}x{lanes}").astype(int_lanes)) \
                     if layout.has_min else None
                 for i, row in enumerate(rows):
-                    isum = dot.scaled_dot(unsigned, _signed_x(dot, xq, row, g * size, size, signs), sc)
+                    isum = dot.scaled_dot(unsigned, _signed_x(dot, xq, row, g * size, size, signs), sc, pairs_fit_int16)
                     T.buffer_store(sums, sums.vload([i, 0], int_lanes) + isum, [i, ramp])
                     if m is not None:
                         x_sum = tirx.Broadcast(xs[row, block, 1 + part].astype("int32"), lanes)
@@ -320,19 +324,26 @@ def _signed_x(dot: IntegerDot, xq, row, k0, size: int, signs):
     return x_words if signs is None else [dot.sign_by(x, w) for x, w in zip(x_words, signs)]
 
 
-def _unpack(dot: IntegerDot, bits: int, size: int, weight, j, g, lane0):
+def _unpack(dot: IntegerDot, bits: int, size: int, weight, j, g, lane0, high=None):
     """Group g's codes (of `size` inputs) of one vector of outputs as dot-product operands: the unsigned
-    byte vectors (4-bit codes; |w| for int8) and, for int8 weights, the signed bytes whose signs the
-    activations take."""
+    byte vectors (4- and 5-bit codes; |w| for int8) and, for int8 weights, the signed bytes whose signs
+    the activations take. high: 5-bit codes' words of high bits (a group is one word)."""
     words = size // INPUTS_PER_WORD[bits]
-    if bits == 4:
-        mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "uint32"), dot.lanes)
-        four = tirx.Broadcast(tirx.const(4, "uint32"), dot.lanes)
+    if bits < 8:
+        uint = f"uint32x{dot.lanes}"
+        splat = lambda value: tirx.Broadcast(tirx.const(value, "uint32"), dot.lanes)  # noqa: E731
+        high_word = T.Bind(high.vload([j, g, lane0], uint)) if bits == 5 else None
         unsigned = []
         for word in range(words):
-            lanes = T.Bind(weight.vload([j, g * words + word, lane0], f"uint32x{dot.lanes}"))
-            for half in (lanes, tirx.shift_right(lanes, four)):  # inputs 0-3 of the word, then 4-7
-                unsigned.append(T.Bind(tirx.reinterpret(dot.byte_type, tirx.bitwise_and(half, mask))))
+            lanes = T.Bind(weight.vload([j, g * words + word, lane0], uint))
+            for half, codes in enumerate((lanes, tirx.shift_right(lanes, splat(4)))):  # inputs 0-3, then 4-7
+                codes = tirx.bitwise_and(codes, splat(0x0F0F0F0F))
+                if high_word is not None:  # quantization.high_bit_offset: bit v of each byte, v = 2 word + half
+                    v = 2 * word + half
+                    shifted = (tirx.shift_left(high_word, splat(4 - v)) if v <= 4
+                               else tirx.shift_right(high_word, splat(v - 4)))
+                    codes = tirx.bitwise_or(codes, tirx.bitwise_and(shifted, splat(0x10101010)))
+                unsigned.append(T.Bind(tirx.reinterpret(dot.byte_type, codes)))
         return unsigned, None
     signs = [T.Bind(weight.vload([j, g * words + m, lane0, 0], dot.byte_type)) for m in range(words)]
     return [T.Bind(tirx.abs(w)) for w in signs], signs

@@ -63,11 +63,12 @@ class Linear(nn.Module):
         if quantization is None:
             shape = (in_features, out_features) if tile is None else (packed_tiles(out_features, tile), in_features, tile)
             self.weight = nn.Parameter(shape)
-            self.scales = self.sub_scales = None
+            self.high_bits = self.scales = self.sub_scales = None
         else:
             shapes = packed_shapes(quantization, in_features, packed_tiles(out_features, self.tile), self.tile)
-            self.weight, self.scales = (nn.Parameter(*shapes[name]) for name in ("weight", "scales"))
-            self.sub_scales = nn.Parameter(*shapes["sub_scales"]) if "sub_scales" in shapes else None
+            self.weight, self.high_bits, self.scales, self.sub_scales = (
+                nn.Parameter(*shapes[name]) if name in shapes else None
+                for name in ("weight", "high_bits", "scales", "sub_scales"))
         self.bias = nn.Parameter((out_features,)) if bias else None
 
     def to(self, dtype=None):
@@ -78,15 +79,18 @@ class Linear(nn.Module):
 
     @property
     def _stored(self) -> list[Tensor]:
-        return [p for p in (self.weight, self.scales, self.sub_scales) if p is not None]
+        """The stored arrays in packed_shapes' order, the kernels' argument order."""
+        return [p for p in (self.weight, self.high_bits, self.scales, self.sub_scales) if p is not None]
 
     def _weight_at(self, stored: list[te.Tensor], j, k, t, dtype: str):
         """W[j, k, t] of the packed layout, dequantized (in float32) to dtype when quantized."""
         if self.quantization is None:
             return stored[0][j, k, t]
+        bits = BITS[self.quantization]
         codes, *scales = stored
+        high, scales = (scales[0], scales[1:]) if bits == 5 else (None, scales)
         scale, low = group_scale_min(self.quantization, scales, j, k // LAYOUTS[self.quantization].group, t)
-        w = code_at(codes, BITS[self.quantization], j, k, t).astype("float32") * scale
+        w = code_at(codes, bits, j, k, t, high).astype("float32") * scale
         return (w + low if low is not None else w).astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:

@@ -5,8 +5,8 @@ input features, w = code * scale + min. Q4_0's w = d * (code - 8) is the same wi
 d * code and 8d are exact in float32 (an 11-bit mantissa times a small integer), so is their sum.
 
 The K-quants group inputs twice: a super-block of 256 has float16 scales d (and dmin), and each of its
-groups (32 inputs for Q4_K, 16 for Q6_K) an integer scale sc (and min m), so that
-    Q4_K: w = (d * sc) * code - dmin * m,  code 0..15      Q6_K: w = (d * sc) * code,  code -32..31
+groups (32 inputs for Q4_K and Q5_K, 16 for Q6_K) an integer scale sc (and min m), so that
+    Q4_K, Q5_K: w = (d * sc) * code - dmin * m,  code 0..15 or 0..31      Q6_K: w = (d * sc) * code,  code -32..31
 d * sc and dmin * m are exact in float32, so a group's float scale and min are as well.
 GGUF blocks are decoded bit for bit and the quantizers follow ggml's reference ones, so a block
 kept from a file and one made here from its float values are the same bytes. K-quants are only kept.
@@ -28,8 +28,8 @@ SUPER_BLOCK = 256  # inputs per float16 scale of a K-quant
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a format stores a weight: codes of `bits` (4: nibbles 0..15; 8: int8), a float scale (and
-    min) per `group` inputs, held as float16 per `block` inputs times, when block > group (K-quants),
+    """How a format stores a weight: codes of `bits` (4: nibbles 0..15; 5: those and a high bit,
+    0..31; 8: int8), a float scale (and min) per `group` inputs, held as float16 per `block` inputs times, when block > group (K-quants),
     an integer per group (int8 scales; uint8 scales and mins)."""
     bits: int
     group: int
@@ -46,6 +46,7 @@ LAYOUTS = {
     "q4_1": Layout(4, GROUP, GROUP, True),
     "q8_0": Layout(8, GROUP, GROUP, False),
     "q4_k": Layout(4, 32, SUPER_BLOCK, True),
+    "q5_k": Layout(5, 32, SUPER_BLOCK, True),
     "q6_k": Layout(8, 16, SUPER_BLOCK, False),
 }
 FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats --quantization makes
@@ -58,7 +59,7 @@ class Quantized:
     """A weight [out, in] (Hugging Face orientation) as codes, float16 scales/mins per block and, for
     K-quants, integer scales/mins per group."""
     format: str
-    codes: np.ndarray  # [out, in]: uint8 0..15 (4-bit) or int8
+    codes: np.ndarray  # [out, in]: uint8 0..15 (4-bit) or 0..31 (5-bit), or int8
     scale: np.ndarray  # [out, in / block] float16
     min: np.ndarray | None  # [out, in / block] float16: the mins, or a K-quant's dmin
     sub: np.ndarray | None = None  # K-quants: [out, in / group, 1 or 2] int8 scales, or uint8 scales and mins
@@ -175,13 +176,18 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
 
 def _from_k_blocks(blocks: np.ndarray, fmt: str, out: int, k: int) -> Quantized:
     """ggml's block_q4_K (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles: each 64
-    weights' first 32 in the low nibbles of 32 bytes, the next 32 in the high ones) and block_q6_K
-    (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d)."""
+    weights' first 32 in the low nibbles of 32 bytes, the next 32 in the high ones), block_q5_K (the
+    same with 32 bytes of high bits before the nibbles: bit i of byte l is weight 32 i + l's) and
+    block_q6_K (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d)."""
     n = len(blocks)
     half = lambda a: a.copy().view(np.float16).reshape(out, k // SUPER_BLOCK)  # noqa: E731
-    if fmt == "q4_k":
+    if fmt in ("q4_k", "q5_k"):
         sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
-        codes = (blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        nibbles = blocks[:, -128:]
+        codes = (nibbles.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        if fmt == "q5_k":
+            high = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01
+            codes = codes.reshape(n, 8, 32) | (high << 4)
         sub = np.stack([sc, m], axis=-1).astype(np.uint8).reshape(out, k // 32, 2)
         return Quantized(fmt, codes.reshape(out, k), half(blocks[:, :2]), half(blocks[:, 2:4]), sub)
     low = (blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
@@ -192,8 +198,10 @@ def _from_k_blocks(blocks: np.ndarray, fmt: str, out: int, k: int) -> Quantized:
 
 
 # -- the CPU layout (model.Linear) ------------------------------------------------------------------
-# Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output.
-INPUTS_PER_WORD = {4: 8, 8: 4}
+# Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output. 5-bit
+# codes are stored as their low nibbles in the 4-bit layout and a word of high bits per group (HIGH_BITS).
+INPUTS_PER_WORD = {4: 8, 5: 8, 8: 4}
+HIGH_BITS = 32  # inputs per word of 5-bit codes' high bits
 # Output features per tile of packed codes, whatever the float weights' tile: a word of a tile's 4-bit
 # codes is one 64-byte cache line, so each tile streams from memory in order (measured on AVX2 against
 # tiles of 64: 25% less time for a 1-row matmul over 18 MB of codes).
@@ -207,9 +215,12 @@ def packed_shapes(fmt: str, in_features: int, tiles: int, tile: int) -> dict[str
     block of inputs, the tile's float16 scales then mins; for K-quants, per group, its integer ones."""
     layout = LAYOUTS[fmt]
     words = in_features // INPUTS_PER_WORD[layout.bits]
-    codes = ((tiles, words, tile), "uint32") if layout.bits == 4 else ((tiles, words, tile, 4), "int8")
+    codes = ((tiles, words, tile), "uint32") if layout.bits < 8 else ((tiles, words, tile, 4), "int8")
     pairs = 2 if layout.has_min else 1
-    shapes = {"weight": codes, "scales": ((tiles, in_features // layout.block, pairs, tile), "float16")}
+    shapes = {"weight": codes}
+    if layout.bits == 5:
+        shapes["high_bits"] = ((tiles, in_features // HIGH_BITS, tile), "uint32")
+    shapes["scales"] = ((tiles, in_features // layout.block, pairs, tile), "float16")
     if layout.super_blocks:
         shapes["sub_scales"] = ((tiles, in_features // layout.group, pairs, tile), "uint8" if layout.has_min else "int8")
     return shapes
@@ -219,7 +230,14 @@ def code_offset(bits: int, k: int):
     """Where input k's code sits in its lane, in bits: byte k % 4, and for 4-bit codes the low nibble
     for inputs 0-3 of the word, the high one for 4-7, so that masking a lane with 0x0F0F0F0F (and
     shifting it right by 4 first) yields four consecutive inputs' codes as bytes."""
-    return 8 * (k % 4) + (4 * (k % 8 // 4) if bits == 4 else 0)
+    return 8 * (k % 4) + (4 * (k % 8 // 4) if bits < 8 else 0)
+
+
+def high_bit_offset(k: int):
+    """Where a 5-bit code's high bit sits in its group's word of high bits: byte k % 4 as in
+    code_offset, bit k % 32 // 4, so that shifting the word left by 4 - v (right by v - 4) and masking
+    it with 0x10101010 yields the high bits of inputs 4 v .. 4 v + 3 in place over their nibbles."""
+    return 8 * (k % 4) + k % HIGH_BITS // 4
 
 
 def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
@@ -230,10 +248,15 @@ def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
     packed = {"scales": np.ascontiguousarray(np.stack([tile_rows(g, tile) for g in groups], axis=2))}
     if q.sub is not None:
         packed["sub_scales"] = np.ascontiguousarray(np.stack([tile_rows(s, tile) for s in np.moveaxis(q.sub, 2, 0)], axis=2))
-    if q.bits == 4:
+    if q.bits < 8:
         shifts = code_offset(4, np.arange(8)).astype(np.uint32)
-        words = np.bitwise_or.reduce(q.codes.astype(np.uint32).reshape(out, k // 8, 8) << shifts, axis=2)
-        return {"weight": tile_rows(words, tile), **packed}
+        nibbles = q.codes.astype(np.uint32) & 0x0F
+        words = np.bitwise_or.reduce(nibbles.reshape(out, k // 8, 8) << shifts, axis=2)
+        if q.bits == 4:
+            return {"weight": tile_rows(words, tile), **packed}
+        high = (q.codes.astype(np.uint32) >> 4).reshape(out, k // HIGH_BITS, HIGH_BITS)
+        high_words = np.bitwise_or.reduce(high << high_bit_offset(np.arange(HIGH_BITS)).astype(np.uint32), axis=2)
+        return {"weight": tile_rows(words, tile), "high_bits": tile_rows(high_words, tile), **packed}
     tiled = tile_rows(q.codes, tile).reshape(-1, k // 4, 4, tile).transpose(0, 1, 3, 2)
     return {"weight": np.ascontiguousarray(tiled), **packed}
 

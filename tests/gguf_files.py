@@ -337,21 +337,26 @@ def tiny_qwen2(vocab_size: int, **overrides):
 K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=16, num_attention_heads=16, num_key_value_heads=8)
 
 
-def q4_k_m_type(hf_name: str, shape: tuple) -> QType | None:
-    """llama.cpp's Q4_K_M choice for a 2-layer model (None: a 1-D tensor, kept F32): Q6_K for the tied
-    embedding and, in layer 0 (one of its "more bits" layers), attn_v and ffn_down; Q4_K elsewhere."""
+# llama.cpp's K-quant mixes: the type of most linears; Q6_K for the "more bits" ones and the embedding.
+K_MIXES = {"q4_k_m": QType.Q4_K, "q5_k_m": QType.Q5_K}
+
+
+def k_mix_type(mix: str, hf_name: str, shape: tuple) -> QType | None:
+    """llama.cpp's choice in a Q4_K_M or Q5_K_M file of a 2-layer model (None: a 1-D tensor, kept F32):
+    Q6_K for the tied embedding and, in layer 0 (one of its "more bits" layers), attn_v and ffn_down;
+    the mix's type elsewhere."""
     if len(shape) == 1:
         return None
     more_bits = hf_name.startswith("model.layers.0.") and (".v_proj." in hf_name or ".down_proj." in hf_name)
-    return QType.Q6_K if more_bits or hf_name == "model.embed_tokens.weight" else QType.Q4_K
+    return QType.Q6_K if more_bits or hf_name == "model.embed_tokens.weight" else K_MIXES[mix]
 
 
-def write_q4_k_m_gguf(path, layer1_seed: int = 1):
-    """A tiny tied Qwen2 GGUF with Q4_K_M's mix of random Q4_K and Q6_K blocks (gguf cannot quantize to
-    K-quants); files differing in layer1_seed share every tensor but layer 1's linears."""
+def write_k_mix_gguf(path, mix: str = "q4_k_m", layer1_seed: int = 1):
+    """A tiny tied Qwen2 GGUF with a K-quant mix of random blocks (gguf cannot quantize to K-quants);
+    files differing in layer1_seed share every tensor but layer 1's linears."""
     tokenizer = train_byte_level_tokenizer("qwen2")
     config, _, tensors = tiny_qwen2(tokenizer.get_vocab_size(with_added_tokens=True), **K_QUANT_SHAPE)
-    qtypes = {name: qtype for name, w in tensors.items() if (qtype := q4_k_m_type(name, w.shape)) is not None}
+    qtypes = {name: qtype for name, w in tensors.items() if (qtype := k_mix_type(mix, name, w.shape)) is not None}
     for index, name in enumerate(qtypes):
         seed = layer1_seed if name.startswith("model.layers.1.") else 0
         tensors[name] = random_blocks(qtypes[name], *tensors[name].shape, seed=1000 * seed + index)

@@ -21,7 +21,7 @@ def small_f16(tmp_path_factory):
     return write_random_gguf(tmp_path_factory.mktemp("llamacpp") / "small-f16.gguf", SMALL_SHAPE)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k_m", "q5_k_m"])
 def test_logits_agree_with_llama_cpp(artifacts, small_f16, fmt):
     """Our logits at 128 positions against llama.cpp's on its own quantization of one F16 file: the same
     argmax at >= 99% of positions, every logit within 2% of the largest (measured: all 128 argmaxes
