@@ -75,8 +75,8 @@ def _add_compile(sub) -> None:
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--cuda-arch", default="sm_90", help="CUDA architecture for --device cuda (default sm_90)")
     p.add_argument("--quantization", default="keep",
-                   help="weights: keep (a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks stay as they are, the rest is --dtype), "
-                        "none (all --dtype), or q4_0, q4_1, q8_0 (every linear in that format; CPU only). Default keep")
+                   help="weights: keep (a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks stay as they are, the rest "
+                        "is --dtype), none (all --dtype), or q4_0, q4_1, q8_0 (every linear in that format; CPU only). Default keep")
     p.add_argument("--draft-quantization", help="the draft's weights, as --quantization (default: the same)")
     p.set_defaults(run=_run_compile)
 
