@@ -21,7 +21,8 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from ..interface.artifact import VOCAB, KernelSignature, TensorSpec
 from . import kernels, workarounds
 from .config import ModelConfig
-from .integer_matmul import IntegerDot, activation_scales_shape, integer_dot, integer_matmul, quantize_activations
+from .integer_matmul import (IntegerDot, activation_scales_shape, biased_activations, integer_dot, integer_matmul,
+                             quantize_activations)
 from .quantization import BITS, CODE_TILE, LAYOUTS, format_runs, packed_shapes, packed_tiles
 from .quantized_matmul import code_at, group_scale_min, quantized_matmul
 from .swiglu import swiglu_cpu
@@ -143,8 +144,8 @@ class Linear(nn.Module):
         fmt, rows = self.quantization, flat.shape[0]
         outs = [Tensor.placeholder((rows, self.in_features), "int8"),
                 Tensor.placeholder((rows, *activation_scales_shape(fmt, self.in_features)), "float32")]
-        return tuple(op.tensor_ir_op(quantize_activations(fmt, self.in_features, flat.dtype), "quantize_activations",
-                                     [flat], outs))
+        kernel = quantize_activations(fmt, self.in_features, flat.dtype, biased_activations(fmt, self.dot))
+        return tuple(op.tensor_ir_op(kernel, "quantize_activations", [flat], outs))
 
     def take_columns(self, ids: Tensor, dtype: str) -> Tensor:
         """Rows of W^T for these ids: the embedding of a model whose embedding is tied to this head."""

@@ -9,8 +9,8 @@ import pytest
 import tvm
 
 from gguf_files import random_blocks
-from mlc_spec.compile.integer_matmul import (INTEGER_DOTS, activation_scales_shape, integer_dot, integer_matmul,
-                                             quantize_activations)
+from mlc_spec.compile.integer_matmul import (INTEGER_DOTS, activation_scales_shape, biased_activations, integer_dot,
+                                             integer_matmul, quantize_activations)
 from mlc_spec.compile.quantization import (FORMATS, GROUP, KEPT, SUPER_BLOCK, Quantized, from_gguf_blocks, pack,
                                            quantize)
 
@@ -102,7 +102,8 @@ def activations(rows: int = 11):
 
 
 def compile_pair(fmt: str, row_block: int, dot, target=HOST):
-    mod = tvm.IRModule({"quantize": quantize_activations(fmt, IN, "float32").with_attr("global_symbol", "quantize"),
+    quantize = quantize_activations(fmt, IN, "float32", biased_activations(fmt, dot))
+    mod = tvm.IRModule({"quantize": quantize.with_attr("global_symbol", "quantize"),
                         "matmul": integer_matmul(fmt, IN, OUT, TILE, row_block, "float32", dot)
                         .with_attr("global_symbol", "matmul")})
     return tvm.compile(mod, target=target)
