@@ -333,7 +333,7 @@ def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: li
 
 # How far ahead of its loads a tile prefetches its codes (and, as many groups ahead, its scales): the
 # loads of a memory-bound matmul otherwise stall the integer products behind them (measured on the 1.5B
-# Q4_0 model: decode 70.2 -> 66.1 ms at 16 KB, no gain at 4 KB; on SmolLM2, in cache, 8.55 -> 8.12 ms).
+# Q4_0 model: decode 69.0 -> 62.9 ms at 16 KB, no gain at 4 KB; on SmolLM2, in cache, 8.80 -> 8.39 ms).
 # Into L2 (locality 1): the rows of a block read a line within a few hundred cycles of each other.
 PREFETCH_BYTES = 16384
 
