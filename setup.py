@@ -28,8 +28,9 @@ setup(
     extras_require={
         # mlc_spec serve's HTTP stack; the tests drive it with the official openai client
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "torch==2.13.0", "transformers", "scipy", "pyopencl", "wgpu", "fastapi", "uvicorn",
-                 "openai", "httpx"],
+        # accelerate: transformers' GGUF loader, a reference for the K-quants kept from a file
+        "test": ["pytest", "torch==2.13.0", "transformers", "accelerate", "scipy", "pyopencl", "wgpu", "fastapi",
+                 "uvicorn", "openai", "httpx"],
         "train": ["torch==2.13.0", "tqdm"],
     },
     entry_points={"console_scripts": ["mlc_spec = mlc_spec.cli:main"]},

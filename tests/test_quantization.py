@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from gguf_files import random_blocks, write_k_mix_gguf
 from helpers import VOCAB, assert_empty, compile_error, generate_all, prompts, run_forwards
-from mlc_spec.consistency import target_library
+from mlc_spec.consistency import all_logits, target_library
 from mlc_spec.compile.quantization import (FORMATS, HIGH_BITS, KEPT, code_offset, from_gguf_blocks, high_bit_offset,
                                            pack, quantize)
 
@@ -235,6 +235,21 @@ def test_k_quant_float_path_equals_the_expanded_file(artifacts, k_mix):
     assert formats["model.layers.1.self_attn.qkv_proj"] == base and formats["lm_head"] == "q6_k"
     file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
     assert config["param_bytes"] <= 1.2 * file_bytes
+
+
+def test_k_quant_float_path_equals_transformers_gguf_loader(artifacts, k_mix):
+    """A reference no one here wrote: transformers' own GGUF loader (which dequantizes with gguf-py) on
+    the same file, against the kept blocks computed in float on the generic CPU."""
+    from transformers import AutoModelForCausalLM
+
+    mix, path = k_mix
+    kept = artifacts.compile(f"{mix}-float-path", path, cpu_target=GENERIC_CPU)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = np.random.default_rng(2).integers(0, 400, 40).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = all_logits(kept, ids)
+    assert np.abs(got - want[:, :got.shape[1]]).max() < 1e-4 * np.abs(want).max()
 
 
 def test_k_quant_integer_path_is_the_expanded_file_up_to_8_bit_activations(artifacts, k_mix):
