@@ -30,6 +30,7 @@ def exp2(x):
 
 
 def silu(x):
-    """x * sigmoid(x) in float32, from 2^(-|x| log2 e) so that exp2's argument is never positive."""
-    t = exp2(T.abs(x) * T.float32(-LOG2E))
+    """x * sigmoid(x) in float32, from 2^(-|x| log2 e) so that exp2's argument is never positive
+    (-|x| as min(x, -x): TVM's C source target has no lowering for a float abs)."""
+    t = exp2(T.min(x, -x) * T.float32(LOG2E))
     return x * T.Select(x >= T.float32(0), T.float32(1), t) / (T.float32(1) + t)
