@@ -253,11 +253,11 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "tir.is_scheduled": True})
             xq = T.arg("x_codes", T.Buffer((n, in_features), "int8"))
             xs = T.arg("x_scales", T.Buffer((n, *activation_scales_shape(fmt, in_features)), "float32"))
-            weight, *stored = (T.arg(name, T.Buffer(*shape)) for name, shape in shapes.items())
+            stored = {name: T.arg(name, T.Buffer(*shape)) for name, shape in shapes.items()}
             y = T.arg("y", T.Buffer((n, out_features), dtype))
             with T.parallel(0, tiles) as j:
                 pass_kind = _super_block_rows_pass if LAYOUTS[fmt].super_blocks else _rows_pass
-                rows_pass = functools.partial(pass_kind, fmt, dot, xq, xs, weight, stored, y, j, tile)
+                rows_pass = functools.partial(pass_kind, fmt, dot, xq, xs, stored, y, j, tile)
                 with T.serial(0, n // r) as b:
                     rows_pass([b * r + i for i in range(r)])
                 for tail in range(1, r):  # the last n % r rows as a block of their own, not a padded one
@@ -266,10 +266,10 @@ def integer_matmul(fmt: str, in_features: int, out_features: int, tile: int, row
     return builder.get()
 
 
-def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, tile: int, rows: list) -> None:
+def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, stored: dict, y, j, tile: int, rows: list) -> None:
     """These rows' outputs of tile j: per vector of outputs, a pass over the groups with one
     accumulator per row in registers and each group's codes unpacked once for all rows."""
-    bits, lanes, (scales,) = BITS[fmt], dot.lanes, stored
+    bits, lanes, weight, scales = BITS[fmt], dot.lanes, stored["weight"], stored["scales"]
     with T.serial(0, tile // lanes) as c:
         acc = _zeros(len(rows), lanes, "float32")
         with T.serial(0, xs.shape[1]) as g:
@@ -286,12 +286,12 @@ def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, ti
             _store(y, acc, i, row, j * tile + c * lanes, lanes, int(y.shape[1]), tile)
 
 
-def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, weight, stored: list, y, j, tile: int,
+def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, stored: dict, y, j, tile: int,
                            rows: list) -> None:
     """_rows_pass for K-quants: per super-block, each row sums its groups' scaled integer dot products
     (and min terms) exactly in int32, then adds them to its float accumulator (the module docstring)."""
     layout, lanes = LAYOUTS[fmt], dot.lanes
-    high, scales, sub = stored if layout.bits == 5 else (None, *stored)
+    weight, high, scales, sub = (stored.get(name) for name in ("weight", "high_bits", "scales", "sub_scales"))
     size, per_block = layout.group, layout.block // layout.group
     # 16 products of 4-bit codes, or 8 of Q6_K's |code| <= 32, with |x| <= 127; not 16 of 5-bit codes
     pairs_fit_int16 = layout.bits != 5

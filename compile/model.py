@@ -40,6 +40,15 @@ KV_CACHE_SPEC = {
 }
 
 
+def over_rows(x: Tensor, out_features: int, kernel_call) -> Tensor:
+    """A row-wise TIR kernel over x's rows: kernel_call(flat [rows, in], out placeholder [rows,
+    out_features]) on x flattened to rows, its result shaped back like x."""
+    *lead, width = x.shape
+    flat = op.reshape(x, (-1, width))
+    y = kernel_call(flat, Tensor.placeholder((flat.shape[0], out_features), x.dtype))
+    return op.reshape(y, (*lead, out_features))
+
+
 class Linear(nn.Module):
     """y = x @ W (+ b).
 
@@ -126,18 +135,16 @@ class Linear(nn.Module):
         return op.reshape(y, (*lead, n_out))
 
     def _quantized_matmul(self, x: Tensor, row_block: int) -> Tensor:
-        *lead, k_dim = x.shape
-        flat = op.reshape(x, (-1, k_dim))
-        out = Tensor.placeholder((flat.shape[0], self.out_features), x.dtype)
-        if self.dot is None:
-            kernel = quantized_matmul(self.quantization, self.in_features, self.out_features, self.tile,
-                                      row_block, x.dtype)
-            y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, *self._stored], out)
-        else:
+        def matmul(flat: Tensor, out: Tensor) -> Tensor:
+            if self.dot is None:
+                kernel = quantized_matmul(self.quantization, self.in_features, self.out_features, self.tile,
+                                          row_block, x.dtype)
+                return op.tensor_ir_op(kernel, "quantized_matmul", [flat, *self._stored], out)
             kernel = integer_matmul(self.quantization, self.in_features, self.out_features, self.tile, row_block,
                                     x.dtype, self.dot)
-            y = op.tensor_ir_op(kernel, "integer_matmul", [*self._quantized_input(flat), *self._stored], out)
-        return op.reshape(y, (*lead, self.out_features))
+            return op.tensor_ir_op(kernel, "integer_matmul", [*self._quantized_input(flat), *self._stored], out)
+
+        return over_rows(x, self.out_features, matmul)
 
     def _quantized_input(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """The input's int8 codes and per-block scales, made once and read by every tile of the matmul."""
@@ -228,11 +235,8 @@ class MLP(nn.Module):
         if not self.cpu:
             gate, up = op.split(gate_up, 2, axis=-1)
             return op.silu(gate) * up
-        *lead, width = gate_up.shape
-        flat = op.reshape(gate_up, (-1, width))
-        out = Tensor.placeholder((flat.shape[0], self.intermediate_size), gate_up.dtype)
-        y = op.tensor_ir_op(swiglu_cpu(self.intermediate_size, gate_up.dtype), "swiglu", [flat], out)
-        return op.reshape(y, (*lead, self.intermediate_size))
+        kernel = swiglu_cpu(self.intermediate_size, gate_up.dtype)
+        return over_rows(gate_up, self.intermediate_size, lambda flat, out: op.tensor_ir_op(kernel, "swiglu", [flat], out))
 
 
 class DecoderLayer(nn.Module):
