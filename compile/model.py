@@ -93,14 +93,13 @@ class Linear(nn.Module):
         return [p for p in (self.weight, self.high_bits, self.scales, self.sub_scales) if p is not None]
 
     def _weight_at(self, stored: list[te.Tensor], j, k, t, dtype: str):
-        """W[j, k, t] of the packed layout, dequantized (in float32) to dtype when quantized."""
+        """W[j, k, t] of the packed layout (stored: _stored's tensors), dequantized (in float32) to dtype
+        when quantized."""
         if self.quantization is None:
             return stored[0][j, k, t]
-        bits = BITS[self.quantization]
-        codes, *scales = stored
-        high, scales = (scales[0], scales[1:]) if bits == 5 else (None, scales)
-        scale, low = group_scale_min(self.quantization, scales, j, k // LAYOUTS[self.quantization].group, t)
-        w = code_at(codes, bits, j, k, t, high).astype("float32") * scale
+        named = dict(zip(packed_shapes(self.quantization, self.in_features, 1, 1), stored))
+        scale, low = group_scale_min(self.quantization, named, j, k // LAYOUTS[self.quantization].group, t)
+        w = code_at(named, BITS[self.quantization], j, k, t).astype("float32") * scale
         return (w + low if low is not None else w).astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:

@@ -20,30 +20,31 @@ from tvm import s_tir, te, tirx
 from .quantization import HIGH_BITS, INPUTS_PER_WORD, LAYOUTS, code_offset, high_bit_offset, packed_shapes, packed_tiles
 
 
-def code_at(weight: te.Tensor, bits: int, j, k, t, high: te.Tensor | None = None):
-    """The integer code of input k, output lane t of tile j (quantization.packed_shapes' layout; high:
-    5-bit codes' high bits)."""
+def code_at(stored: dict, bits: int, j, k, t):
+    """The integer code of input k, output lane t of tile j, from the stored tensors by their
+    quantization.packed_shapes names (5-bit codes: "weight" and "high_bits")."""
+    weight = stored["weight"]
     if bits == 8:
         return weight[j, k // INPUTS_PER_WORD[8], t, k % 4]
     nibble = tirx.bitwise_and(tirx.shift_right(weight[j, k // INPUTS_PER_WORD[4], t], code_offset(4, k).astype("uint32")),
                               tirx.const(15, "uint32"))
     if bits == 4:
         return nibble
-    bit = tirx.bitwise_and(tirx.shift_right(high[j, k // HIGH_BITS, t], high_bit_offset(k).astype("uint32")),
+    bit = tirx.bitwise_and(tirx.shift_right(stored["high_bits"][j, k // HIGH_BITS, t], high_bit_offset(k).astype("uint32")),
                            tirx.const(1, "uint32"))
     return tirx.bitwise_or(nibble, tirx.shift_left(bit, tirx.const(4, "uint32")))
 
 
-def group_scale_min(fmt: str, stored: list, j, g, t):
+def group_scale_min(fmt: str, stored: dict, j, g, t):
     """The float32 scale and min (None without one) of group g, output lane t of tile j, from the
-    packed scales (and a K-quant's sub_scales): Quantized.group_scales in TIR."""
+    stored "scales" (and a K-quant's "sub_scales"): Quantized.group_scales in TIR."""
     layout = LAYOUTS[fmt]
-    scales, block = stored[0], g // (layout.block // layout.group)
+    scales, block = stored["scales"], g // (layout.block // layout.group)
     scale = scales[j, block, 0, t].astype("float32")
     low = scales[j, block, 1, t].astype("float32") if layout.has_min else None
     if not layout.super_blocks:
         return scale, low
-    sub = stored[1]
+    sub = stored["sub_scales"]
     scale = scale * sub[j, g, 0, t].astype("float32")
     return scale, None if low is None else -(low * sub[j, g, 1, t].astype("float32"))
 
@@ -51,7 +52,7 @@ def group_scale_min(fmt: str, stored: list, j, g, t):
 def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, row_block: int,
                      dtype: str) -> tirx.PrimFunc:
     """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales,
-    [sub_scales,] y), with 5-bit codes' high_bits after the weight."""
+    [sub_scales,] y), with 5-bit codes' high_bits after the weight: packed_shapes' order."""
     layout = LAYOUTS[fmt]
     k_dim, size, r = in_features, layout.group, row_block
     groups, bits = k_dim // size, layout.bits
@@ -59,9 +60,7 @@ def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, r
     shapes = packed_shapes(fmt, k_dim, tiles, tile)
     n = tirx.Var("n", "int64")
     x = te.placeholder((n, k_dim), dtype, "x")
-    weight = te.placeholder(*shapes["weight"], name="weight")
-    high = te.placeholder(*shapes["high_bits"], name="high_bits") if "high_bits" in shapes else None
-    stored = [te.placeholder(*shapes[name], name=name) for name in shapes if name not in ("weight", "high_bits")]
+    stored = {name: te.placeholder(*shape, name=name) for name, shape in shapes.items()}
     blocks = (n - 1) // r + 1
 
     def row(b, i):
@@ -69,7 +68,7 @@ def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, r
 
     kk = te.reduce_axis((0, size), "kk")
     dot = te.compute((blocks, r, tiles, groups, tile), lambda b, i, j, g, t: te.sum(
-        x[row(b, i), g * size + kk].astype("float32") * code_at(weight, bits, j, g * size + kk, t, high).astype("float32"),
+        x[row(b, i), g * size + kk].astype("float32") * code_at(stored, bits, j, g * size + kk, t).astype("float32"),
         axis=kk),
         name="group_dot")
     if layout.has_min:
@@ -86,7 +85,7 @@ def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, r
     acc = te.compute((blocks, r, tiles, tile), lambda b, i, j, t: te.sum(
         term(b, i, j, g_axis, t), axis=g_axis), name="matmul")
     y = te.compute((n, out_features), lambda s, c: acc[s // r, s % r, c // tile, c % tile].astype(dtype), name="unpack")
-    func = te.create_prim_func([x, weight, *([high] if high is not None else []), *stored, y]).with_attr("tirx.noalias", True).without_attr("global_symbol")
+    func = te.create_prim_func([x, *stored.values(), y]).with_attr("tirx.noalias", True).without_attr("global_symbol")
     return _schedule(func).with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
 
 
