@@ -58,18 +58,24 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     out = cache_dir() / "artifacts" / f"smollm2-135m-instruct+{tag}-{dtype}-{device}"
     if _usable(out, log):
         return out
-    gguf = default_gguf(log)
+    gguf, draft = default_sources(log)
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
-    from .compile.eagle import is_eagle_folder
 
     # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layers and its copy of the
     # target's Q8_0 embedding become Q8_0 again (bit for bit): both read what llama.cpp would.
     options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
-    if draft_dir is None:
-        return compile_artifact(gguf, None, out, options, log=log)
-    if is_eagle_folder(draft_dir):  # a feature draft reads the target's embedding and head itself
-        return compile_artifact(gguf, draft_dir, out, options, log=log)
+    return compile_artifact(gguf, draft, out, options, log=log)
+
+
+def default_sources(log: Callable[[str], None] = print) -> tuple[Path, Path | None]:
+    """What `mlc_spec compile` takes for the default pair: the target's GGUF, and the draft folder (None
+    when none is shipped)."""
+    from .compile.eagle import is_eagle_folder
+
+    gguf, draft_dir = default_gguf(log), default_draft()
+    if draft_dir is None or is_eagle_folder(draft_dir):  # a feature draft reads the target's embedding and head
+        return gguf, draft_dir
     # The complete draft folder stays in the cache beside the artifact: bench --compare-hf loads it
     # with transformers, as the assistant of the target's GGUF.
     folder = cache_dir() / "drafts" / _digest(_files(draft_dir))
@@ -77,7 +83,7 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".draft-", dir=folder.parent) as tmp:
             os.replace(complete_draft(draft_dir, gguf, Path(tmp) / "draft", log), folder)
-    return compile_artifact(gguf, folder, out, options, log=log)
+    return gguf, folder
 
 
 def _usable(artifact: Path, log: Callable[[str], None]) -> bool:

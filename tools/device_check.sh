@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cross-backend check for a GPU machine (tools/device_check.py says what each step does).
+# The cross-backend check for a GPU backend (tools/device_check.py says what each step does).
 #
 #   tools/device_check.sh prepare [--python-version 3.12] [--checkpoint T --draft D]
 #       here, with the full TVM and nvcc: CPU reference and CUDA artifacts plus a runtime-only TVM,
@@ -7,6 +7,8 @@
 #   tools/device_check.sh run
 #       on the GPU machine, in one call, with .device_check/ carried along: CUDA against the CPU
 #       reference, then the benchmark; prints the figures and writes .device_check/report.json
+#   PYTHON=~/.cache/mlc_spec/tvm-vulkan/venv/bin/python tools/device_check.sh both --device vulkan [--work DIR]
+#       both halves here with tools/build_tvm_vulkan.sh's TVM, on this machine's Vulkan device (lavapipe)
 #   tools/device_check.sh --cpu-only [--work DIR]
 #       both halves on this machine, the CPU standing in for CUDA (tests/test_cross_backend.py runs it)
 set -euo pipefail
@@ -14,9 +16,9 @@ cd "$(dirname "$0")/.."
 
 step=${1:-run}
 case "$step" in
-  prepare|run) shift ;;
+  prepare|run|both) shift ;;
   --cpu-only) step=both ;;
-  *) echo "usage: $0 prepare|run|--cpu-only [options]" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|run|both|--cpu-only [options]" >&2; exit 2 ;;
 esac
 work=.device_check
 args=("$@")
@@ -34,9 +36,9 @@ run_step() {
 }
 
 case "$step" in
-  prepare) python tools/device_check.py prepare --work "$work" "${args[@]}" ;;
+  prepare) "${PYTHON:-python3}" tools/device_check.py prepare --work "$work" "${args[@]}" ;;
   run) run_step --work "$work" "${args[@]}" ;;
   both)
-    python tools/device_check.py prepare --work "$work" "${args[@]}"
+    "${PYTHON:-python3}" tools/device_check.py prepare --work "$work" "${args[@]}"
     run_step --work "$work" "${args[@]}" ;;
 esac
