@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numpy._core._multiarray_umath import __cpu_features__ as NUMPY_CPU_FEATURES
 
 from .draft_prompts import build_prompts
 
@@ -192,9 +193,11 @@ def acceptance(net, seqs, feats, steps: int, batch: int = 8) -> list[float]:
 
 
 def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, steps: int, batch: int, lr: float,
-          eval_every: int, log=print) -> dict:
+          eval_every: int, bfloat16: bool, log=print) -> dict:
     """AdamW with warm-up and cosine decay over the time budget; a checkpoint (model, optimizer, step,
-    seconds) after every evaluation, from which a rerun continues."""
+    seconds) after every evaluation, from which a rerun continues. With bfloat16 the forward and backward
+    run under autocast (float32 master weights): about 3x the steps per minute on a CPU with bfloat16 dot
+    products, AMX or AVX512-BF16; held-out acceptance is always measured in float32."""
     import math
     import random
 
@@ -222,7 +225,8 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
             frac = state["seconds"] / budget
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (state["step"] + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-            loss, parts = draft_loss(net, ids, f, step_masks(starts, lengths, ids.shape[1], steps))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                loss, parts = draft_loss(net, ids, f, step_masks(starts, lengths, ids.shape[1], steps))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -306,6 +310,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="training arithmetic; auto: bfloat16 where the CPU has bfloat16 dot products, else float32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -373,8 +379,9 @@ def train_from_corpus(engine, work: Path, args, log):
     n_tokens = sum(len(r["reply"]) for r in train_rows)
     log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
         f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
+    bfloat16 = args.precision == "bfloat16" or (args.precision == "auto" and NUMPY_CPU_FEATURES.get("AVX512BF16", False))
     state = train(net, train_seqs, train_feats, held_seqs, held_feats, work, minutes=args.minutes, steps=args.steps,
-                  batch=args.batch, lr=args.lr, eval_every=args.eval_every, log=log)
+                  batch=args.batch, lr=args.lr, eval_every=args.eval_every, bfloat16=bfloat16, log=log)
     acc = state["history"][-1]["acceptance"]
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     width = ck.config.hidden_size
@@ -383,7 +390,7 @@ def train_from_corpus(engine, work: Path, args, log):
               f"- corpus: {len(train_rows)} replies of the target to {len(train_rows) // 2} prompts (greedy and "
               f"sampled at {CORPUS_MODES['sampled']}), {n_tokens} reply tokens\n"
               f"- training: {state['step']} steps, batch {args.batch}, lr {args.lr}, {args.steps} chained steps, "
-              f"{state['seconds'] / 60:.0f} min on {args.threads} CPU threads\n"
+              f"{state['seconds'] / 60:.0f} min on {args.threads} CPU threads, {'bfloat16' if bfloat16 else 'float32'}\n"
               f"- held-out greedy acceptance per position: {' '.join(f'{a:.3f}' for a in acc)}\n")
     return net, ck.hf_config, recipe
 
