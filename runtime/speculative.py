@@ -368,10 +368,15 @@ class FeatureDraft:
         self.model.sync(seq)
 
     def catch_up(self, seqs: list[Sequence]) -> None:
-        """Feed positions cached+1 .. N-2 (N committed tokens), in chunks: all but the one propose feeds."""
+        """Feed positions cached+1 .. N-2 (N committed tokens): all but the one propose feeds, in forwards
+        of at most prefill_chunk rows across all the sequences (the cache's limit for one forward)."""
         while True:
-            todo = [(s, self.model.cached(s) + 1, len(s.tokens) - 1) for s in seqs]
-            todo = [(s, lo, min(end, lo + self.prefill_chunk)) for s, lo, end in todo if lo < end]
+            todo, room = [], self.prefill_chunk
+            for s in seqs:
+                lo, end = self.model.cached(s) + 1, len(s.tokens) - 1
+                if lo < end and room:
+                    todo.append((s, lo, min(end, lo + room)))
+                    room -= todo[-1][2] - lo
             if not todo:
                 return
             self._feed(todo)

@@ -105,6 +105,18 @@ def test_greedy_feature_draft_equals_target_alone(eagle, reference, k):
                         draft_length=k) == reference
 
 
+def test_a_batch_of_prompts_longer_than_a_prefill_chunk_together(eagle):
+    """The draft's first catch-up feeds every prompt at once: 16 x 48 rows exceed the 512-row chunk, which
+    one forward may not (TVM refused it: a view of 768 rows on the 512-row workspace)."""
+    engine, _ = eagle
+    batch = np.random.default_rng(13).integers(2, VOCAB, (16, 48)).tolist()
+    assert sum(map(len, batch)) > engine.prefill_chunk
+    outs = {speculative: [o.token_ids for o in engine.generate(token_ids=batch, max_tokens=12, stop_at_eos=False,
+                                                                speculative=speculative, draft_length=3)]
+            for speculative in (False, "draft")}
+    assert outs["draft"] == outs[False]
+
+
 def test_feature_draft_proposes_and_some_proposals_are_accepted(eagle):
     """Not a proposer that drafts nothing: every round drafts (but the last few, which max_tokens cuts)."""
     engine, _ = eagle
