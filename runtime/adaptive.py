@@ -1,9 +1,10 @@
 """draft_length="auto": choose each round's k from measured acceptance and measured costs.
 
 A round with k drafts yields E(k) = 1 + sum_{j<k} P(at least j+1 accepted) tokens and costs
-k * (one draft step) + (one verify of k+1 tokens). The controller picks the k with the most tokens per
-second, k = 0 (the target alone) included, so speculation never runs knowingly slower than plain
-decoding. Costs are running averages; acceptance per position is counted (hits over tries, older
+k * (one draft step) + (one verify of k+1 tokens) + (the draft's catch-up on the tokens the round before
+accepted: a feature draft's costs a draft forward each round, as much as a draft step). The controller
+picks the k with the most tokens per second, k = 0 (the target alone) included, so speculation never
+runs knowingly slower than plain decoding. Costs are running averages; acceptance per position is counted (hits over tries, older
 rounds weighing less) plus one pseudo-try at the previous position's rate (0.5 for the first), so one
 probe that agrees moves it most of the way and a position never drafted is expected to do as well as
 the one before it.
@@ -30,7 +31,10 @@ class AdaptiveDraftLength:
         self.hits = np.zeros(max_k)  # rounds that accepted draft j+1 ...
         self.tries = np.zeros(max_k)  # ... of those that drafted it and accepted the first j
         self.step_cost: float | None = None  # seconds per draft step
-        self.verify_cost: dict[int, float] = {}  # k -> seconds of the verify (or decode) forward
+        # k -> seconds of the verify (or decode) forward, and of the draft's catch-up where the round
+        # before drafted too (one after rounds that did not, or the prompt's, is the price of a probe)
+        self.verify_cost: dict[int, float] = {}
+        self._last_k = 0
         self.rounds_at_zero = 0
         self.probe_every = PROBE_EVERY
         self.probing = False
@@ -84,7 +88,8 @@ class AdaptiveDraftLength:
         if self.probing:
             self.probe_every = PROBE_EVERY if any(r.accepted) else min(2 * self.probe_every, _MAX_PROBE_EVERY)
         k = max(r.drafted)
-        self.verify_cost[k] = _average(self.verify_cost.get(k), r.verify_seconds)
+        catch_up = r.catch_up_seconds if self._last_k else 0.0
+        self.verify_cost[k], self._last_k = _average(self.verify_cost.get(k), r.verify_seconds + catch_up), k
         if k == 0:
             return
         self.step_cost = _average(self.step_cost, r.draft_seconds / k)
