@@ -1,13 +1,15 @@
 """draft_length="auto": choose each round's k from measured acceptance and measured costs.
 
 A round with k drafts yields E(k) = 1 + sum_{j<k} P(at least j+1 accepted) tokens and costs
-k * (one draft step) + (one verify of k+1 tokens) + (the draft's catch-up on the tokens the round before
-accepted: a feature draft's costs a draft forward each round, as much as a draft step). The controller
+k * (one draft step) + (one verify of k+1 tokens) + the rest of the round, measured apart for rounds that
+draft and rounds that do not: the host's work (a drafting round's is larger: chains, decisions, the
+draft's bookkeeping) and the draft's catch-up on what the round before accepted (a feature draft's is a
+draft forward every round). Leaving that out made auto draft at 0.92x the target alone. The controller
 picks the k with the most tokens per second, k = 0 (the target alone) included, so speculation never
-runs knowingly slower than plain decoding. Costs are running averages; acceptance per position is counted (hits over tries, older
-rounds weighing less) plus one pseudo-try at the previous position's rate (0.5 for the first), so one
-probe that agrees moves it most of the way and a position never drafted is expected to do as well as
-the one before it.
+runs knowingly slower than plain decoding. Costs are running averages; acceptance per position is
+counted (hits over tries, older rounds weighing less) plus one pseudo-try at the previous position's rate
+(0.5 for the first), so one probe that agrees moves it most of the way and a position never drafted is
+expected to do as well as the one before it.
 A k whose cost is unknown is tried once, and while k = 0 wins a round still drafts one token now and
 then, so a draft that starts agreeing is noticed: after PROBE_EVERY rounds, then twice as many after
 each probe that found no agreement (a probe costs a verify and the draft's catch-up), back to
@@ -31,9 +33,10 @@ class AdaptiveDraftLength:
         self.hits = np.zeros(max_k)  # rounds that accepted draft j+1 ...
         self.tries = np.zeros(max_k)  # ... of those that drafted it and accepted the first j
         self.step_cost: float | None = None  # seconds per draft step
-        # k -> seconds of the verify (or decode) forward, and of the draft's catch-up where the round
-        # before drafted too (one after rounds that did not, or the prompt's, is the price of a probe)
-        self.verify_cost: dict[int, float] = {}
+        self.verify_cost: dict[int, float] = {}  # k -> seconds of the verify (or decode) forward
+        # drafting or not -> seconds of the rest of a round; a catch-up after rounds that did not draft
+        # (or over the prompt) is left out: it is the price of a probe
+        self.rest_cost: dict[bool, float] = {}
         self._last_k = 0
         self.rounds_at_zero = 0
         self.probe_every = PROBE_EVERY
@@ -59,7 +62,7 @@ class AdaptiveDraftLength:
         return best
 
     def _round_cost(self, k: int) -> float:
-        return k * (self.step_cost or 0.0) + self._verify_cost(k)
+        return k * (self.step_cost or 0.0) + self._verify_cost(k) + self.rest_cost.get(k > 0, 0.0)
 
     def reach(self) -> np.ndarray:
         """P(draft j+1 accepted | the first j were), for each position j."""
@@ -88,8 +91,9 @@ class AdaptiveDraftLength:
         if self.probing:
             self.probe_every = PROBE_EVERY if any(r.accepted) else min(2 * self.probe_every, _MAX_PROBE_EVERY)
         k = max(r.drafted)
-        catch_up = r.catch_up_seconds if self._last_k else 0.0
-        self.verify_cost[k], self._last_k = _average(self.verify_cost.get(k), r.verify_seconds + catch_up), k
+        self.verify_cost[k] = _average(self.verify_cost.get(k), r.verify_seconds)
+        rest = r.seconds - r.draft_seconds - r.verify_seconds - (0.0 if self._last_k else r.catch_up_seconds)
+        self.rest_cost[k > 0], self._last_k = _average(self.rest_cost.get(k > 0), max(rest, 0.0)), k
         if k == 0:
             return
         self.step_cost = _average(self.step_cost, r.draft_seconds / k)

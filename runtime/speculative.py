@@ -63,6 +63,7 @@ class RoundStats:
     verify_seconds: float
     catch_up_seconds: float = 0.0  # the draft feeding tokens of rounds that did not draft
     tokens: list[list[int]] = dataclasses.field(default_factory=list)  # accepted drafts + the target's token
+    seconds: float = 0.0  # the whole round: the above and the host's work around them
 
 
 class Model:
@@ -433,10 +434,12 @@ class SpeculativeDecoder:
         ks = [k] * len(seqs) if isinstance(k, int) else list(k)
         if self.proposer is None:
             ks = [0] * len(seqs)
+        start = time.perf_counter()
         if isinstance(self.proposer, DraftTree) and max(ks, default=0):
             stats = self._tree_round(seqs, max(ks))
         else:
             stats = self._chain_round(seqs, ks)
+        stats.seconds = time.perf_counter() - start
         if self.observer is not None:
             self.observer(stats)
         return stats

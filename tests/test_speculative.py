@@ -312,26 +312,46 @@ def test_auto_draft_length_is_exact_and_stops_drafting_when_it_does_not_pay(engi
             assert sum(stats["drafted_per_position"]) / stats["rounds"] < 1.0, (name, stats["drafted_per_position"])
 
 
+def _round(drafted, accepted, draft_seconds, verify_seconds, rest_seconds=0.0):
+    from mlc_spec.runtime.speculative import RoundStats
+
+    return RoundStats(drafted, accepted, draft_seconds, verify_seconds,
+                      seconds=draft_seconds + verify_seconds + rest_seconds)
+
+
 def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
     from mlc_spec.runtime.adaptive import PROBE_EVERY, AdaptiveDraftLength
-    from mlc_spec.runtime.speculative import RoundStats
 
     ctl = AdaptiveDraftLength(8)
     assert ctl.choose(8) == 0
-    ctl.update(RoundStats([0], [0], 0.0, 0.010))
+    ctl.update(_round([0], [0], 0.0, 0.010))
     assert ctl.choose(8) == 1
     for _ in range(20):
-        ctl.update(RoundStats([1], [0], 0.004, 0.012))
+        ctl.update(_round([1], [0], 0.004, 0.012))
     choices = [ctl.choose(8) for _ in range(2 * PROBE_EVERY)]
     assert choices.count(0) == 2 * PROBE_EVERY - 2 and choices.count(1) == 2  # probes only
     gaps = []  # probes that find no agreement come ever more rarely
     for _ in range(3):
         gaps.append(next(n for n in range(1, 10 * PROBE_EVERY) if ctl.choose(8) == 1))
-        ctl.update(RoundStats([1], [0], 0.004, 0.012))
+        ctl.update(_round([1], [0], 0.004, 0.012))
     assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1], gaps
     for _ in range(40):  # the draft starts agreeing and is cheap: drafting pays again
-        ctl.update(RoundStats([1], [1], 0.001, 0.011))
+        ctl.update(_round([1], [1], 0.001, 0.011))
     assert ctl.choose(8) >= 1
+
+
+@pytest.mark.parametrize("drafting_rest,drafts", [(0.001, True), (0.006, False)])
+def test_adaptive_controller_counts_the_whole_round(drafting_rest, drafts):
+    """A draft agreeing 0.4 of the time yields 1.4 tokens for 12 ms of draft and verify against 1 for 11 ms
+    of decode and host: it pays, unless the rest of a drafting round (host work, the draft's catch-up)
+    takes 6 ms where a plain round's takes 1."""
+    from mlc_spec.runtime.adaptive import AdaptiveDraftLength
+
+    ctl = AdaptiveDraftLength(1)
+    ctl.update(_round([0], [0], 0.0, 0.010, 0.001))
+    for i in range(50):
+        ctl.update(_round([1], [int(i % 5 < 2)], 0.001, 0.011, drafting_rest))
+    assert (ctl.choose(1) == 1) == drafts
 
 
 def test_adaptive_controller_drafts_deeper_after_one_agreeing_probe():
@@ -339,11 +359,10 @@ def test_adaptive_controller_drafts_deeper_after_one_agreeing_probe():
     and positions never drafted are expected to do as well as the one before: a cheap draft that agrees
     is given more than one token at once, where a 0.5 prior for them would stay at k = 1."""
     from mlc_spec.runtime.adaptive import AdaptiveDraftLength
-    from mlc_spec.runtime.speculative import RoundStats
 
     ctl = AdaptiveDraftLength(8)
-    ctl.update(RoundStats([0], [0], 0.0, 0.010))
-    ctl.update(RoundStats([1], [1], 0.002, 0.011))
+    ctl.update(_round([0], [0], 0.0, 0.010))
+    ctl.update(_round([1], [1], 0.002, 0.011))
     assert ctl.reach()[0] == pytest.approx(0.75) and ctl.reach()[3] == pytest.approx(0.75)
     assert ctl.choose(8) >= 2
 
