@@ -358,8 +358,11 @@ def test_an_artifact_is_replaced_and_stale_staging_is_swept(tmp_path, good_check
 
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_compile_removes_the_staging_folder(tmp_path, good_checkpoint, signum, code, line):
+    # A shell's background job ignores SIGINT, and its children inherit that: give the compile the default
+    # a user's terminal gives it (Python then turns SIGINT into KeyboardInterrupt).
     proc = subprocess.Popen([sys.executable, "-m", "mlc_spec.cli", "compile", str(good_checkpoint), "--output",
-                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for out_line in proc.stdout:  # TVM is building: the staging folder exists
         if out_line.startswith("build:"):
             break
