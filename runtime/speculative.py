@@ -369,9 +369,10 @@ class FeatureDraft:
         self.model.sync(seq)
 
     def catch_up(self, seqs: list[Sequence]) -> None:
-        """Feed positions cached+1 .. N-2 (N committed tokens): all but the one propose feeds, in forwards
-        of at most prefill_chunk rows across all the sequences (the cache's limit for one forward)."""
-        while True:
+        """Feed positions cached+1 .. N-2 (N committed tokens) in forwards of at most prefill_chunk rows
+        across all the sequences (the cache's limit for one forward), until what is left up to N-1 fits
+        one: propose feeds that in its first forward, so a round pays one draft call for both."""
+        while sum(self._unfed(s) for s in seqs) > self.prefill_chunk:
             todo, room = [], self.prefill_chunk
             for s in seqs:
                 lo, end = self.model.cached(s) + 1, len(s.tokens) - 1
@@ -381,6 +382,10 @@ class FeatureDraft:
             if not todo:
                 return
             self._feed(todo)
+
+    def _unfed(self, seq: Sequence) -> int:
+        """Positions cached+1 .. N-1, the ones the draft has not been fed."""
+        return max(0, len(seq.tokens) - 1 - self.model.cached(seq))
 
     def _feed(self, spans: list[tuple[Sequence, int, int]]):
         """Feed each sequence positions lo..hi-1 with the target's features; the draft's logits and
@@ -394,7 +399,7 @@ class FeatureDraft:
         if k == 0 or min(len(s.tokens) for s in seqs) < 2:  # position 0 has no feature before it
             return [[] for _ in seqs], None
         lib = self.model.lib
-        logits, g = self._feed([(s, len(s.tokens) - 1, len(s.tokens)) for s in seqs])
+        logits, g = self._feed([(s, len(s.tokens) - max(1, self._unfed(s)), len(s.tokens)) for s in seqs])
         for s in seqs:
             self._true_entries[s.seq_id] = self.model.cached(s)
         ids, steps, q_rows = [s.seq_id for s in seqs], [], []
