@@ -221,12 +221,10 @@ def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths:
     from .runtime.speculative import MAX_TREE_NODES, tree_size
 
     runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
-    # a feature draft (eagle) proposes chains only
-    trees = engine.has_draft and engine.config.models["draft"].kind == "model"
     for k in draft_lengths:
         if engine.has_draft:
             runs[f"draft k={k}"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length=k)
-            if trees and tree_size(tree_width, k) <= MAX_TREE_NODES:
+            if engine.drafts_trees and tree_size(tree_width, k) <= MAX_TREE_NODES:
                 runs[f"tree w={tree_width} d={k}"] = _generate(engine, prompts, max_tokens, speculative="tree",
                                                               tree_width=tree_width, tree_depth=k)
         runs[f"ngram k={k}"] = _generate(engine, prompts, max_tokens, speculative="ngram", draft_length=k)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numpy._core._multiarray_umath import __cpu_features__ as NUMPY_CPU_FEATURES
 
 from .draft_prompts import build_prompts
 
@@ -354,6 +353,7 @@ def train_from_corpus(engine, work: Path, args, log):
 
     from .compile.checkpoint import load_checkpoint
     from .eagle import DraftNet
+    from .runtime.library import missing_cpu_features
 
     ck = load_checkpoint(engine.config.models["target"].source)
     files = corpus_files(work)
@@ -379,7 +379,7 @@ def train_from_corpus(engine, work: Path, args, log):
     n_tokens = sum(len(r["reply"]) for r in train_rows)
     log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
         f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
-    bfloat16 = args.precision == "bfloat16" or (args.precision == "auto" and NUMPY_CPU_FEATURES.get("AVX512BF16", False))
+    bfloat16 = args.precision == "bfloat16" or (args.precision == "auto" and not missing_cpu_features(["AVX512BF16"]))
     state = train(net, train_seqs, train_feats, held_seqs, held_feats, work, minutes=args.minutes, steps=args.steps,
                   batch=args.batch, lr=args.lr, eval_every=args.eval_every, bfloat16=bfloat16, log=log)
     acc = state["history"][-1]["acceptance"]

@@ -95,6 +95,11 @@ class Engine:
     def has_draft(self) -> bool:
         return self.draft is not None
 
+    @property
+    def drafts_trees(self) -> bool:
+        """Whether its draft proposes token trees: a model draft does, a feature draft chains only."""
+        return self.has_draft and not isinstance(self.draft, FeatureModel)
+
     # -- sessions -------------------------------------------------------------------------------------
     def session(self) -> "Session":
         return Session(self)

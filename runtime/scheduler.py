@@ -102,7 +102,7 @@ def proposer_key(engine, opts) -> tuple | None:
         raise ValueError(f"{engine.folder} has no draft model; use speculative='ngram' or compile with --draft")
     if opts.speculative is False:
         return None
-    if opts.speculative == "tree" and isinstance(engine.draft, FeatureModel):
+    if opts.speculative == "tree" and not engine.drafts_trees:
         raise ValueError(f"{engine.folder}'s draft is a feature draft (eagle), which proposes chains only; "
                          "use speculative='draft'")
     if opts.speculative == "tree":

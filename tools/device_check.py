@@ -174,9 +174,8 @@ def _outputs(folder: Path, device: str, batch: list[list[int]]) -> dict:
     from mlc_spec.consistency import generate_with_decisions
 
     engine = Engine(folder, device=device, max_batch_size=BATCH)
-    trees = engine.has_draft and engine.config.models["draft"].kind == "model"  # a feature draft: chains only
     return {mode: generate_with_decisions(engine, batch, BATCH, max_tokens=MAX_TOKENS, stop_at_eos=False, **options)
-            for mode, options in MODES.items() if trees or options.get("speculative") != "tree"}
+            for mode, options in MODES.items() if engine.drafts_trees or options.get("speculative") != "tree"}
 
 
 def _consistency(want: dict, got: dict, reference: Path, folder: Path, device: str) -> dict:
