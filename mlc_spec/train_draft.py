@@ -70,23 +70,34 @@ def sequences(rows: list[dict]) -> list[tuple[list[int], int]]:
     return [((r["prompt"] + r["reply"])[:MAX_TRAIN_TOKENS], len(r["prompt"])) for r in rows if r["reply"]]
 
 
-def extract_features(engine, seqs: list[tuple[list[int], int]], path: Path, log=print):
+FEATURE_SHARD = 500  # sequences per file of features
+
+
+def extract_features(engine, seqs: list[tuple[list[int], int]], stem: Path, log=print):
     """The compiled target's features of every sequence (its prefill, exactly what the runtime's draft
-    will read), float16, one row per token (the last row, which no training position reads, is zero);
-    saved every few hundred sequences so a stopped run resumes."""
+    will read), float16, one row per token (the last row, which no training position reads, is zero).
+    Stored in shards of FEATURE_SHARD sequences (stem-00000.pt, ...): a stopped run resumes at its first
+    incomplete shard, a grown corpus extracts only its new sequences, and no save rewrites the others
+    (one growing file cost a rewrite of everything every few hundred sequences)."""
     import torch
     from tqdm import tqdm
 
-    done = torch.load(path) if path.is_file() else []
-    start = len(done)
-    for i in tqdm(range(start, len(seqs)), desc=f"features {path.stem}", unit="seq", mininterval=30):
-        tokens = seqs[i][0]
-        with engine.session() as session:
-            session.generate(token_ids=tokens, max_tokens=1, speculative=False)
-            rows = engine.target.features[session.seq_id].rows(0, len(tokens) - 1)
-            done.append(torch.from_numpy(np.concatenate([rows, np.zeros_like(rows[:1])])).half())
-        if (i + 1) % 200 == 0 or i + 1 == len(seqs):
-            torch.save(done, path)
+    done = []
+    with tqdm(total=len(seqs), desc=f"features {stem.name}", unit="seq", mininterval=30) as bar:
+        for first in range(0, len(seqs), FEATURE_SHARD):
+            shard = stem.with_name(f"{stem.name}-{first // FEATURE_SHARD:05d}.pt")
+            part = torch.load(shard) if shard.is_file() else []
+            todo = seqs[first + len(part):first + FEATURE_SHARD]
+            bar.update(len(part))
+            for tokens, _ in todo:
+                with engine.session() as session:
+                    session.generate(token_ids=tokens, max_tokens=1, speculative=False)
+                    rows = engine.target.features[session.seq_id].rows(0, len(tokens) - 1)
+                    part.append(torch.from_numpy(np.concatenate([rows, np.zeros_like(rows[:1])])).half())
+                bar.update()
+            if todo:
+                torch.save(part, shard)
+            done += part
     return done
 
 
@@ -361,8 +372,8 @@ def train_from_corpus(engine, work: Path, args, log):
     held_rows = [r for r in held_rows if r["mode"] == "greedy"]  # acceptance is measured on greedy replies
     train_seqs, held_seqs = sequences(train_rows), sequences(held_rows)
     features = feature_engine(engine, work, log)
-    held_feats = extract_features(features, held_seqs, work / "features-heldout.pt", log=log)
-    train_feats = extract_features(features, train_seqs, work / "features-train.pt", log=log)
+    held_feats = extract_features(features, held_seqs, work / "features-heldout", log=log)
+    train_feats = extract_features(features, train_seqs, work / "features-train", log=log)
     checkpoint = work / "checkpoint.pt"
     if checkpoint.is_file():  # the head a resumed run trained (the corpus may have grown since)
         token_ids = torch.load(checkpoint)["model"]["token_ids"]

@@ -167,11 +167,16 @@ def test_trees_are_refused_with_a_feature_draft(eagle):
         engine.generate(token_ids=[5, 6, 7], max_tokens=4, speculative="tree")
 
 
-def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys):
+def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys, monkeypatch):
     """corpus -> features -> training with held-out acceptance -> a draft folder; a rerun resumes from
-    the corpus and the checkpoint instead of starting over."""
+    the corpus, the features and the checkpoint instead of starting over, and a grown corpus adds
+    only its new features."""
+    import torch
+
+    from mlc_spec import train_draft
     from mlc_spec.cli import main as cli
 
+    monkeypatch.setattr(train_draft, "FEATURE_SHARD", 3)
     engine, _ = eagle
     work, out = tmp_path / "work", tmp_path / "draft"
     args = ["train-draft", str(engine.folder), "--work", str(work), "--out", str(out), "--prompts", "4",
@@ -184,6 +189,15 @@ def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys):
     assert len(corpus) == 8  # each prompt answered greedily and sampled
     log = (work / "log.txt").read_text()
     assert "held-out greedy acceptance per position" in log
+    shards = sorted(work.glob("features-train-*.pt"))
+    assert [len(torch.load(f)) for f in shards] == [3, 3, 2]
+    first_written = shards[0].stat().st_mtime_ns
     assert cli(args[:-8] + ["--minutes", "0.04", "--eval-every", "2", "--vocab", "64", "--threads", "1"]) == 0
     assert (work / "corpus-train.jsonl").read_text().splitlines() == corpus
     assert "resuming at step" in (work / "log.txt").read_text()
+    grown = args[:7] + ["5"] + args[8:-8] + ["--minutes", "0.06", "--eval-every", "2", "--vocab", "64", "--threads", "1"]
+    assert cli(grown) == 0
+    assert len((work / "corpus-train.jsonl").read_text().splitlines()) == 10
+    shards = sorted(work.glob("features-train-*.pt"))
+    assert [len(torch.load(f)) for f in shards] == [3, 3, 3, 1]
+    assert shards[0].stat().st_mtime_ns == first_written
