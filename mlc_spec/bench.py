@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime.engine import GenerateOptions
+from .runtime.speculative import DRAFT_CONFIDENCE
 
 DEFAULT_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -53,6 +54,9 @@ def add_parser(sub) -> None:
                    help="built-in prompts: chat questions, or a passage to repeat or edit (default chat)")
     p.add_argument("--draft-length", type=int, nargs="+", default=[2, 4, 6],
                    help="k values (chains) and depths (trees) to run end to end")
+    p.add_argument("--draft-confidence", type=float, nargs="+", default=[0.0, DRAFT_CONFIDENCE],
+                   help="thresholds at which the draft's chains stop (0: every chain drafts k; default "
+                        "%(default)s); draft auto runs with the API's own")
     p.add_argument("--tree-width", type=int, default=GenerateOptions.tree_width,
                    help="children per node of the token trees (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -81,7 +85,8 @@ def run(args) -> int:
     results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["prefill"] = prefill_costs(engine, args.prefill_tokens)
-    results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.tree_width)
+    results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.draft_confidence,
+                                       args.tree_width)
     if args.compare_hf:
         results["hf"] = compare_hf(engine, prompts, args.max_tokens)
     if args.compare_llamacpp:
@@ -97,6 +102,8 @@ def _check_options(args) -> None:
     """The API's own checks, before minutes of measuring rather than after."""
     for k in args.draft_length:
         GenerateOptions.make(max_tokens=args.max_tokens, draft_length=k)
+    for confidence in args.draft_confidence:
+        GenerateOptions.make(draft_confidence=confidence)
     GenerateOptions.make(tree_width=args.tree_width, tree_depth=1)
 
 
@@ -216,14 +223,18 @@ def _prefill_prompt(engine, n: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(n).integers(0, engine.config.vocab_size, n)]
 
 
-def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int], tree_width: int) -> dict:
-    """Per k: the draft's chain, its tree of depth k (where it fits TVM's tree size) and n-gram lookup."""
+def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int],
+               confidences: list[float], tree_width: int) -> dict:
+    """Per k: the draft's chain at each confidence threshold, its tree of depth k (where it fits TVM's
+    tree size) and n-gram lookup."""
     from .runtime.speculative import MAX_TREE_NODES, tree_size
 
     runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
     for k in draft_lengths:
         if engine.has_draft:
-            runs[f"draft k={k}"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length=k)
+            for c in confidences:
+                runs[f"draft k={k}" + (f" c={c:g}" if c else "")] = _generate(
+                    engine, prompts, max_tokens, speculative="draft", draft_length=k, draft_confidence=c)
             if engine.drafts_trees and tree_size(tree_width, k) <= MAX_TREE_NODES:
                 runs[f"tree w={tree_width} d={k}"] = _generate(engine, prompts, max_tokens, speculative="tree",
                                                               tree_width=tree_width, tree_depth=k)

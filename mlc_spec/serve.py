@@ -24,7 +24,7 @@ INSTALL_HINT = 'mlc_spec serve needs FastAPI and uvicorn: pip install -e ".[serv
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default, not the Python API's greedy one
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat's is the rest of the context
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop")
-SPECULATION_FIELDS = ("speculative", "draft_length", "tree_width", "tree_depth", "ngram_size")
+SPECULATION_FIELDS = ("speculative", "draft_length", "draft_confidence", "tree_width", "tree_depth", "ngram_size")
 # OpenAI fields this server does not implement: refused unless left at their no-op value
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": "",
                "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "tools": [], "functions": []}

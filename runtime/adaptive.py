@@ -96,7 +96,7 @@ class AdaptiveDraftLength:
         self.rest_cost[k > 0], self._last_k = _average(self.rest_cost.get(k > 0), max(rest, 0.0)), k
         if k == 0:
             return
-        self.step_cost = _average(self.step_cost, r.draft_seconds / k)
+        self.step_cost = _average(self.step_cost, r.draft_seconds / max(r.draft_steps, 1))
         position = np.arange(self.max_k)
         drafted, accepted = np.array(r.drafted)[:, None], np.array(r.accepted)[:, None]
         self.hits = _DECAY * self.hits + (accepted > position).sum(axis=0)

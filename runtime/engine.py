@@ -25,7 +25,7 @@ from .kv_cache import CacheFullError, pages_for
 from .library import ModelLibrary, last_line, missing_cpu_features, tvm_device
 from .adaptive import AdaptiveDraftLength
 from .scheduler import MAX_DRAFT_LENGTH, Batch, Request, Stats, trim_memory_pool
-from .speculative import MAX_TREE_NODES, FeatureModel, Model, RoundStats, SamplingParams, tree_size
+from .speculative import DRAFT_CONFIDENCE, MAX_TREE_NODES, FeatureModel, Model, RoundStats, SamplingParams, tree_size
 
 AUTO_MAX_DRAFT = 8
 
@@ -196,6 +196,7 @@ class GenerateOptions:
     stop: tuple[str, ...] = ()
     speculative: bool | str = True
     draft_length: int | str = 4
+    draft_confidence: float | None = None
     stop_at_eos: bool = True
     ngram_size: int = 3
     tree_width: int = 2
@@ -207,14 +208,18 @@ class GenerateOptions:
     def make(cls, *, max_tokens: int = max_tokens, temperature: float = SamplingParams.temperature,
              top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int | None = seed,
              stop: str | list[str] | None = None, speculative: bool | str = speculative,
-             draft_length: int | str = draft_length, stop_at_eos: bool = stop_at_eos, ngram_size: int = ngram_size,
+             draft_length: int | str = draft_length, draft_confidence: float | None = draft_confidence,
+             stop_at_eos: bool = stop_at_eos, ngram_size: int = ngram_size,
              tree_width: int = tree_width, tree_depth: int = tree_depth,
              observer: Callable[[RoundStats], None] | None = observer) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
         "ngram", "tree" (the draft model proposes a token tree: tree_width children under every node of
         the first tree_depth levels, verified in one forward; draft_length does not apply), or False (the
         target alone). draft_length: k, or "auto" to choose k each round from measured acceptance and
-        costs (runtime/adaptive.py). Sampled tokens depend on k and the tree's shape (the uniforms are
+        costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early, before the first
+        draft where the product of the draft's top probabilities falls below it (runtime/speculative.py's
+        ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE with draft_length="auto",
+        which leaves how much to draft to the runtime, else 0. Greedy output never depends on it. Sampled tokens depend on k and the tree's shape (the uniforms are
         drawn per round), so a seed reproduces a sampled output with a fixed k or shape; greedy output
         never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
         acceptances and committed tokens, and the round's timing)."""
@@ -235,8 +240,16 @@ class GenerateOptions:
                              f"nodes; TVM's tree attention takes at most {MAX_TREE_NODES} (root included)")
         return cls(check.integer("max_tokens", max_tokens, 1), sampling,
                    check.optional_integer("seed", seed, 0, None), check.stop_strings(stop), speculative,
-                   draft_length, check.flag("stop_at_eos", stop_at_eos), check.integer("ngram_size", ngram_size, 1),
+                   draft_length, check.optional_real("draft_confidence", draft_confidence, 0.0, 1.0),
+                   check.flag("stop_at_eos", stop_at_eos), check.integer("ngram_size", ngram_size, 1),
                    tree_width, tree_depth, observer)
+
+    @property
+    def chain_confidence(self) -> float:
+        """The threshold its chains stop at (draft_confidence, its default resolved)."""
+        if self.draft_confidence is not None:
+            return self.draft_confidence
+        return DRAFT_CONFIDENCE if self.draft_length == "auto" else 0.0
 
 
 class Session:

@@ -54,6 +54,10 @@ def optional_integer(name: str, value, low: int, high: int | None = INT32_MAX, h
     return None if value is None else integer(name, value, low, high, hint)
 
 
+def optional_real(name: str, value, low: float, high: float = FLOAT32_MAX) -> float | None:
+    return None if value is None else real(name, value, low, high)
+
+
 def stop_strings(stop) -> tuple[str, ...]:
     """None, one string or a list of them; an empty stop string would end every reply at once."""
     stops = (stop,) if isinstance(stop, str) else stop

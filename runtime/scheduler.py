@@ -141,7 +141,7 @@ class Request:
 
     def bind(self, session) -> None:
         self.session = session
-        self.seq = Sequence(session.seq_id, session.tokens, self.rng, self.opts.sampling)
+        self.seq = Sequence(session.seq_id, session.tokens, self.rng, self.opts.sampling, self.opts.chain_confidence)
 
     def cancel(self) -> None:
         self.cancelled = True

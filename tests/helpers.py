@@ -70,8 +70,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(2, VOCAB, n_tok).tolist() for n_tok in lengths[:n]]
 
 
-def exact_first_two(ckpt, prompt, temperature, top_k):
-    """The target's distribution of its first two sampled tokens, from transformers' logits."""
+def top_k_probs(ckpt, temperature, top_k):
+    """A function of a prompt: the model's next-token distribution (transformers, float64) at that
+    temperature, restricted to its top_k tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,8 +85,17 @@ def exact_first_two(ckpt, prompt, temperature, top_k):
         p = np.where(keep, np.exp(logits - logits.max()), 0.0)
         return p / p.sum()
 
-    p1 = probs(prompt)
-    return {(a, b): p1[a] * pb for a in np.flatnonzero(p1) for b, pb in enumerate(probs(prompt + [int(a)])) if pb > 0}
+    return probs
+
+
+def exact_first(ckpt, prompt, temperature, top_k, n: int = 2) -> dict[tuple, float]:
+    """The target's distribution of its first n sampled tokens."""
+    probs = top_k_probs(ckpt, temperature, top_k)
+    joint = {(): 1.0}
+    for _ in range(n):
+        joint = {seq + (int(t),): p * pt for seq, p in joint.items()
+                 for t, pt in enumerate(probs(prompt + list(seq))) if pt > 0}
+    return joint
 
 
 def fail_kernel_call(monkeypatch, lib, name: str, n: int) -> None:

@@ -25,8 +25,8 @@ def test_bench_writes_valid_json(artifacts, tmp_path, capsys):
     assert set(r["prefill"]) == {"40"} and len(r["prefill"]["40"]["chunk_seconds"]) == 1
     assert r["prefill"]["40"]["tokens_per_second"] > 0 and r["prefill"]["40"]["decode_ms_after"] > 0
     runs = r["end_to_end"]
-    assert set(runs) == {"target_only", "draft k=2", "draft k=4", "tree w=2 d=2", "tree w=2 d=4", "ngram k=2",
-                         "ngram k=4", "draft auto"}
+    assert set(runs) == {"target_only", "draft k=2", "draft k=4", "draft k=2 c=0.2", "draft k=4 c=0.2", "tree w=2 d=2",
+                         "tree w=2 d=4", "ngram k=2", "ngram k=4", "draft auto"}
     assert all(run["tokens"] == 24 for run in runs.values())
     assert runs["target_only"]["speedup"] == 1.0
     assert len(runs["draft k=4"]["acceptance_per_position"]) == len(runs["tree w=2 d=4"]["acceptance_per_position"]) == 4

@@ -201,6 +201,7 @@ def test_48_concurrent_mixed_requests_get_their_outputs_alone(server, engine):
     ("/v1/completions", {"prompt": "hi", "max_tokens": 500}, 400, "lower max_tokens to at most"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "draft_confidence": 2}, 400, "draft_confidence must be in [0, 1]"),
     ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop must be a string or a list of strings"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n is not supported"),
     ("/v1/completions", {"prompt": 7}, 400, "prompt must be a string or a list of token ids"),

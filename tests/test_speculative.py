@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import VOCAB, exact_first_two, fail_kernel_call, generate_all, prompts
+from helpers import VOCAB, exact_first, fail_kernel_call, generate_all, prompts, top_k_probs
 from mlc_spec import Engine
 
 DRAFTS = ("self", "random", "partial")
@@ -180,7 +180,7 @@ def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, specul
     prompt = prompts(1, seed=11)[0][:12]
     if speculative == "ngram":
         prompt = prompt[:6] * 2
-    exact = exact_first_two(target_ckpt, prompt, temperature=1.0, top_k=4)
+    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4)
     counts = dict.fromkeys(exact, 0)
     batch = 16
     for call in range(20000 // batch):
@@ -193,6 +193,31 @@ def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, specul
     expected = np.array([exact[key] for key in keys]) * observed.sum()
     assert observed.sum() == 20000 // batch * batch
     assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_sampled_chains_cut_by_the_draft_keep_the_target_distribution(engines, target_ckpt, draft_ckpts):
+    """FM4/FM5 with ChainStop: whether the second position is drafted depends on the first draft (the
+    draft's q after it); the first three tokens still follow the target (chi-square, 20k draws)."""
+    from scipy.stats import chisquare
+
+    prompt = prompts(1, seed=11)[0][:12]
+    draft = top_k_probs(draft_ckpts["partial"], 1.0, 4)
+    q1 = draft(prompt)
+    reach = np.sort([q1.max() * draft(prompt + [int(a)]).max() for a in np.flatnonzero(q1)])
+    gap = int(np.argmax(np.diff(reach)))  # a threshold the first draft always passes, the second only after some
+    threshold = (reach[gap] + reach[gap + 1]) / 2
+    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4, n=3)
+    counts, drafted, batch = dict.fromkeys(exact, 0), np.zeros(2), 16
+    for call in range(20000 // batch):
+        outs = engines["partial"].generate(token_ids=[prompt] * batch, max_tokens=3, temperature=1.0, top_k=4,
+                                           seed=call, draft_length=2, draft_confidence=threshold, stop_at_eos=False)
+        drafted += outs[0].stats["drafted_per_position"][:2]
+        for o in outs:
+            counts[tuple(o.token_ids)] += 1
+    assert 0 < drafted[1] < drafted[0], drafted
+    keys = sorted(exact)
+    observed = np.array([counts[key] for key in keys])
+    assert chisquare(observed, np.array([exact[key] for key in keys]) * observed.sum()).pvalue > 1e-3
 
 
 # -- bad requests -------------------------------------------------------------------------------------------
@@ -298,6 +323,39 @@ def test_ngram_lookup_prefers_the_longest_latest_match():
     assert ngram.lookup([1, 2, 3], 2) == []
 
 
+# -- chains cut where the draft is unsure (ChainStop) ------------------------------------------------------------
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_chains_stop_where_the_draft_is_unsure_and_stay_exact(engines, reference, draft):
+    """A threshold on the draft's cumulative top probability shortens some chains, not all, and the
+    output is still the target's own."""
+    got, drafted = [], np.zeros(4)
+    for i in range(0, 100, 10):
+        outs = engines[draft].generate(token_ids=prompts(100)[i:i + 10], max_tokens=40, stop_at_eos=False,
+                                       draft_length=4, draft_confidence=0.2)
+        got += [o.token_ids for o in outs]
+        drafted += outs[0].stats["drafted_per_position"][:4]
+    assert got == reference
+    assert drafted[3] < drafted[0] / 2 and drafted[3] > 0, drafted  # these drafts are sure now and then
+
+
+def test_chain_stop_keeps_each_sequence_its_confident_prefix():
+    from mlc_spec.runtime.speculative import ChainStop, SamplingParams, Sequence
+
+    seqs = [Sequence(i, [1], np.random.default_rng(0), SamplingParams(1.0), c) for i, c in enumerate((0.0, 0.5, 0.3))]
+    stop = ChainStop(seqs)
+    q_rows = [np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2]]), np.array([[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]])]
+    assert stop.extend(None, q_rows[0])  # cumulative 0.9, 0.6, 0.8: all go on
+    assert stop.extend(None, q_rows[1])  # 0.45, 0.54, 0.4: all go on
+    q_rows.append(np.array([[0.5, 0.5], [0.5, 0.5], [0.7, 0.3]]))
+    assert stop.extend(None, q_rows[2])  # 0.225, 0.27 (< 0.5: stops), 0.28 (< 0.3: stops); the first goes on
+    drafts, q = stop.chains([np.array([1, 2, 3]), np.array([4, 5, 6]), np.array([7, 8, 9])], q_rows)
+    assert drafts == [[1, 4, 7], [2, 5], [3, 6]]
+    assert q.tolist() == [[0.9, 0.1], [0.5, 0.5], [0.5, 0.5], [0.6, 0.4], [0.9, 0.1], [0.8, 0.2], [0.5, 0.5]]
+    everyone_stops = ChainStop(seqs[1:])
+    assert not everyone_stops.extend(None, np.array([[0.4, 0.1], [0.2, 0.1]]))  # below 0.5 and 0.3 at once
+    assert everyone_stops.chains([np.array([1, 2])], [np.array([[0.4, 0.1], [0.2, 0.1]])])[0] == [[], []]
+
+
 # -- FM9: adaptive draft length ----------------------------------------------------------------------------------
 def test_auto_draft_length_is_exact_and_stops_drafting_when_it_does_not_pay(engines, reference):
     """On these tiny models a draft step costs as much as a target step (both are call overhead), so a
@@ -316,7 +374,7 @@ def _round(drafted, accepted, draft_seconds, verify_seconds, rest_seconds=0.0):
     from mlc_spec.runtime.speculative import RoundStats
 
     return RoundStats(drafted, accepted, draft_seconds, verify_seconds,
-                      seconds=draft_seconds + verify_seconds + rest_seconds)
+                      seconds=draft_seconds + verify_seconds + rest_seconds, draft_steps=max(drafted))
 
 
 def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
