@@ -219,9 +219,9 @@ class GenerateOptions:
         costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early, before the first
         draft where the product of the draft's top probabilities falls below it (runtime/speculative.py's
         ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE with draft_length="auto",
-        which leaves how much to draft to the runtime, else 0. Greedy output never depends on it. Sampled tokens depend on k and the tree's shape (the uniforms are
-        drawn per round), so a seed reproduces a sampled output with a fixed k or shape; greedy output
-        never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
+        which leaves how much to draft to the runtime, else 0. Sampled tokens depend on k, the chains'
+        stops and the tree's shape (the uniforms are drawn per round), so a seed reproduces a sampled
+        output with a fixed k, confidence or shape; greedy output never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
         acceptances and committed tokens, and the round's timing)."""
         sampling = SamplingParams(
             check.real("temperature", temperature, 0.0, hint=" (0 is greedy)"),
