@@ -221,8 +221,9 @@ class GenerateOptions:
         ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE with draft_length="auto",
         which leaves how much to draft to the runtime, else 0. Sampled tokens depend on k, the chains'
         stops and the tree's shape (the uniforms are drawn per round), so a seed reproduces a sampled
-        output with a fixed k, confidence or shape; greedy output never depends on them. observer: called with every round's RoundStats (each sequence's drafts,
-        acceptances and committed tokens, and the round's timing)."""
+        output with a fixed k, confidence or shape; greedy output never depends on them. observer:
+        called with every round's RoundStats (each sequence's drafts, acceptances and committed tokens,
+        and the round's timing)."""
         sampling = SamplingParams(
             check.real("temperature", temperature, 0.0, hint=" (0 is greedy)"),
             check.real("top_p", top_p, 0.0, 1.0, low_open=True),
