@@ -1,5 +1,5 @@
 """The EAGLE-style feature draft (mlc_spec/eagle.py trains it): fc(concat(token embedding, target
-feature)) -> one Llama decoder layer over its own paged KV cache -> final norm -> a head over the
+feature)) -> Llama decoder layers (one, as EAGLE's) over its own paged KV cache -> final norm -> a head over the
 draft_vocab_size tokens of token_ids, the target's most frequent.
 
 The draft reads the target: the token embeddings come from the target library's embed_tokens (shared,
@@ -39,7 +39,7 @@ def is_eagle_folder(path: str | Path) -> bool:
 
 
 def eagle_checkpoint(folder: str | Path, target: Checkpoint) -> tuple[Checkpoint, np.ndarray]:
-    """The draft folder as a checkpoint of a one-layer model with a tied head: the target's output head
+    """The draft folder as a checkpoint of a model of its layers with a tied head: the target's output head
     rows of token_ids (an untied target's lm_head, else its embedding); and token_ids."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text())
@@ -56,7 +56,7 @@ def eagle_checkpoint(folder: str | Path, target: Checkpoint) -> tuple[Checkpoint
         raise CompileError(f"{folder}: {TOKEN_IDS} holds ids outside the target's vocabulary")
     head = "model.embed_tokens.weight" if target_cfg.tie_word_embeddings else "lm_head.weight"
     tensors["model.embed_tokens.weight"] = np.asarray(target.tensors[head], np.float32)[token_ids]
-    config = {**hf, "vocab_size": len(token_ids), "tie_word_embeddings": True, "num_hidden_layers": 1}
+    config = {**hf, "vocab_size": len(token_ids), "tie_word_embeddings": True}
     return Checkpoint(str(folder), config, tensors, target.tokenizer_json, target.tokenizer_config), token_ids
 
 

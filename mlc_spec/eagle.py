@@ -3,7 +3,7 @@
 The draft predicts the target's next feature, the target's last hidden state after its final norm (the
 row its output head reads). At sequence position p its input is fc(concat(embed(t_p), f_{p-1})), the
 token there and the feature of the position before, through one Llama decoder layer with its own
-attention over the draft's earlier positions, then its own final norm: g_p ~ f_p, and head(g_p) gives
+attention over the draft's earlier positions (or a few such layers), then its own final norm: g_p ~ f_p, and head(g_p) gives
 the distribution of t_{p+1}. The head is the target's output head restricted to the `vocab` most frequent
 tokens (FR-Spec): rows of the target's (tied) embedding, shared, never stored in the draft. Chained
 drafting feeds the draft its own g in place of f; `DraftNet.unroll` computes k such chained steps for
@@ -89,15 +89,17 @@ def target_config(config: dict) -> dict:
 
 
 class DraftNet(nn.Module):
-    """fc -> one decoder layer -> norm; the head (target rows of `token_ids`) is a frozen buffer."""
+    """fc -> decoder layers (one by default) -> norm; the head (target rows of `token_ids`) is a frozen
+    buffer."""
 
-    def __init__(self, config: dict, embed: torch.Tensor, token_ids: torch.Tensor, head: torch.Tensor):
+    def __init__(self, config: dict, embed: torch.Tensor, token_ids: torch.Tensor, head: torch.Tensor,
+                 layers: int = 1):
         """embed, head: the target's token embedding and output head (the same matrix when tied)."""
         super().__init__()
         c = target_config(config)
         h = c["hidden_size"]
         self.fc = nn.Linear(2 * h, h, bias=False)
-        self.layer = Layer(c)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(layers))
         self.norm = RMSNorm(h, c["rms_norm_eps"])
         self.register_buffer("embed", embed, persistent=False)
         self.register_buffer("token_ids", token_ids)
@@ -112,16 +114,16 @@ class DraftNet(nn.Module):
         position p in a chain whose first step ran at position p-r+1 (the positions before it read the
         target's true features, as the runtime's draft cache does; the later ones its own g)."""
         emb = self.embed[ids[:, 1:]]  # tokens at positions 1..s-1
-        layer = self.layer
         prev = feats[:, :-1]  # step 1 reads f_{p-1}
-        keys, values, outs = [], [], []
+        keys, values, outs = [[] for _ in self.layers], [[] for _ in self.layers], []
         for r in range(1, steps + 1):
             x = self.fc(torch.cat([emb, prev], -1))
-            q, k, v = layer.qkv(x)
-            keys.append(k)
-            values.append(v)
-            attn = _chained_attention(q, keys, values)
-            g = self.norm(layer.finish(x, attn))
+            for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+                q, k, v = layer.qkv(x)
+                layer_keys.append(k)
+                layer_values.append(v)
+                x = layer.finish(x, _chained_attention(q, layer_keys, layer_values))
+            g = self.norm(x)
             outs.append(g)
             prev = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], 1)  # g at p-1 feeds position p
         return outs

@@ -220,6 +220,12 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
     state = {"step": 0, "seconds": 0.0, "history": []}
     if ckpt.is_file():
         saved = torch.load(ckpt)
+        # a one-layer draft's checkpoint from before --layers named its layer "layer"
+        saved["model"] = {("layers.0." + k[6:] if k.startswith("layer.") else k): v for k, v in saved["model"].items()}
+        layers = 1 + max(int(k.split(".")[1]) for k in saved["model"] if k.startswith("layers."))
+        if layers != len(net.layers):
+            raise ValueError(f"{ckpt} holds a draft of {layers} layer(s), not {len(net.layers)}; pass --layers {layers} "
+                             "to resume it, or a new --work to start over")
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -274,13 +280,13 @@ def export(net, target_config: dict, out: Path, note: str) -> None:
 
     c = layer_config(target_config)
     config = {"draft_kind": "eagle", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              **{k: v for k, v in c.items() if k != "num_hidden_layers"}, "num_hidden_layers": 1,
+              **{k: v for k, v in c.items() if k != "num_hidden_layers"}, "num_hidden_layers": len(net.layers),
               "vocab_size": target_config["vocab_size"], "draft_vocab_size": int(net.token_ids.numel()),
               "tie_word_embeddings": False, "hidden_act": "silu",
               "max_position_embeddings": target_config.get("max_position_embeddings", 4096),
               "bos_token_id": target_config.get("bos_token_id"), "eos_token_id": target_config.get("eos_token_id")}
     tensors = {"fc.weight": net.fc.weight, "model.norm.weight": net.norm.weight,
-               **{f"model.layers.0.{k}": v for k, v in net.layer.state_dict().items()}}
+               **{f"model.layers.{i}.{k}": v for i, layer in enumerate(net.layers) for k, v in layer.state_dict().items()}}
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
     tensors["token_ids"] = net.token_ids.to(torch.int32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +321,7 @@ def add_parser(sub) -> None:
                    help="corpus: only generate it; train: train on the corpus generated so far (default all)")
     p.add_argument("--vocab", type=int, default=8192, help="the head's tokens: the corpus's most frequent")
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget (a rerun continues)")
+    p.add_argument("--layers", type=int, default=1, help="the draft's decoder layers (default 1, EAGLE's)")
     p.add_argument("--steps", type=int, default=3, help="chained draft steps trained and scored")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -334,6 +341,8 @@ def run(args) -> int:
         raise ValueError("train-draft needs torch and tqdm; install them with `pip install mlc_spec[train]`") from None
     from .runtime.engine import Engine
 
+    if args.layers < 1:
+        raise ValueError(f"--layers {args.layers}: a draft needs at least one decoder layer")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
@@ -381,12 +390,16 @@ def train_from_corpus(engine, work: Path, args, log):
         token_ids = torch.from_numpy(frequent_tokens(train_rows, args.vocab, tuple(ck.config.eos_token_ids)))
     head = "model.embed_tokens.weight" if ck.config.tie_word_embeddings else "lm_head.weight"
     net = DraftNet(ck.hf_config, torch.from_numpy(np.asarray(ck.tensors["model.embed_tokens.weight"], np.float32)),
-                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)))
-    last = f"model.layers.{ck.config.num_hidden_layers - 1}."
-    with torch.no_grad():  # start where the target ends: its final norm, its last layer
+                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)), layers=args.layers)
+    first = ck.config.num_hidden_layers - args.layers
+    if first < 0:
+        raise ValueError(f"--layers {args.layers}: the target has only {ck.config.num_hidden_layers} layers to start from")
+    with torch.no_grad():  # start where the target ends: its final norm, its last layers
         net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
-        net.layer.load_state_dict({k.removeprefix(last): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
-                                   for k in ck.tensors if k.startswith(last)})
+        for i, layer in enumerate(net.layers):
+            prefix = f"model.layers.{first + i}."
+            layer.load_state_dict({k.removeprefix(prefix): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
+                                   for k in ck.tensors if k.startswith(prefix)})
     n_tokens = sum(len(r["reply"]) for r in train_rows)
     log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
         f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
@@ -396,7 +409,8 @@ def train_from_corpus(engine, work: Path, args, log):
     acc = state["history"][-1]["acceptance"]
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     width = ck.config.hidden_size
-    recipe = (f"- draft: fc(2x{width} -> {width}), one Llama decoder layer (initialised from the target's last), "
+    layers = "one Llama decoder layer" if args.layers == 1 else f"{args.layers} Llama decoder layers"
+    recipe = (f"- draft: fc(2x{width} -> {width}), {layers} (initialised from the target's last), "
               f"final norm; {params / 1e6:.1f}M parameters; head over the {len(token_ids)} most frequent reply tokens\n"
               f"- corpus: {len(train_rows)} replies of the target to {len(train_rows) // 2} prompts (greedy and "
               f"sampled at {CORPUS_MODES['sampled']}), {n_tokens} reply tokens\n"

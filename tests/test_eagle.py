@@ -22,7 +22,7 @@ def target_ckpt(artifacts):
     return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
 
 
-def draft_net(target_ckpt):
+def draft_net(target_ckpt, layers: int = 1):
     from safetensors.numpy import load_file
 
     from mlc_spec.eagle import DraftNet
@@ -31,23 +31,26 @@ def draft_net(target_ckpt):
     tensors = load_file(str(target_ckpt / "model.safetensors"))
     torch.manual_seed(0)
     net = DraftNet(config, torch.from_numpy(tensors["model.embed_tokens.weight"]), torch.from_numpy(HEAD_TOKENS),
-                   torch.from_numpy(tensors["lm_head.weight"]))
+                   torch.from_numpy(tensors["lm_head.weight"]), layers=layers)
     with torch.no_grad():  # clear margins between the draft's choices, as in a trained draft
         net.fc.weight.mul_(4.0)
     return net, config
 
 
-@pytest.fixture(scope="session")
-def eagle(artifacts, target_ckpt, tmp_path_factory):
+def compiled_draft(artifacts, target_ckpt, folder, layers: int = 1):
     """(engine, the torch draft it was compiled from)."""
     from mlc_spec.train_draft import export
 
-    net, config = draft_net(target_ckpt)
-    folder = tmp_path_factory.mktemp("eagle-draft")
+    net, config = draft_net(target_ckpt, layers)
     export(net, config, folder, "test draft")
     net.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})  # as shipped: float16
-    artifact = artifacts.compile("eagle", target_ckpt, folder, max_seq_len=128)
+    artifact = artifacts.compile(f"eagle-{layers}", target_ckpt, folder, max_seq_len=128)
     return Engine(artifact, max_batch_size=16), net
+
+
+@pytest.fixture(scope="session")
+def eagle(artifacts, target_ckpt, tmp_path_factory):
+    return compiled_draft(artifacts, target_ckpt, tmp_path_factory.mktemp("eagle-draft"))
 
 
 def test_target_exports_its_last_hidden_state(eagle, target_ckpt):
@@ -68,9 +71,19 @@ def test_target_exports_its_last_hidden_state(eagle, target_ckpt):
 def test_compiled_draft_chains_as_its_torch_definition(eagle):
     """The runtime's catch-up and chained proposals give the tokens DraftNet.unroll predicts: same fc
     input order, positions, norm, head rows and id map, and the draft's own features after step one."""
+    assert_chains_as_torch(*eagle)
+
+
+def test_a_draft_of_two_layers_chains_as_its_torch_definition(artifacts, target_ckpt, tmp_path):
+    """A deeper draft (train-draft --layers 2) compiles its layers in order, each with its own cache."""
+    engine, net = compiled_draft(artifacts, target_ckpt, tmp_path, layers=2)
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
+    assert_chains_as_torch(engine, net)
+
+
+def assert_chains_as_torch(engine, net):
     from mlc_spec.runtime.speculative import FeatureDraft, SamplingParams, Sequence
 
-    engine, net = eagle
     k = 4
     for prompt in prompts(6, seed=5)[2:]:
         with engine.session() as session:
