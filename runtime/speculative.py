@@ -57,6 +57,15 @@ class Sequence:
     rng: np.random.Generator
     params: SamplingParams
     draft_confidence: float = 0.0  # where its drafted chains stop (ChainStop); 0 drafts all k
+    last_round_start: int | None = None  # its length when its latest round began (None before the first)
+
+    def settled(self) -> int:
+        """How many of its tokens a proposer's catch-up takes in: all but those its latest round committed,
+        which the next proposal feeds in its first forward (all but the last before any round). So in a
+        run of drafting rounds the catch-up has nothing to do, and what it does do (the prompt, the
+        tokens of rounds that did not draft) is timed apart from what a round of k costs."""
+        end = len(self.tokens) - 1
+        return end if self.last_round_start is None else min(self.last_round_start, end)
 
 
 @dataclasses.dataclass
@@ -66,10 +75,10 @@ class RoundStats:
     accepted: list[int]
     draft_seconds: float
     verify_seconds: float
-    catch_up_seconds: float = 0.0  # the draft feeding tokens of rounds that did not draft
+    catch_up_seconds: float = 0.0  # the draft taking in settled tokens it lacked (Sequence.settled)
     tokens: list[list[int]] = dataclasses.field(default_factory=list)  # accepted drafts + the target's token
     seconds: float = 0.0  # the whole round: the above and the host's work around them
-    draft_steps: int = 0  # the proposer's draft forwards (a chain stopped by ChainStop ran one past its drafts)
+    offered: list[int] = dataclasses.field(default_factory=list)  # each sequence's k (drafted: what it made of it)
 
 
 class Model:
@@ -102,9 +111,9 @@ class Model:
         if self.features is not None:
             self.features.pop(seq_id, None)
 
-    def prefill(self, seq: Sequence, chunk: int) -> None:
-        """Feed the committed tokens it lacks except the last, in chunks the cache accepts."""
-        start, end = self.cached(seq), len(seq.tokens) - 1
+    def prefill(self, seq: Sequence, chunk: int, end: int | None = None) -> None:
+        """Feed the committed tokens it lacks up to end (all but the last), in chunks the cache accepts."""
+        start, end = self.cached(seq), len(seq.tokens) - 1 if end is None else end
         for lo in range(start, end, chunk):
             self.forward_last([seq.seq_id], [seq.tokens[lo:min(end, lo + chunk)]])
 
@@ -175,11 +184,10 @@ class _ModelDraft:
         self.model.sync(seq)
 
     def catch_up(self, seqs: list[Sequence]) -> None:
-        """Feed the committed tokens the draft lacks but the last (dk after a full acceptance, the tokens
-        of rounds that did not draft), timed apart: each draft step then feeds one token, so its time is
-        the cost per drafted token that draft_length="auto" weighs."""
+        """Feed the settled tokens the draft lacks; propose feeds the latest round's (dk after a full
+        acceptance, and the target's token) with the first draft step."""
         for seq in seqs:
-            self.model.prefill(seq, self.prefill_chunk)
+            self.model.prefill(seq, self.prefill_chunk, seq.settled())
 
 
 class DraftModel(_ModelDraft):
@@ -189,7 +197,7 @@ class DraftModel(_ModelDraft):
         if k == 0:
             return [[] for _ in seqs], None
         model, ids = self.model, [s.seq_id for s in seqs]
-        feeds = [s.tokens[model.cached(s):] for s in seqs]  # the last token (catch_up fed the rest)
+        feeds = [s.tokens[model.cached(s):] for s in seqs]  # the latest round's tokens (catch_up fed the rest)
         stop, steps, q_rows = ChainStop(seqs), [], []
         for j in range(k):
             logits = model.lib.forward_last(model.kv, ids, feeds)
@@ -413,13 +421,13 @@ class FeatureDraft:
         self.model.sync(seq)
 
     def catch_up(self, seqs: list[Sequence]) -> None:
-        """Feed positions cached+1 .. N-2 (N committed tokens) in forwards of at most prefill_chunk rows
-        across all the sequences (the cache's limit for one forward), until what is left up to N-1 fits
-        one: propose feeds that in its first forward, so a round pays one draft call for both."""
-        while sum(self._unfed(s) for s in seqs) > self.prefill_chunk:
+        """Feed positions cached+1 .. S-1 (S: the settled tokens) in forwards of at most prefill_chunk rows
+        across all the sequences (the cache's limit for one forward); propose feeds the latest round's
+        positions, up to N-1, in its first forward, so a run of drafting rounds pays one draft call each."""
+        while True:
             todo, room = [], self.prefill_chunk
             for s in seqs:
-                lo, end = self.model.cached(s) + 1, len(s.tokens) - 1
+                lo, end = self.model.cached(s) + 1, s.settled()
                 if lo < end and room:
                     todo.append((s, lo, min(end, lo + room)))
                     room -= todo[-1][2] - lo
@@ -490,20 +498,20 @@ class SpeculativeDecoder:
             stats = self._tree_round(seqs, max(ks))
         else:
             stats = self._chain_round(seqs, ks)
-        stats.seconds = time.perf_counter() - start
+        stats.seconds, stats.offered = time.perf_counter() - start, ks
         if self.observer is not None:
             self.observer(stats)
         return stats
 
     def _chain_round(self, seqs: list[Sequence], ks: list[int]) -> RoundStats:
         uniforms = _uniforms(seqs, ks)
-        drafts, q_blocks, draft_seconds, catch_up_seconds, steps = self._propose_chains(seqs, ks, uniforms)
+        drafts, q_blocks, draft_seconds, catch_up_seconds = self._propose_chains(seqs, ks, uniforms)
         t0 = time.perf_counter()
         accepted, next_tokens = self._verify(seqs, drafts, q_blocks, uniforms)
         verify_seconds = time.perf_counter() - t0
         accepted_drafts = [d[:n] for d, n in zip(drafts, accepted)]
         return RoundStats([len(d) for d in drafts], [int(n) for n in accepted], draft_seconds, verify_seconds,
-                          catch_up_seconds, self._commit(seqs, accepted_drafts, next_tokens), draft_steps=steps)
+                          catch_up_seconds, self._commit(seqs, accepted_drafts, next_tokens))
 
     def _tree_round(self, seqs: list[Sequence], depth: int) -> RoundStats:
         params = seqs[0].params
@@ -523,17 +531,17 @@ class SpeculativeDecoder:
         verify_seconds = time.perf_counter() - t0
         paths = [tree.path(leaf) for tree, leaf in zip(trees, leaves)]
         return RoundStats([depth] * len(seqs), [len(p) for p in paths], draft_seconds, verify_seconds,
-                          catch_up_seconds, self._commit(seqs, paths, next_tokens), draft_steps=depth)
+                          catch_up_seconds, self._commit(seqs, paths, next_tokens))
 
     def _propose_chains(self, seqs: list[Sequence], ks: list[int], uniforms):
         """Each sequence's drafts (its first k) and their q rows (None when greedy), with the proposer's
-        drafting and catch-up seconds and its draft forwards. The proposer runs once per set of sampling
+        drafting and catch-up seconds. The proposer runs once per set of sampling
         parameters among the sequences that draft, each time with that set's longest k; shorter chains
         keep their first k."""
-        drafts, q_blocks, steps = [[] for _ in seqs], [None] * len(seqs), 0
+        drafts, q_blocks = [[] for _ in seqs], [None] * len(seqs)
         drafting = [i for i, k in enumerate(ks) if k]
         if not drafting:
-            return drafts, q_blocks, 0.0, 0.0, 0
+            return drafts, q_blocks, 0.0, 0.0
         start = time.perf_counter()
         self.proposer.catch_up([seqs[i] for i in drafting])
         t0 = time.perf_counter()
@@ -543,19 +551,19 @@ class SpeculativeDecoder:
             u_draft = None if params.greedy else np.stack([np.pad(uniforms[i][:ks[i]], (0, k - ks[i]))
                                                            for i in members])
             proposed, q = self.proposer.propose([seqs[i] for i in members], k, params, u_draft)
-            steps += min(k, max(map(len, proposed)) + 1)  # a chain ChainStop ended ran one step past it
             row = 0  # q holds each sequence's rows in turn, as many as it drafted
             for i, d in zip(members, proposed):
                 drafts[i] = list(d[:ks[i]])
                 q_blocks[i] = None if q is None else q[row:row + len(drafts[i])]
                 row += len(d)
-        return drafts, q_blocks, time.perf_counter() - t0, t0 - start, steps
+        return drafts, q_blocks, time.perf_counter() - t0, t0 - start
 
     def _commit(self, seqs: list[Sequence], accepted: list[list[int]], next_tokens) -> list[list[int]]:
         """The accepted drafts and the target's next token join each sequence; caches back to the invariant."""
         new_tokens = []
         for seq, drafts, t in zip(seqs, accepted, next_tokens):
             new_tokens.append(drafts + [int(t)])
+            seq.last_round_start = len(seq.tokens)
             seq.tokens.extend(new_tokens[-1])
             self.target.sync(seq)
             if self.proposer is not None:

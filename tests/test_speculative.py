@@ -328,14 +328,17 @@ def test_ngram_lookup_prefers_the_longest_latest_match():
 def test_chains_stop_where_the_draft_is_unsure_and_stay_exact(engines, reference, draft):
     """A threshold on the draft's cumulative top probability shortens some chains, not all, and the
     output is still the target's own."""
-    got, drafted = [], np.zeros(4)
+    got, drafted, rounds = [], np.zeros(4), []
     for i in range(0, 100, 10):
         outs = engines[draft].generate(token_ids=prompts(100)[i:i + 10], max_tokens=40, stop_at_eos=False,
-                                       draft_length=4, draft_confidence=0.2)
+                                       draft_length=4, draft_confidence=0.2, observer=rounds.append)
         got += [o.token_ids for o in outs]
         drafted += outs[0].stats["drafted_per_position"][:4]
     assert got == reference
     assert drafted[3] < drafted[0] / 2 and drafted[3] > 0, drafted  # these drafts are sure now and then
+    # a round records the k each sequence was offered apart from what it drafted (auto weighs the former)
+    pairs = [(o, d) for r in rounds for o, d in zip(r.offered, r.drafted)]
+    assert all(d <= o <= 4 for o, d in pairs) and any(d < o == 4 for o, d in pairs)
 
 
 def test_chain_stop_keeps_each_sequence_its_confident_prefix():
@@ -370,11 +373,11 @@ def test_auto_draft_length_is_exact_and_stops_drafting_when_it_does_not_pay(engi
             assert sum(stats["drafted_per_position"]) / stats["rounds"] < 1.0, (name, stats["drafted_per_position"])
 
 
-def _round(drafted, accepted, draft_seconds, verify_seconds, rest_seconds=0.0):
+def _round(drafted, accepted, draft_seconds, verify_seconds, rest_seconds=0.0, offered=None):
     from mlc_spec.runtime.speculative import RoundStats
 
     return RoundStats(drafted, accepted, draft_seconds, verify_seconds,
-                      seconds=draft_seconds + verify_seconds + rest_seconds, draft_steps=max(drafted))
+                      seconds=draft_seconds + verify_seconds + rest_seconds, offered=offered or drafted)
 
 
 def test_adaptive_controller_prefers_the_target_alone_for_a_useless_draft():
@@ -410,6 +413,55 @@ def test_adaptive_controller_counts_the_whole_round(drafting_rest, drafts):
     for i in range(50):
         ctl.update(_round([1], [int(i % 5 < 2)], 0.001, 0.011, drafting_rest))
     assert (ctl.choose(1) == 1) == drafts
+
+
+@pytest.mark.parametrize("round_ms,drafts", [(14.0, True), (16.0, False)])
+def test_adaptive_controller_counts_chains_the_draft_stopped(round_ms, drafts):
+    """Offered one draft, the draft stops its chain in half the rounds and is right in the other half: a
+    round offered k = 1 yields 1.5 tokens, not the 2 its drafted positions alone suggest. In 14 ms that
+    beats 1 token in 10 ms; in 16 ms it does not (2 tokens would)."""
+    from mlc_spec.runtime.adaptive import AdaptiveDraftLength
+
+    ctl = AdaptiveDraftLength(1)
+    ctl.update(_round([0], [0], 0.0, 0.010))
+    for i in range(50):
+        stopped = i % 2 == 0
+        ctl.update(_round([0 if stopped else 1], [0 if stopped else 1], 0.002, round_ms / 1000 - 0.002, offered=[1]))
+    assert ctl.reach()[0] == pytest.approx(0.5, abs=0.05)
+    assert (ctl.choose(1) == 1) == drafts
+
+
+def test_adaptive_controller_measures_a_longer_chain_before_choosing_it():
+    """Where one draft pays, two are tried once, then chosen or not by what they cost: never by a guess."""
+    from mlc_spec.runtime.adaptive import AdaptiveDraftLength
+
+    ctl = AdaptiveDraftLength(8)
+    ctl.update(_round([0], [0], 0.0, 0.010))
+    for _ in range(10):
+        ctl.update(_round([1], [1], 0.001, 0.011))
+    assert ctl.choose(8) == 2
+    ctl.update(_round([2], [1], 0.002, 0.030))  # the second draft failed and the round was slow
+    assert [ctl.choose(8) for _ in range(5)] == [1] * 5
+
+
+def test_adaptive_controller_is_not_fooled_by_one_slow_round():
+    """One plain round slowed by a 90 ms pause of the process does not hand the rounds to a draft that
+    never agrees (it would, at face value: 19 ms per plain token against 12 ms per drafting round); and
+    while drafting wins, a round of the target alone every PROBE_EVERY keeps the plain cost measured."""
+    from mlc_spec.runtime.adaptive import PROBE_EVERY, AdaptiveDraftLength
+
+    ctl = AdaptiveDraftLength(1)
+    ctl.update(_round([0], [0], 0.0, 0.010))
+    for _ in range(20):
+        ctl.update(_round([1], [0], 0.002, 0.010))
+    ctl.update(_round([0], [0], 0.0, 0.100))
+    assert ctl.choose(1) == 0
+    ctl = AdaptiveDraftLength(1)
+    ctl.update(_round([0], [0], 0.0, 0.010))
+    for _ in range(10):
+        ctl.update(_round([1], [1], 0.001, 0.010))
+    choices = [ctl.choose(1) for _ in range(2 * PROBE_EVERY)]
+    assert choices.count(0) == 2 and choices[PROBE_EVERY - 1] == choices[-1] == 0
 
 
 def test_adaptive_controller_drafts_deeper_after_one_agreeing_probe():
