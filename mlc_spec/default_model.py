@@ -60,9 +60,10 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
 
-    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft's layer and its cut of the
-    # target's Q8_0 head become Q8_0 again (the head bit for bit).
-    options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
+    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft (its layer and its cut of the
+    # target's Q8_0 head) becomes Q4_1: half of Q8_0's bytes per draft step; measured side by side it
+    # ran 1.06x the target alone at k=1 against Q8_0's 1.03x (acceptance 0.47 against 0.51).
+    options = CompileOptions(device=device, dtype=dtype, draft_quantization="q4_1" if device == "cpu" else None)
     return compile_artifact(gguf, draft, out, options, log=log)
 
 
@@ -86,11 +87,12 @@ def _usable(artifact: Path, log: Callable[[str], None]) -> bool:
 
 
 def _fingerprint(draft_dir: Path | None) -> str:
-    """Names the artifact after the shipped draft's content and the compiler's source (the artifact schema
-    included), so an updated draft or compiler is compiled afresh."""
+    """Names the artifact after the shipped draft's content, the compiler's source (the artifact schema
+    included) and this file's recipe, so an updated draft, compiler or recipe is compiled afresh."""
     from . import compile as compiler, interface
 
     sources = [p for package in (compiler, interface) for p in sorted(Path(package.__file__).parent.rglob("*.py"))]
+    sources.append(Path(__file__))
     return _digest(sources + _files(draft_dir))
 
 
