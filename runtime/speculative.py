@@ -535,9 +535,8 @@ class SpeculativeDecoder:
 
     def _propose_chains(self, seqs: list[Sequence], ks: list[int], uniforms):
         """Each sequence's drafts (its first k) and their q rows (None when greedy), with the proposer's
-        drafting and catch-up seconds. The proposer runs once per set of sampling
-        parameters among the sequences that draft, each time with that set's longest k; shorter chains
-        keep their first k."""
+        drafting and catch-up seconds. The proposer runs once per set of sampling parameters among the
+        sequences that draft, each time with that set's longest k; shorter chains keep their first k."""
         drafts, q_blocks = [[] for _ in seqs], [None] * len(seqs)
         drafting = [i for i, k in enumerate(ks) if k]
         if not drafting:
