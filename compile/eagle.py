@@ -1,6 +1,6 @@
 """The EAGLE-style feature draft (mlc_spec/eagle.py trains it): fc(concat(token embedding, target
-feature)) -> Llama decoder layers (one, as EAGLE's) over its own paged KV cache -> final norm -> a head over the
-draft_vocab_size tokens of token_ids, the target's most frequent.
+feature)) -> Llama decoder layers (one, as EAGLE's) over its own paged KV cache -> final norm -> a head
+over the draft_vocab_size tokens of token_ids, the target's most frequent.
 
 The draft reads the target: the token embeddings come from the target library's embed_tokens (shared,
 never copied) and the features from its *_hidden forwards; its head is the target's output head cut to
@@ -39,8 +39,8 @@ def is_eagle_folder(path: str | Path) -> bool:
 
 
 def eagle_checkpoint(folder: str | Path, target: Checkpoint) -> tuple[Checkpoint, np.ndarray]:
-    """The draft folder as a checkpoint of a model of its layers with a tied head: the target's output head
-    rows of token_ids (an untied target's lm_head, else its embedding); and token_ids."""
+    """The draft folder as a checkpoint of a model of its layers with a tied head: the target's output
+    head rows of token_ids (an untied target's lm_head, else its embedding); and token_ids."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text())
     tensors = dict(SafetensorsTensors(folder))

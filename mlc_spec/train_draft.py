@@ -341,8 +341,6 @@ def run(args) -> int:
         raise ValueError("train-draft needs torch and tqdm; install them with `pip install mlc_spec[train]`") from None
     from .runtime.engine import Engine
 
-    if args.layers < 1:
-        raise ValueError(f"--layers {args.layers}: a draft needs at least one decoder layer")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
@@ -356,6 +354,9 @@ def run(args) -> int:
 
     artifact = Path(args.artifact) if args.artifact else _default_artifact()
     engine = Engine(artifact, max_batch_size=args.gen_batch, max_seq_len=512)
+    target_layers = engine.config.models["target"].config["num_hidden_layers"]
+    if not 1 <= args.layers <= target_layers:  # before the corpus: the draft starts from the target's last layers
+        raise ValueError(f"--layers {args.layers}: give 1 to {target_layers}, the target's layer count")
     if args.stage != "train":
         build_corpus(engine, work, n_train=args.prompts, n_heldout=args.heldout, max_tokens=args.max_tokens,
                      batch=args.gen_batch, seed=args.seed, log=log)
@@ -392,8 +393,6 @@ def train_from_corpus(engine, work: Path, args, log):
     net = DraftNet(ck.hf_config, torch.from_numpy(np.asarray(ck.tensors["model.embed_tokens.weight"], np.float32)),
                    token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)), layers=args.layers)
     first = ck.config.num_hidden_layers - args.layers
-    if first < 0:
-        raise ValueError(f"--layers {args.layers}: the target has only {ck.config.num_hidden_layers} layers to start from")
     with torch.no_grad():  # start where the target ends: its final norm, its last layers
         net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
         for i, layer in enumerate(net.layers):

@@ -214,3 +214,16 @@ def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys, monke
     shards = sorted(work.glob("features-train-*.pt"))
     assert [len(torch.load(f)) for f in shards] == [3, 3, 3, 1]
     assert shards[0].stat().st_mtime_ns == first_written
+
+
+@pytest.mark.parametrize("layers", ["0", "3"])
+def test_train_draft_refuses_more_layers_than_the_target_has_before_any_work(eagle, tmp_path, capsys, layers):
+    """The draft starts from the target's last layers: a count outside 1..its layers is one error line,
+    given before the corpus is generated."""
+    from mlc_spec.cli import main as cli
+
+    engine, _ = eagle
+    work = tmp_path / "work"
+    assert cli(["train-draft", str(engine.folder), "--work", str(work), "--layers", layers]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --layers {layers}: give 1 to 2, the target's layer count"
+    assert not (work / "corpus-train.jsonl").exists()
