@@ -369,7 +369,7 @@ def _prefetch(j, g, streams: list) -> None:
 
 def _inner_index(buffer, byte: int) -> tuple[int, ...]:
     """The index past a packed buffer's first two axes of the element at this byte of an entry."""
-    element = byte // (tvm.DataType(buffer.dtype).bits // 8)
+    element = byte // _element_bytes(buffer)
     index = []
     for extent in reversed([int(e) for e in buffer.shape[2:]]):
         element, rest = divmod(element, extent)
@@ -377,9 +377,13 @@ def _inner_index(buffer, byte: int) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
+def _element_bytes(buffer) -> int:
+    return tvm.DataType(buffer.dtype).bits // 8
+
+
 def _entry_bytes(buffer) -> int:
     """Bytes of one index of a packed buffer's second axis (its lanes, and bytes per lane)."""
-    size = tvm.DataType(buffer.dtype).bits // 8
+    size = _element_bytes(buffer)
     for extent in buffer.shape[2:]:
         size *= int(extent)
     return size

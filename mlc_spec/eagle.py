@@ -4,11 +4,11 @@ The draft predicts the target's next feature, the target's last hidden state aft
 row its output head reads). At sequence position p its input is fc(concat(embed(t_p), f_{p-1})), the
 token there and the feature of the position before, through one Llama decoder layer with its own
 attention over the draft's earlier positions (or a few such layers), then its own final norm: g_p ~ f_p,
-and head(g_p) gives the distribution of t_{p+1}. The head is the target's output head restricted to the `vocab` most frequent
-tokens (FR-Spec): rows of the target's (tied) embedding, shared, never stored in the draft. Chained
-drafting feeds the draft its own g in place of f; `DraftNet.unroll` computes k such chained steps for
-every start position at once (EAGLE-3's training-time test), so training and the held-out acceptance
-see exactly what inference does.
+and head(g_p) gives the distribution of t_{p+1}. The head is the target's output head restricted to the
+`vocab` most frequent tokens (FR-Spec): rows of the target's (tied) embedding, shared, never stored in
+the draft. Chained drafting feeds the draft its own g in place of f; `DraftNet.unroll` computes k such
+chained steps for every start position at once (EAGLE-3's training-time test), so training and the
+held-out acceptance see exactly what inference does.
 """
 
 from __future__ import annotations
