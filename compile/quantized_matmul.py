@@ -42,6 +42,8 @@ def group_scale_min(fmt: str, stored: dict, j, g, t):
     scales, block = stored["scales"], g // (layout.block // layout.group)
     scale = scales[j, block, 0, t].astype("float32")
     low = scales[j, block, 1, t].astype("float32") if layout.has_min else None
+    if layout.offset:
+        low = scale * tirx.const(-layout.offset, "float32")
     if not layout.super_blocks:
         return scale, low
     sub = stored["sub_scales"]
@@ -71,7 +73,7 @@ def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, r
         x[row(b, i), g * size + kk].astype("float32") * code_at(stored, bits, j, g * size + kk, t).astype("float32"),
         axis=kk),
         name="group_dot")
-    if layout.has_min:
+    if layout.has_min or layout.offset:
         kx = te.reduce_axis((0, size), "kx")
         x_sum = te.compute((n, groups), lambda s, g: te.sum(x[s, g * size + kx].astype("float32"), axis=kx),
                            name="group_sum")

@@ -94,6 +94,7 @@ def test_packed_layout_holds_every_code(fmt):
     got = codes.astype(np.float32) * scales[..., 0]
     if layout.has_min:
         got += scales[..., 1]
+    got += scales[..., 0] * np.float32(-layout.offset)
     np.testing.assert_array_equal(got, q.dequantize())
     assert not p["weight"][-1, :, out % tile:].any()  # padding columns are zero
 
