@@ -213,7 +213,7 @@ def packed_shapes(fmt: str, in_features: int, tiles: int, tile: int) -> dict[str
     """Parameter shapes and dtypes of a quantized Linear with this tile: for each word of inputs (see
     code_offset), the tile's T output features are contiguous 32-bit lanes, each holding that word's
     codes of one output, so a lane is an operand of an integer dot product (vpdpbusd, pmaddubsw); per
-    block of inputs, the tile's float16 scales then mins; for K-quants, per group, its integer ones."""
+    block of inputs, the tile's float16 scales then (stored ones only) mins; for K-quants, per group, its integer ones."""
     layout = LAYOUTS[fmt]
     words = in_features // INPUTS_PER_WORD[layout.bits]
     codes = ((tiles, words, tile), "uint32") if layout.bits < 8 else ((tiles, words, tile, 4), "int8")
