@@ -28,6 +28,7 @@ import tvm
 
 from ..interface.artifact import (CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS, CPU_ATTENTION_NEW_TREE,
                                   CPU_PAGE_SIZE, EMPTY_LSE, FEW_QUERIES)
+from .arrays import to_device, to_host
 
 
 @dataclasses.dataclass
@@ -60,16 +61,16 @@ class ChunkAttention:
 
     def attend_new_tokens(self, q, q_indptr, k, v, kv_indptr, cached_lengths, output, lse, sm_scale):
         if self.layout is None:
-            few = np.diff(q_indptr.numpy()).max() <= FEW_QUERIES
+            few = np.diff(to_host(q_indptr)).max() <= FEW_QUERIES
             self.layout = Layout(q_indptr, _rows(k.shape[0], k.device), kv_indptr,
-                                 bool(np.any(cached_lengths.numpy())), bool(few))
+                                 bool(np.any(to_host(cached_lengths))), bool(few))
         self._keep_or_attend(q, k, v, output, lse, sm_scale)
 
     def attend_new_tree(self, q, q_indptr, k, v, q_positions, tree_order, output, lse, sm_scale):
         if self.layout is None:
-            q_indptr = q_indptr.numpy()
-            cached = np.any(q_positions.numpy()[q_indptr[:-1]])  # a tree's root sits right after its cached tokens
-            self.layout = tree_layout(q_indptr, tree_order.numpy(), bool(cached), k.device)
+            q_indptr = to_host(q_indptr)
+            cached = np.any(to_host(q_positions)[q_indptr[:-1]])  # a tree's root sits right after its cached tokens
+            self.layout = tree_layout(q_indptr, to_host(tree_order), bool(cached), k.device)
         self._keep_or_attend(q, k, v, output, lse, sm_scale)
 
     def attend_cached_pages(self, q, pages, page_indptr, page_values, length_info, output, lse, sm_scale):
@@ -78,7 +79,7 @@ class ChunkAttention:
         tables = (page_indptr, page_values, length_info)
         if layout.tree_nodes is not None:
             if layout.node_pages is None:
-                layout.node_pages = pages_per_node(*(t.numpy() for t in tables), layout.tree_nodes, q.device)
+                layout.node_pages = pages_per_node(*(to_host(t) for t in tables), layout.tree_nodes, q.device)
             tables = layout.node_pages
         self.kernels[layout.few](q, layout.q_indptr, pages, *tables, k, v, layout.kv_rows, layout.kv_indptr,
                                  attention, attention_lse, sm_scale)
@@ -113,9 +114,9 @@ def tree_layout(q_indptr: np.ndarray, tree_order: np.ndarray, cached: bool, devi
             rows.append(start + path)
             counts.append(len(path))
     kv_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return Layout(tvm.runtime.tensor(np.arange(len(counts) + 1, dtype=np.int32), device),
-                  tvm.runtime.tensor(np.concatenate(rows).astype(np.int32), device),
-                  tvm.runtime.tensor(kv_indptr, device), cached, few=True, tree_nodes=np.diff(q_indptr))
+    return Layout(to_device(np.arange(len(counts) + 1, dtype=np.int32), device),
+                  to_device(np.concatenate(rows).astype(np.int32), device),
+                  to_device(kv_indptr, device), cached, few=True, tree_nodes=np.diff(q_indptr))
 
 
 def pages_per_node(page_indptr: np.ndarray, page_values: np.ndarray, length_info: np.ndarray, nodes: np.ndarray,
@@ -124,8 +125,8 @@ def pages_per_node(page_indptr: np.ndarray, page_values: np.ndarray, length_info
     tables = [page_values[page_indptr[b]:page_indptr[b + 1]] for b in range(len(nodes)) for _ in range(nodes[b])]
     indptr = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int32)
     values = np.concatenate(tables + [np.zeros(1, np.int32)]).astype(np.int32)  # never empty
-    return (tvm.runtime.tensor(indptr, device), tvm.runtime.tensor(values, device),
-            tvm.runtime.tensor(np.repeat(length_info, nodes).astype(np.int32), device))
+    return (to_device(indptr, device), to_device(values, device),
+            to_device(np.repeat(length_info, nodes).astype(np.int32), device))
 
 
 _thread = threading.local()
@@ -171,13 +172,13 @@ def _cached_pages(q, _q_indptr, pages, page_indptr, page_values, length_info, _k
 
 @functools.lru_cache(maxsize=16)  # a verify's few shapes, and the last prefill chunks'
 def _filled(shape, dtype, value, device):
-    return tvm.runtime.tensor(np.full(shape, value, dtype), device)
+    return to_device(np.full(shape, value, dtype), device)
 
 
 @functools.lru_cache(maxsize=16)  # a verify's few sizes, and the last prefill chunks'
 def _rows(n: int, device) -> tvm.runtime.Tensor:
-    """0 .. n-1: a chain's new keys are its k and v rows in order (making the tensor cost 24 us a forward)."""
-    return tvm.runtime.tensor(np.arange(n, dtype=np.int32), device)
+    """0 .. n-1: a chain's new keys are its k and v rows in order."""
+    return to_device(np.arange(n, dtype=np.int32), device)
 
 
 @functools.cache  # one per library shape and batch size
@@ -185,4 +186,4 @@ def _no_pages(h_kv: int, d: int, dtype: str, batch: int, device) -> tuple:
     """An empty page table for `batch` sequences (one unused page, so every buffer has an element)."""
     zeros = np.zeros(batch + 1, np.int32)
     pages = np.zeros((1, 2, h_kv, CPU_PAGE_SIZE, d), dtype)
-    return tuple(tvm.runtime.tensor(a, device) for a in (pages, zeros, zeros[:1], zeros[:batch]))
+    return tuple(to_device(a, device) for a in (pages, zeros, zeros[:1], zeros[:batch]))

@@ -18,6 +18,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from ..interface.artifact import CHUNK_ATTENTION_KERNELS, DEVICES, ArtifactError, KernelSignature, ModelEntry
 from . import cpu_attention
+from .arrays import to_device, to_host
 from .kv_cache import PagedKVCache
 
 
@@ -72,11 +73,11 @@ class Kernels:
 
     def _call(self, signature: KernelSignature, args):
         lib = self._library
-        tensors = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a, spec.dtype), lib.dev)
+        tensors = [a if isinstance(a, tvm.runtime.Tensor) else to_device(a, lib.dev, spec.dtype)
                    for a, spec in zip(args, signature.args)]
         results = lib.call(signature.name, *tensors)
         results = [results] if len(signature.results) == 1 else list(results)
-        out = [r.numpy() if spec.host else r for r, spec in zip(results, signature.results)]
+        out = [to_host(r) if spec.host else r for r, spec in zip(results, signature.results)]
         return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -126,7 +127,7 @@ class ModelLibrary:
         # A draft narrower than its target's vocabulary may be fed a token it has no row for: feed its
         # last row instead. Only the draft's proposals change; the target still decides.
         tokens = np.minimum(np.asarray(tokens, dtype=np.int32), self.embed_vocab_size - 1)
-        return tvm.runtime.tensor(tokens, self.dev)
+        return to_device(tokens, self.dev)
 
     # -- forwards: each returns float32 logits on the device ------------------------------------------
     # With hidden=True (a library that exports_hidden), also the hidden state of every token fed, [n, hidden].
@@ -139,7 +140,7 @@ class ModelLibrary:
             if all(n == 1 for n in lengths):
                 out = self.call("batch_decode" + suffix, self.ids(flat), kv.handle, self.params)
             else:
-                last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
+                last = to_device(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
                 out = self.call("prefill" + suffix, self.ids(flat), last, kv.handle, self.params)
         return (out[0], out[1]) if hidden else out[0]
 
@@ -161,13 +162,13 @@ class ModelLibrary:
     def forward_features(self, kv: PagedKVCache, seq_ids: list[int], lengths: list[int], embeds, features):
         """A feature draft's step: each sequence's rows of (embedding, feature), flat; its logits over its
         head's tokens and its own feature at each sequence's last row."""
-        embeds, features = (a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
+        embeds, features = (a if isinstance(a, tvm.runtime.Tensor) else to_device(a, self.dev)
                             for a in (embeds, features))
         with kv.forward(seq_ids, lengths):
             if all(n == 1 for n in lengths):
                 logits, g, _ = self.call("batch_decode", embeds, features, kv.handle, self.params)
             else:
-                last = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
+                last = to_device(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
                 logits, g, _ = self.call("prefill", embeds, features, last, kv.handle, self.params)
         return logits, g
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .arrays import to_host
 from .kv_cache import PagedKVCache
 from .library import ModelLibrary
 
@@ -129,7 +130,7 @@ class Model:
         if self.features is None:
             return forward(self.kv, seq_ids, token_lists)
         logits, hidden = forward(self.kv, seq_ids, token_lists, hidden=True)
-        rows = hidden.numpy()
+        rows = to_host(hidden)
         offsets = np.cumsum([0] + [len(t) for t in token_lists])
         for i, seq_id in enumerate(seq_ids):
             self.features.setdefault(seq_id, FeatureRows()).append(rows[offsets[i]:offsets[i + 1]])
@@ -206,7 +207,7 @@ class DraftModel(_ModelDraft):
             else:
                 q = model.lib.kernels.sampling_probs(logits, *_row_params(params, len(seqs)))
                 tokens = model.lib.kernels.sample_from_probs(q, u_draft[:, j])
-                q_rows.append(q.numpy())
+                q_rows.append(to_host(q))
             steps.append(tokens)
             if not stop.extend(logits, q_rows[-1] if q_rows else None):
                 break
@@ -249,7 +250,7 @@ class ChainStop:
 
 def top_probability(logits) -> np.ndarray:
     """Each row's largest probability under softmax(logits)."""
-    rows = logits.numpy()
+    rows = to_host(logits)
     return 1.0 / np.exp(rows - rows.max(axis=1, keepdims=True)).sum(axis=1)
 
 
@@ -290,7 +291,7 @@ class DraftTree(_ModelDraft):
         model, ids = self.model, [s.seq_id for s in seqs]
         trees = [Tree([s.tokens[-1]], [-1]) for s in seqs]
         newest = [(b, 0) for b in range(len(seqs))]  # (sequence, node) of the newest level, one per row
-        logits = model.lib.forward_last(model.kv, ids, [s.tokens[model.cached(s):] for s in seqs]).numpy()
+        logits = to_host(model.lib.forward_last(model.kv, ids, [s.tokens[model.cached(s):] for s in seqs]))
         q_rows = {}
         for level in range(depth):
             if level:
@@ -317,11 +318,11 @@ class DraftTree(_ModelDraft):
         finally:
             kv.discard_tree()
         offsets = np.cumsum([0] + [len(t) for t in below_root])
-        return logits.numpy()[[offsets[b] + node - 1 for b, node in newest]]
+        return to_host(logits)[[offsets[b] + node - 1 for b, node in newest]]
 
     def _probs(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         lib = self.model.lib
-        return lib.kernels.sampling_probs(logits, *_row_params(params, len(logits))).numpy()
+        return to_host(lib.kernels.sampling_probs(logits, *_row_params(params, len(logits))))
 
     def _add_children(self, trees: list[Tree], parents: list[tuple[int, int]], weights: np.ndarray,
                       params: SamplingParams, u_draft: np.ndarray | None) -> list[tuple[int, int]]:
@@ -463,7 +464,7 @@ class FeatureDraft:
             else:
                 q = lib.kernels.sampling_probs(logits, *_row_params(params, len(seqs)))
                 picks = lib.kernels.sample_from_probs(q, u_draft[:, j])
-                q_rows.append(q.numpy())
+                q_rows.append(to_host(q))
             steps.append(lib.token_ids[np.asarray(picks, np.int64)])
             if not stop.extend(logits, q_rows[-1] if q_rows else None):
                 break
@@ -585,7 +586,7 @@ class SpeculativeDecoder:
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if greedy and sampled:  # each kind's rows go to its own kernel
-            logits = logits.numpy()
+            logits = to_host(logits)
         for members, decide in ((greedy, self._decide_greedy), (sampled, self._decide_sampled)):
             if members:
                 part = logits if len(members) == len(seqs) else logits[np.concatenate(
