@@ -198,8 +198,9 @@ class _Inputs:
         lanes = QUANTIZE_LANES
         return T.Bind(self.x.vload([self.row, self.k0 + k], f"{self.x.dtype}x{lanes}").astype(f"float32x{lanes}"))
 
-    def store_codes(self, k: int, code) -> None:
-        """Store integral float codes in -127..127 as int8, + 128 (wrapping) when biased; their int32 values."""
+    def store_codes(self, k: int, code):
+        """Store integral float codes in -127..127 as int8, + 128 (wrapping) when biased; returns their
+        int32 values."""
         lanes = QUANTIZE_LANES
         value = T.Bind(code.astype(f"int32x{lanes}"))
         stored = value + tirx.Broadcast(tirx.const(128, "int32"), lanes) if self.biased else value
@@ -239,7 +240,8 @@ def _quantize_super_block(fmt: str, inputs: _Inputs, scales, b) -> None:
                             tirx.Broadcast(tirx.const(127, "float32"), QUANTIZE_LANES))
             values.append(inputs.store_codes(v * QUANTIZE_LANES, code))
         if layout.has_min:
-            T.buffer_store(scales, _horizontal(tirx.Add, _sum(values), "int32").astype("float32"), [inputs.row, b, 1 + part])
+            total = _horizontal(tirx.Add, _sum(values), "int32")
+            T.buffer_store(scales, total.astype("float32"), [inputs.row, b, 1 + part])
     d = tirx.Select(inverse != 0, tirx.const(1, "float32") / inverse, tirx.const(0, "float32"))
     T.buffer_store(scales, d, [inputs.row, b, 0])
 

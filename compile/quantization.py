@@ -172,7 +172,8 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) ->
     packed = blocks[:, 4:] if fmt == "q4_1" else blocks[:, 2:]
     # the low nibbles of a block's 16 bytes are weights 0..15, the high ones 16..31
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(out, k)
-    return Quantized(fmt, codes, d, blocks[:, 2:4].copy().view(np.float16).reshape(out, k // GROUP) if fmt == "q4_1" else None)
+    mins = blocks[:, 2:4].copy().view(np.float16).reshape(out, k // GROUP) if fmt == "q4_1" else None
+    return Quantized(fmt, codes, d, mins)
 
 
 def _from_k_blocks(blocks: np.ndarray, fmt: str, out: int, k: int) -> Quantized:
@@ -213,7 +214,8 @@ def packed_shapes(fmt: str, in_features: int, tiles: int, tile: int) -> dict[str
     """Parameter shapes and dtypes of a quantized Linear with this tile: for each word of inputs (see
     code_offset), the tile's T output features are contiguous 32-bit lanes, each holding that word's
     codes of one output, so a lane is an operand of an integer dot product (vpdpbusd, pmaddubsw); per
-    block of inputs, the tile's float16 scales then (stored ones only) mins; for K-quants, per group, its integer ones."""
+    block of inputs, the tile's float16 scales then (stored ones only) mins; for K-quants, per group,
+    its integer ones."""
     layout = LAYOUTS[fmt]
     words = in_features // INPUTS_PER_WORD[layout.bits]
     codes = ((tiles, words, tile), "uint32") if layout.bits < 8 else ((tiles, words, tile, 4), "int8")
