@@ -29,7 +29,7 @@ from ..runtime import options as check
 from . import kernels, workarounds
 from .checkpoint import GATHERED_EMBEDDING, QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
-from .eagle import KIND, TOKEN_IDS, EagleDraft, eagle_checkpoint, is_eagle_folder
+from .eagle import KIND, TOKEN_IDS, EagleDraft, eagle_checkpoint, feature_layers, is_eagle_folder
 from .model import CausalLM, WeightLayout
 from .pipeline import pipeline_for, tir_pipeline_for
 from .streaming_matmul import weight_tile
@@ -50,8 +50,9 @@ class CompileOptions:
     draft_quantization: str | None = None
     # A CPU code generator other than LLVM for this CPU: a dict target of kind llvm or c (device cpu).
     cpu_target: dict | None = None
-    # The target's *_hidden forwards, which a feature draft reads (always there with one) and train-draft too
-    export_hidden: bool = False
+    # The target's *_hidden forwards, which a feature draft reads (always there with one, exporting the
+    # layers it fuses) and train-draft too: the target layers whose outputs precede its last hidden state
+    export_features: tuple[int, ...] | None = None
 
 
 def compile_artifact(target: str | Path, draft: str | Path | None = None, output: str | Path | None = None,
@@ -69,6 +70,7 @@ def compile_artifact(target: str | Path, draft: str | Path | None = None, output
     if draft is not None and is_eagle_folder(draft):
         checkpoints["draft"], token_ids = eagle_checkpoint(draft, checkpoints["target"])
         kinds["draft"] = KIND
+        opts = dataclasses.replace(opts, export_features=feature_layers(checkpoints["draft"]))
     elif draft is not None:
         checkpoints["draft"] = load_checkpoint(draft)
         kinds["draft"] = "model"
@@ -221,11 +223,12 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
     params, formats = convert_weights(cfg, ck, opts.dtype, output_vocab_size, tile, quantization)
     log(f"lower: {role} for {target.kind.name}" + (f" ({_count(formats)})" if formats else ""))
     layout = WeightLayout(tile, formats)
+    features = opts.export_features if role == "target" else None
     if eagle:
-        model = EagleDraft(cfg, model_target(target), layout)
+        features = feature_layers(ck)
+        model = EagleDraft(cfg, model_target(target), layout, features)
     else:
-        model = CausalLM(cfg, model_target(target), output_vocab_size, layout,
-                         export_hidden=role == "target" and (opts.export_hidden or kinds.get("draft") == KIND))
+        model = CausalLM(cfg, model_target(target), output_vocab_size, layout, features)
     model.to(opts.dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     param_names = [name for name, _ in named_params]
@@ -256,6 +259,7 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
         build_seconds=round(build_seconds, 1),
         param_bytes=int(sum(p.nbytes for p in params.values())),
         decode_bytes=int(sum(p.nbytes for name, p in params.items() if name != GATHERED_EMBEDDING)),
+        feature_layers=features,
     )
 
 

@@ -136,8 +136,11 @@ def convert_weights(cfg: ModelConfig, ck: Checkpoint, dtype: str, output_vocab_s
         out[ours + "input_layernorm.weight"] = get(hf + "input_layernorm.weight")
         out[ours + "post_attention_layernorm.weight"] = get(hf + "post_attention_layernorm.weight")
     out["model.norm.weight"] = get("model.norm.weight")
-    if "fc.weight" in ck.tensors:  # an eagle draft's input projection (eagle.py)
+    if "fc.weight" in ck.tensors:  # an eagle draft's input projection and feature fusion (eagle.py)
         linears["fc"] = ["fc.weight"]
+        if "fuse.weight" in ck.tensors:
+            linears["fuse"] = ["fuse.weight"]
+        out.update({name: get(name) for name in ck.tensors if name.startswith("feature_norms.")})
     embed = "model.embed_tokens.weight"
     linears["lm_head"] = [embed if cfg.tie_word_embeddings else "lm_head.weight"]
     if not cfg.tie_word_embeddings:

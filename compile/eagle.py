@@ -54,17 +54,47 @@ def eagle_checkpoint(folder: str | Path, target: Checkpoint) -> tuple[Checkpoint
                            "train a draft for this target with `mlc_spec train-draft`")
     if token_ids.min() < 0 or token_ids.max() >= target_cfg.vocab_size:
         raise CompileError(f"{folder}: {TOKEN_IDS} holds ids outside the target's vocabulary")
+    layers = hf.get("feature_layers", [])
+    if not (isinstance(layers, list) and all(type(i) is int and 0 <= i < target_cfg.num_hidden_layers - 1 for i in layers)):
+        raise CompileError(f"{folder}: feature_layers must list target layers from 0 to "
+                           f"{target_cfg.num_hidden_layers - 2}, got {layers!r}; retrain it with `mlc_spec train-draft`")
     head = "model.embed_tokens.weight" if target_cfg.tie_word_embeddings else "lm_head.weight"
     tensors["model.embed_tokens.weight"] = np.asarray(target.tensors[head], np.float32)[token_ids]
     config = {**hf, "vocab_size": len(token_ids), "tie_word_embeddings": True}
     return Checkpoint(str(folder), config, tensors, target.tokenizer_json, target.tokenizer_config), token_ids
 
 
+def feature_layers(draft: Checkpoint) -> tuple[int, ...]:
+    """The target layers whose outputs an eagle draft fuses with the target's last hidden state."""
+    return tuple(draft.hf_config.get("feature_layers", []))
+
+
 class EagleDraft(CausalLM):
-    def __init__(self, c: ModelConfig, target: tvm.target.Target, layout: WeightLayout | None = None):
+    """prefill and batch_decode_target read the target's features (and fuse them, with feature_layers),
+    batch_decode the draft's own from its step before."""
+
+    def __init__(self, c: ModelConfig, target: tvm.target.Target, layout: WeightLayout | None = None,
+                 feature_layers: tuple[int, ...] = ()):
         super().__init__(c, target, c.vocab_size, layout)
         layout = dataclasses.replace(layout or WeightLayout(), dot=self.lm_head.dot)
         self.fc = layout.linear("fc", 2 * c.hidden_size, [c.hidden_size])
+        self.draft_features = tuple(feature_layers)
+        if self.draft_features:
+            self.feature_norms = nn.ModuleList([nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
+                                                for _ in self.draft_features])
+            self.fuse = layout.linear("fuse", self.feature_width, [c.hidden_size])
+
+    @property
+    def feature_width(self) -> int:
+        return (len(self.draft_features) + 1) * self.c.hidden_size
+
+    def _fused(self, features: Tensor, row_block: int) -> Tensor:
+        """The target's features as the draft reads them (mlc_spec/eagle.py's DraftNet.target_feature)."""
+        if not self.draft_features:
+            return features
+        parts = op.split(features, len(self.draft_features) + 1, axis=-1)
+        normed = [norm(x) for norm, x in zip(self.feature_norms, parts)]
+        return self.fuse(op.concat(normed + [parts[-1]], dim=-1), row_block)
 
     def _step(self, embeds: Tensor, features: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
         """The draft's features (after its final norm) at every row."""
@@ -73,12 +103,16 @@ class EagleDraft(CausalLM):
         return op.reshape(self.model(op.reshape(x, (1, n, h)), kv, row_block), (n, h))
 
     def prefill(self, embeds: Tensor, features: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        features = self._fused(features, VERIFY_ROW_BLOCK)
         g = op.take(self._step(embeds, features, paged_kv_cache, VERIFY_ROW_BLOCK), logit_positions, axis=0)
         return self._logits(g), g, paged_kv_cache
 
     def batch_decode(self, embeds: Tensor, features: Tensor, paged_kv_cache: PagedKVCache):
         g = self._step(embeds, features, paged_kv_cache, 1)
         return self._logits(g), g, paged_kv_cache
+
+    def batch_decode_target(self, embeds: Tensor, features: Tensor, paged_kv_cache: PagedKVCache):
+        return self.batch_decode(embeds, self._fused(features, 1), paged_kv_cache)
 
     @property
     def verify_row_blocks(self) -> list[int]:
@@ -90,10 +124,13 @@ class EagleDraft(CausalLM):
         kv = nn.spec.Object(object_type=PagedKVCache)
         h = self.c.hidden_size
         rows, batch = nn.spec.Tensor(["seq_len", h], self.dtype), nn.spec.Tensor(["batch_size", h], self.dtype)
+        width = self.feature_width
+        target_rows, target_batch = (nn.spec.Tensor([n, width], self.dtype) for n in ("seq_len", "batch_size"))
         spec = {
-            "prefill": {"embeds": rows, "features": rows, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+            "prefill": {"embeds": rows, "features": target_rows, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
                         "paged_kv_cache": kv, "$": packed},
             "batch_decode": {"embeds": batch, "features": batch, "paged_kv_cache": kv, "$": packed},
+            "batch_decode_target": {"embeds": batch, "features": target_batch, "paged_kv_cache": kv, "$": packed},
             "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
             **self._kernel_spec(plain),
         }

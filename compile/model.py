@@ -258,24 +258,31 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(c, layout, f"model.layers.{i}.") for i in range(c.num_hidden_layers)])
         self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
 
-    def forward(self, h: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
+    def forward(self, h: Tensor, kv: PagedKVCache, row_block: int, taps: tuple[int, ...] = ()) -> Tensor:
+        """The last hidden state (after the final norm), preceded along the last axis by the output of
+        each layer in taps (a feature draft's lower-level features)."""
+        tapped = []
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, kv, layer_id, row_block)
-        return self.norm(h)
+            if layer_id in taps:
+                tapped.append(h)
+        return op.concat(tapped + [self.norm(h)], dim=-1) if tapped else self.norm(h)
 
 
 class CausalLM(nn.Module):
     """The exported functions of one model library (MLC-LLM's naming, token ids in)."""
 
     def __init__(self, c: ModelConfig, target: tvm.target.Target, output_vocab_size: int | None = None,
-                 layout: WeightLayout | None = None, export_hidden: bool = False):
+                 layout: WeightLayout | None = None, feature_layers: tuple[int, ...] | None = None):
         """output_vocab_size aligns a draft's logits to its target's vocabulary: extra padding rows
         of the draft's head are dropped, missing ones come out as -inf (the draft never proposes them).
-        layout says how each Linear stores its weight. export_hidden adds the *_hidden twins of the
-        forwards, which also return every row's last hidden state (after the final norm: the row the
-        head reads), and embed: what a feature draft (eagle.py) reads of its target."""
+        layout says how each Linear stores its weight. feature_layers (None: none) adds the *_hidden
+        twins of the forwards, which also return every row's features: the outputs of those layers,
+        then the last hidden state (after the final norm: the row the head reads); and embed: what a
+        feature draft (eagle.py) reads of its target."""
         self.c = c
-        self.export_hidden = export_hidden
+        self.feature_layers = feature_layers
+        self.export_hidden = feature_layers is not None
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
         layout = dataclasses.replace(layout or WeightLayout(), dot=integer_dot(target))
@@ -303,20 +310,29 @@ class CausalLM(nn.Module):
             logits = op.pad(logits, [0, 0, 0, missing], value=float("-inf"))
         return logits
 
-    def _hidden(self, input_ids: Tensor, kv: PagedKVCache, row_block: int) -> Tensor:
-        h = self.embed(input_ids)
-        return self.model(op.reshape(h, (1, input_ids.shape[0], self.c.hidden_size)), kv, row_block)
+    def _hidden(self, input_ids: Tensor, kv: PagedKVCache, row_block: int, taps: tuple[int, ...] = ()) -> Tensor:
+        """[n, (len(taps) + 1) * hidden]: Decoder.forward's rows."""
+        n, h = input_ids.shape[0], self.c.hidden_size
+        rows = self.model(op.reshape(self.embed(input_ids), (1, n, h)), kv, row_block, taps)
+        return op.reshape(rows, (n, (len(taps) + 1) * h))
+
+    def _features(self, input_ids: Tensor, kv: PagedKVCache, row_block: int) -> tuple[Tensor, Tensor]:
+        """(the last hidden state, the features) of every row."""
+        features = self._hidden(input_ids, kv, row_block, self.feature_layers)
+        if not self.feature_layers:
+            return features, features
+        h = self.c.hidden_size
+        return op.split(features, [len(self.feature_layers) * h], axis=-1)[1], features
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
         """Ragged prefill of several sequences; logits only at logit_positions (each one's last token)."""
-        h = self._hidden(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK)
-        h = op.take(op.reshape(h, (input_ids.shape[0], self.c.hidden_size)), logit_positions, axis=0)
+        h = op.take(self._hidden(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK), logit_positions, axis=0)
         return self._logits(h), paged_kv_cache
 
     def prefill_hidden(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
-        """prefill, and the hidden state of every row."""
-        h = op.reshape(self._hidden(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK), (input_ids.shape[0], self.c.hidden_size))
-        return self._logits(op.take(h, logit_positions, axis=0)), h, paged_kv_cache
+        """prefill, and the features of every row."""
+        h, features = self._features(input_ids, paged_kv_cache, VERIFY_ROW_BLOCK)
+        return self._logits(op.take(h, logit_positions, axis=0)), features, paged_kv_cache
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.embed(input_ids)
@@ -342,17 +358,13 @@ class CausalLM(nn.Module):
         return verify
 
     def _all_logits(self, input_ids: Tensor, kv: PagedKVCache, row_block: int):
-        logits, _, kv = self._all_rows(input_ids, kv, row_block)
-        return logits, kv
-
-    def _all_rows(self, input_ids: Tensor, kv: PagedKVCache, row_block: int):
-        """Logits and hidden states at every token given."""
-        h = op.reshape(self._hidden(input_ids, kv, row_block), (input_ids.shape[0], self.c.hidden_size))
-        return self._logits(h, row_block), h, kv
+        return self._logits(self._hidden(input_ids, kv, row_block), row_block), kv
 
     def _hidden_twin(self, row_block: int):
         def forward(input_ids: Tensor, paged_kv_cache: PagedKVCache):
-            return self._all_rows(input_ids, paged_kv_cache, row_block)
+            """Logits and features at every token given."""
+            h, features = self._features(input_ids, paged_kv_cache, row_block)
+            return self._logits(h, row_block), features, paged_kv_cache
 
         return forward
 

@@ -20,7 +20,9 @@ CONFIG_FILE = "mlc_spec_config.json"
 # 2: typed schema with kernel signatures, per-file sizes and hashes, and the CPU features the code needs.
 # 3: each model records decode_bytes, the parameter bytes one decode step reads.
 # 4: CPU libraries attend multi-token forwards through the runtime's CPU_ATTENTION_* functions.
-FORMAT_VERSION = 4
+# 5: an eagle draft's batch_decode_target reads the target's features (fused over feature_layers), its
+#    batch_decode only its own.
+FORMAT_VERSION = 5
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 VOCAB = "vocab"  # the dimension of a kernel tensor that is the model's output vocabulary
 # A CPU library's paged KV cache calls these global functions (runtime/cpu_attention.py registers them)
@@ -106,6 +108,9 @@ class ModelEntry:
     # "model": a causal LM over token ids; "eagle": a feature draft over the target's embeddings and
     # hidden states (compile/eagle.py), whose target then exports them
     kind: str = "model"
+    # the target layers whose outputs precede the last hidden state in the features a target exports
+    # (None: it exports none) or an eagle draft reads
+    feature_layers: tuple[int, ...] | None = None
 
     @property
     def embed_vocab_size(self) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime.arrays import to_device
 from .runtime.engine import GenerateOptions
 from .runtime.speculative import DRAFT_CONFIDENCE
 
@@ -189,13 +190,18 @@ def _median_forward(model, seq: int, n: int, repeats: int, forward_last=None) ->
 
 
 def _feature_forward(engine):
-    """A feature draft's forward_last for timing: the target's embeddings of the tokens, zero features."""
-    lib, width = engine.draft.lib, engine.config.models["target"].config["hidden_size"]
+    """A feature draft's forward_last for timing: the target's embeddings of the tokens, zero features
+    (a chained step's own ones for one token per sequence, the target's for more)."""
+    lib, entry = engine.draft.lib, engine.config.models["draft"]
+    hidden = entry.config["hidden_size"]
 
     def forward(kv, seq_ids, token_lists):
         tokens = [t for tokens in token_lists for t in tokens]
         embeds = engine.target.lib.embed(tokens)
-        features = np.zeros((len(tokens), width), embeds.dtype)
+        if len(tokens) == len(seq_ids):
+            g = to_device(np.zeros((len(tokens), hidden)), lib.dev, embeds.dtype)
+            return lib.forward_own_features(kv, seq_ids, embeds, g)[0]
+        features = np.zeros((len(tokens), hidden * (len(entry.feature_layers or ()) + 1)), embeds.dtype)
         return lib.forward_features(kv, seq_ids, [len(t) for t in token_lists], embeds, features)[0]
 
     return forward

@@ -2,7 +2,9 @@
 
 The draft predicts the target's next feature, the target's last hidden state after its final norm (the
 row its output head reads). At sequence position p its input is fc(concat(embed(t_p), f_{p-1})), the
-token there and the feature of the position before, through one Llama decoder layer with its own
+token there and the feature of the position before (with feature_layers, EAGLE-3's fusion: f_{p-1} is
+fuse(concat(norm_i(h_i), ..., f)) over the outputs h_i of those target layers too, which see more than
+the next token), through one Llama decoder layer with its own
 attention over the draft's earlier positions (or a few such layers), then its own final norm: g_p ~ f_p,
 and head(g_p) gives the distribution of t_{p+1}. The head is the target's output head restricted to the
 `vocab` most frequent tokens (FR-Spec): rows of the target's (tied) embedding, shared, never stored in
@@ -93,11 +95,19 @@ class DraftNet(nn.Module):
     buffer."""
 
     def __init__(self, config: dict, embed: torch.Tensor, token_ids: torch.Tensor, head: torch.Tensor,
-                 layers: int = 1):
-        """embed, head: the target's token embedding and output head (the same matrix when tied)."""
+                 layers: int = 1, feature_layers: tuple[int, ...] = ()):
+        """embed, head: the target's token embedding and output head (the same matrix when tied).
+        feature_layers: the target layers whose outputs the target features hold before the last one."""
         super().__init__()
         c = target_config(config)
         h = c["hidden_size"]
+        self.feature_layers = tuple(feature_layers)
+        if self.feature_layers:
+            self.feature_norms = nn.ModuleList(RMSNorm(h, c["rms_norm_eps"]) for _ in self.feature_layers)
+            self.fuse = nn.Linear((len(self.feature_layers) + 1) * h, h, bias=False)
+            with torch.no_grad():  # starts as the last feature alone: a one-feature draft's behaviour
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, -h:].copy_(torch.eye(h))
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layers = nn.ModuleList(Layer(c) for _ in range(layers))
         self.norm = RMSNorm(h, c["rms_norm_eps"])
@@ -108,13 +118,20 @@ class DraftNet(nn.Module):
     def logits(self, g):
         return g @ self.head.T
 
+    def target_feature(self, feats: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., (len(feature_layers) + 1) * h] as the draft reads them, [..., h]."""
+        if not self.feature_layers:
+            return feats
+        parts = feats.chunk(len(self.feature_layers) + 1, -1)
+        return self.fuse(torch.cat([norm(x) for norm, x in zip(self.feature_norms, parts)] + [parts[-1]], -1))
+
     def unroll(self, ids: torch.Tensor, feats: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Chained drafting from every start at once. ids [b, s] tokens, feats [b, s, h] the target's
+        """Chained drafting from every start at once. ids [b, s] tokens, feats [b, s, width] the target's
         features. Returns g_1..g_steps, each [b, s-1, h]: g_r[:, p-1] is the draft's feature at sequence
         position p in a chain whose first step ran at position p-r+1 (the positions before it read the
         target's true features, as the runtime's draft cache does; the later ones its own g)."""
         emb = self.embed[ids[:, 1:]]  # tokens at positions 1..s-1
-        prev = feats[:, :-1]  # step 1 reads f_{p-1}
+        prev = self.target_feature(feats[:, :-1])  # step 1 reads f_{p-1}
         keys, values, outs = [[] for _ in self.layers], [[] for _ in self.layers], []
         for r in range(1, steps + 1):
             x = self.fc(torch.cat([emb, prev], -1))

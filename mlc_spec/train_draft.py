@@ -101,21 +101,27 @@ def extract_features(engine, seqs: list[tuple[list[int], int]], stem: Path, log=
     return done
 
 
-def feature_engine(engine, work: Path, log):
-    """An engine whose target exports its hidden states: this one, or the target recompiled with them."""
+def feature_engine(engine, work: Path, layers: tuple[int, ...], log):
+    """An engine whose target exports the features a draft of these feature layers reads: this one, or
+    the target recompiled with them."""
     from .runtime.engine import Engine
 
-    if engine.target.lib.exports_hidden:
+    if engine.target.lib.exports_hidden and (engine.config.models["target"].feature_layers or ()) == layers:
         return engine
-    folder = work / "feature-target"
+    folder = work / f"feature-target{_tag(layers)}"
     if not (folder / "mlc_spec_config.json").is_file():
         from .compile.build import CompileOptions, compile_artifact
 
-        log(f"compiling the target with its hidden states exported into {folder} (once)")
+        log(f"compiling the target with its features exported into {folder} (once)")
         source = engine.config.models["target"].source
         compile_artifact(source, None, folder, CompileOptions(device=engine.config.device, dtype=engine.config.dtype,
-                                                              export_hidden=True), log=log)
+                                                              export_features=layers), log=log)
     return Engine(folder, device=engine.config.device, max_batch_size=1, max_seq_len=engine.max_seq_len)
+
+
+def _tag(layers: tuple[int, ...]) -> str:
+    """Names the files of features with these layers (none: the names of one-feature drafts)."""
+    return "-layers" + "".join(f"-{i}" for i in layers) if layers else ""
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def draft_loss(net, ids, feats, masks):
     import torch.nn.functional as F
 
     outs = net.unroll(ids, feats, len(masks))
-    want = feats[:, 1:]  # f_p for g at position p
+    want = feats[:, 1:, -net.norm.weight.shape[0]:]  # f_p for g at position p: the last hidden state
     p = torch.softmax(net.logits(want), -1)
     total, parts = 0.0, []
     for r, (g, m) in enumerate(zip(outs, masks)):
@@ -220,6 +226,9 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
     state = {"step": 0, "seconds": 0.0, "history": []}
     if ckpt.is_file():
         saved = torch.load(ckpt)
+        if tuple(saved.get("feature_layers", ())) != net.feature_layers:
+            raise ValueError(f"{ckpt} holds a draft of feature layers {list(saved.get('feature_layers', ()))}, not "
+                             f"{list(net.feature_layers)}; pass --feature-layers to match it, or a new --work to start over")
         # a one-layer draft's checkpoint from before --layers named its layer "layer"
         saved["model"] = {("layers.0." + k[6:] if k.startswith("layer.") else k): v for k, v in saved["model"].items()}
         layers = 1 + max(int(k.split(".")[1]) for k in saved["model"] if k.startswith("layers."))
@@ -254,11 +263,18 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
             bar.set_postfix(ce1=f"{ema:.3f}", min=f"{state['seconds'] / 60:.1f}")
             if state["step"] % eval_every == 0:
                 record(net, held, held_feats, steps, state, log)
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt)
+                _save(net, opt, state, ckpt)
     bar.close()
     record(net, held, held_feats, steps, state, log)
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt)
+    _save(net, opt, state, ckpt)
     return state
+
+
+def _save(net, opt, state: dict, ckpt: Path) -> None:
+    import torch
+
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                "feature_layers": list(net.feature_layers)}, ckpt)
 
 
 def record(net, held, held_feats, steps: int, state: dict, log) -> None:
@@ -285,8 +301,13 @@ def export(net, target_config: dict, out: Path, note: str) -> None:
               "tie_word_embeddings": False, "hidden_act": "silu",
               "max_position_embeddings": target_config.get("max_position_embeddings", 4096),
               "bos_token_id": target_config.get("bos_token_id"), "eos_token_id": target_config.get("eos_token_id")}
+    if net.feature_layers:
+        config["feature_layers"] = list(net.feature_layers)
     tensors = {"fc.weight": net.fc.weight, "model.norm.weight": net.norm.weight,
-               **{f"model.layers.{i}.{k}": v for i, layer in enumerate(net.layers) for k, v in layer.state_dict().items()}}
+               **{f"model.layers.{i}.{k}": v for i, layer in enumerate(net.layers) for k, v in layer.state_dict().items()},
+               **({"fuse.weight": net.fuse.weight, **{f"feature_norms.{i}.weight": norm.weight
+                                                      for i, norm in enumerate(net.feature_norms)}}
+                  if net.feature_layers else {})}
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
     tensors["token_ids"] = net.token_ids.to(torch.int32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +343,10 @@ def add_parser(sub) -> None:
     p.add_argument("--vocab", type=int, default=8192, help="the head's tokens: the corpus's most frequent")
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget (a rerun continues)")
     p.add_argument("--layers", type=int, default=1, help="the draft's decoder layers (default 1, EAGLE's)")
+    p.add_argument("--feature-layers", default="auto",
+                   help="target layers whose outputs the draft fuses with the last hidden state, comma-separated "
+                        "(EAGLE-3); auto: a low and a middle one; none: the last hidden state alone")
+    p.add_argument("--init", help="a draft folder to start from (train-draft's output of the same target)")
     p.add_argument("--steps", type=int, default=3, help="chained draft steps trained and scored")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -357,6 +382,7 @@ def run(args) -> int:
     target_layers = engine.config.models["target"].config["num_hidden_layers"]
     if not 1 <= args.layers <= target_layers:  # before the corpus: the draft starts from the target's last layers
         raise ValueError(f"--layers {args.layers}: give 1 to {target_layers}, the target's layer count")
+    args.feature_layers = parse_feature_layers(args.feature_layers, target_layers)
     if args.stage != "train":
         build_corpus(engine, work, n_train=args.prompts, n_heldout=args.heldout, max_tokens=args.max_tokens,
                      batch=args.gen_batch, seed=args.seed, log=log)
@@ -367,6 +393,22 @@ def run(args) -> int:
     export(net, target_cfg, out, LICENSE_NOTE.format(target=Path(source).name, vocab=args.vocab, recipe=recipe))
     log(f"wrote {out}; compile it with: mlc_spec compile {source} --draft {out}")
     return 0
+
+
+def parse_feature_layers(text: str, target_layers: int) -> tuple[int, ...]:
+    """--feature-layers: auto is EAGLE-3's choice, a low layer and a middle one."""
+    if text == "auto":
+        return (min(2, target_layers - 2), target_layers // 2) if target_layers >= 4 else ()
+    if text == "none":
+        return ()
+    try:
+        layers = tuple(sorted({int(i) for i in text.split(",")}))
+    except ValueError:
+        layers = (-1,)
+    if not all(0 <= i < target_layers - 1 for i in layers):
+        raise ValueError(f"--feature-layers {text}: give target layers from 0 to {target_layers - 2}, comma-separated, "
+                         "or auto or none")
+    return layers
 
 
 def train_from_corpus(engine, work: Path, args, log):
@@ -381,24 +423,26 @@ def train_from_corpus(engine, work: Path, args, log):
     train_rows, held_rows = read_corpus(files["train"]), read_corpus(files["heldout"])
     held_rows = [r for r in held_rows if r["mode"] == "greedy"]  # acceptance is measured on greedy replies
     train_seqs, held_seqs = sequences(train_rows), sequences(held_rows)
-    features = feature_engine(engine, work, log)
-    held_feats = extract_features(features, held_seqs, work / "features-heldout", log=log)
-    train_feats = extract_features(features, train_seqs, work / "features-train", log=log)
+    tag = _tag(args.feature_layers)
+    features = feature_engine(engine, work, args.feature_layers, log)
+    held_feats = extract_features(features, held_seqs, work / f"features{tag}-heldout", log=log)
+    train_feats = extract_features(features, train_seqs, work / f"features{tag}-train", log=log)
     checkpoint = work / "checkpoint.pt"
+    init = _read_draft(Path(args.init)) if args.init and not checkpoint.is_file() else None
     if checkpoint.is_file():  # the head a resumed run trained (the corpus may have grown since)
         token_ids = torch.load(checkpoint)["model"]["token_ids"]
+    elif init is not None:
+        token_ids = init.pop("token_ids").long()
     else:
         token_ids = torch.from_numpy(frequent_tokens(train_rows, args.vocab, tuple(ck.config.eos_token_ids)))
     head = "model.embed_tokens.weight" if ck.config.tie_word_embeddings else "lm_head.weight"
     net = DraftNet(ck.hf_config, torch.from_numpy(np.asarray(ck.tensors["model.embed_tokens.weight"], np.float32)),
-                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)), layers=args.layers)
-    first = ck.config.num_hidden_layers - args.layers
-    with torch.no_grad():  # start where the target ends: its final norm, its last layers
-        net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
-        for i, layer in enumerate(net.layers):
-            prefix = f"model.layers.{first + i}."
-            layer.load_state_dict({k.removeprefix(prefix): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
-                                   for k in ck.tensors if k.startswith(prefix)})
+                   token_ids, torch.from_numpy(np.asarray(ck.tensors[head], np.float32)), layers=args.layers,
+                   feature_layers=args.feature_layers)
+    if init is not None:
+        _start_from(net, init, args.init)
+    else:
+        _start_from_target(net, ck)
     n_tokens = sum(len(r["reply"]) for r in train_rows)
     log(f"[train] {len(train_seqs)} sequences, {n_tokens} reply tokens; head over {len(token_ids)} tokens "
         f"covering {coverage(train_rows, token_ids):.3f} of reply tokens")
@@ -409,7 +453,10 @@ def train_from_corpus(engine, work: Path, args, log):
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     width = ck.config.hidden_size
     layers = "one Llama decoder layer" if args.layers == 1 else f"{args.layers} Llama decoder layers"
-    recipe = (f"- draft: fc(2x{width} -> {width}), {layers} (initialised from the target's last), "
+    fused = (f"features of target layers {', '.join(map(str, net.feature_layers))} and the last, fused by "
+             f"fuse({len(net.feature_layers) + 1}x{width} -> {width}); " if net.feature_layers else "")
+    start = f"started from {args.init}" if args.init else "initialised from the target's last"
+    recipe = (f"- draft: {fused}fc(2x{width} -> {width}), {layers} ({start}), "
               f"final norm; {params / 1e6:.1f}M parameters; head over the {len(token_ids)} most frequent reply tokens\n"
               f"- corpus: {len(train_rows)} replies of the target to {len(train_rows) // 2} prompts (greedy and "
               f"sampled at {CORPUS_MODES['sampled']}), {n_tokens} reply tokens\n"
@@ -417,6 +464,44 @@ def train_from_corpus(engine, work: Path, args, log):
               f"{state['seconds'] / 60:.0f} min on {args.threads} CPU threads, {'bfloat16' if bfloat16 else 'float32'}\n"
               f"- held-out greedy acceptance per position: {' '.join(f'{a:.3f}' for a in acc)}\n")
     return net, ck.hf_config, recipe
+
+
+def _start_from_target(net, ck) -> None:
+    """Where the target ends: its final norm, its last layers."""
+    import torch
+
+    first = ck.config.num_hidden_layers - len(net.layers)
+    with torch.no_grad():
+        net.norm.weight.copy_(torch.from_numpy(np.asarray(ck.tensors["model.norm.weight"], np.float32)))
+        for i, layer in enumerate(net.layers):
+            prefix = f"model.layers.{first + i}."
+            layer.load_state_dict({k.removeprefix(prefix): torch.from_numpy(np.asarray(ck.tensors[k], np.float32))
+                                   for k in ck.tensors if k.startswith(prefix)})
+
+
+def _read_draft(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"--init {folder}: no model.safetensors there; give a folder train-draft wrote")
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _start_from(net, tensors: dict, where: str) -> None:
+    """A trained draft's weights (its fc, layers and norm; a fusion it lacks starts as the last feature
+    alone), so a draft with feature layers can start from one without."""
+    import torch
+
+    own = {"fc.weight": "fc.weight", "model.norm.weight": "norm.weight",
+           **{f"model.layers.{i}.{k}": f"layers.{i}.{k}" for i, layer in enumerate(net.layers) for k in layer.state_dict()},
+           "fuse.weight": "fuse.weight", **{f"feature_norms.{i}.weight": f"feature_norms.{i}.weight"
+                                            for i in range(len(net.feature_layers))}}
+    params = net.state_dict()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in own or params[own[name]].shape != tensor.shape:
+                raise ValueError(f"--init {where}: its {name} does not fit this draft (--layers, --feature-layers)")
+            params[own[name]].copy_(tensor.float())
 
 
 def coverage(rows: list[dict], token_ids) -> float:

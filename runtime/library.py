@@ -159,17 +159,23 @@ class ModelLibrary:
         """The token embeddings a feature draft reads, [n, hidden]."""
         return self.call("embed_tokens", self.ids(tokens), self.params)
 
+    # -- a feature draft's forwards: its logits over its head's tokens and its own feature, at each
+    # sequence's last row
     def forward_features(self, kv: PagedKVCache, seq_ids: list[int], lengths: list[int], embeds, features):
-        """A feature draft's step: each sequence's rows of (embedding, feature), flat; its logits over its
-        head's tokens and its own feature at each sequence's last row."""
-        embeds, features = (a if isinstance(a, tvm.runtime.Tensor) else to_device(a, self.dev)
-                            for a in (embeds, features))
+        """Each sequence's rows of (embedding, the target's features), flat."""
+        features = to_device(features, self.dev)
         with kv.forward(seq_ids, lengths):
             if all(n == 1 for n in lengths):
-                logits, g, _ = self.call("batch_decode", embeds, features, kv.handle, self.params)
+                logits, g, _ = self.call("batch_decode_target", embeds, features, kv.handle, self.params)
             else:
                 last = to_device(np.cumsum(lengths, dtype=np.int32) - 1, self.dev)
                 logits, g, _ = self.call("prefill", embeds, features, last, kv.handle, self.params)
+        return logits, g
+
+    def forward_own_features(self, kv: PagedKVCache, seq_ids: list[int], embeds, g):
+        """One row per sequence: (embedding, the draft's own feature from its step before)."""
+        with kv.forward(seq_ids, [1] * len(seq_ids)):
+            logits, g, _ = self.call("batch_decode", embeds, g, kv.handle, self.params)
         return logits, g
 
 

@@ -138,7 +138,7 @@ class Model:
 
 
 class FeatureRows:
-    """A growing [n, hidden] array of one sequence's target features (amortised appends)."""
+    """A growing [n, width] array of one sequence's target features (amortised appends)."""
 
     def __init__(self):
         self.data: np.ndarray | None = None
@@ -458,7 +458,7 @@ class FeatureDraft:
         ids, stop, steps, q_rows = [s.seq_id for s in seqs], ChainStop(seqs), [], []
         for j in range(k):
             if j:
-                logits, g = lib.forward_features(self.model.kv, ids, [1] * len(seqs), self.target.lib.embed(steps[-1]), g)
+                logits, g = lib.forward_own_features(self.model.kv, ids, self.target.lib.embed(steps[-1]), g)
             if params.greedy:
                 picks = lib.kernels.argmax(logits)
             else:

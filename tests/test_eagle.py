@@ -22,7 +22,7 @@ def target_ckpt(artifacts):
     return artifacts.checkpoint("llama-gqa2-untied", arch="llama", vocab_size=VOCAB)
 
 
-def draft_net(target_ckpt, layers: int = 1):
+def draft_net(target_ckpt, layers: int = 1, feature_layers: tuple[int, ...] = ()):
     from safetensors.numpy import load_file
 
     from mlc_spec.eagle import DraftNet
@@ -31,20 +31,25 @@ def draft_net(target_ckpt, layers: int = 1):
     tensors = load_file(str(target_ckpt / "model.safetensors"))
     torch.manual_seed(0)
     net = DraftNet(config, torch.from_numpy(tensors["model.embed_tokens.weight"]), torch.from_numpy(HEAD_TOKENS),
-                   torch.from_numpy(tensors["lm_head.weight"]), layers=layers)
+                   torch.from_numpy(tensors["lm_head.weight"]), layers=layers, feature_layers=feature_layers)
     with torch.no_grad():  # clear margins between the draft's choices, as in a trained draft
         net.fc.weight.mul_(4.0)
+        if feature_layers:  # a fusion that reads every part, each norm its own
+            net.fuse.weight.add_(0.2 * torch.randn_like(net.fuse.weight))
+            for norm in net.feature_norms:
+                norm.weight.uniform_(0.5, 1.5)
     return net, config
 
 
-def compiled_draft(artifacts, target_ckpt, folder, layers: int = 1):
+def compiled_draft(artifacts, target_ckpt, folder, layers: int = 1, feature_layers: tuple[int, ...] = ()):
     """(engine, the torch draft it was compiled from)."""
     from mlc_spec.train_draft import export
 
-    net, config = draft_net(target_ckpt, layers)
+    net, config = draft_net(target_ckpt, layers, feature_layers)
     export(net, config, folder, "test draft")
     net.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})  # as shipped: float16
-    artifact = artifacts.compile(f"eagle-{layers}", target_ckpt, folder, max_seq_len=128)
+    name = f"eagle-{layers}" + "".join(f"-f{i}" for i in feature_layers)
+    artifact = artifacts.compile(name, target_ckpt, folder, max_seq_len=128)
     return Engine(artifact, max_batch_size=16), net
 
 
@@ -66,6 +71,42 @@ def test_target_exports_its_last_hidden_state(eagle, target_ckpt):
     with torch.no_grad():
         want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1].numpy()
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def fused_eagle(artifacts, target_ckpt, tmp_path_factory):
+    """EAGLE-3's fusion: the output of the target's layer 0 beside its last hidden state."""
+    return compiled_draft(artifacts, target_ckpt, tmp_path_factory.mktemp("fused-draft"), feature_layers=(0,))
+
+
+def test_target_exports_the_outputs_of_a_fused_drafts_layers(fused_eagle, target_ckpt):
+    """[layer 0's output, the last hidden state] per row, as transformers computes them."""
+    from transformers import AutoModelForCausalLM
+
+    engine, _ = fused_eagle
+    assert engine.config.models["target"].feature_layers == (0,) == engine.config.models["draft"].feature_layers
+    ids = prompts(1, seed=3)[0][:40]
+    with engine.session() as session:
+        session.generate(token_ids=ids, max_tokens=1, speculative=False)
+        ours = engine.target.features[session.seq_id].rows(0, len(ids) - 1)
+    model = AutoModelForCausalLM.from_pretrained(target_ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    want = torch.cat([states[1], states[-1]], -1)[0, :-1].numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_draft_chains_as_its_torch_definition(fused_eagle):
+    """The compiled fusion (each feature layer's norm, then fuse) reads the target's features as
+    DraftNet.target_feature does, and only them: chained steps read the draft's own."""
+    assert_chains_as_torch(*fused_eagle)
+
+
+def test_greedy_fused_draft_equals_target_alone(fused_eagle):
+    engine, _ = fused_eagle
+    reference = generate_all(engine, prompts(30), max_tokens=24, stop_at_eos=False, speculative=False)
+    assert generate_all(engine, prompts(30), max_tokens=24, stop_at_eos=False, speculative="draft",
+                        draft_length=3) == reference
 
 
 def test_compiled_draft_chains_as_its_torch_definition(eagle):
@@ -227,3 +268,40 @@ def test_train_draft_refuses_more_layers_than_the_target_has_before_any_work(eag
     assert cli(["train-draft", str(engine.folder), "--work", str(work), "--layers", layers]) == 2
     assert capsys.readouterr().err.strip() == f"error: --layers {layers}: give 1 to 2, the target's layer count"
     assert not (work / "corpus-train.jsonl").exists()
+
+
+def test_train_draft_fuses_feature_layers_starting_from_a_trained_draft(eagle, target_ckpt, tmp_path, capsys):
+    """--feature-layers 0 --init FOLDER: features of the target's layer 0 are extracted beside the last
+    hidden state, the draft starts from the folder's weights and head, and a resume that asks for other
+    feature layers is one error line."""
+    from safetensors.numpy import load_file
+
+    from mlc_spec.cli import main as cli
+    from mlc_spec.train_draft import export
+
+    engine, _ = eagle
+    net, config = draft_net(target_ckpt)
+    export(net, config, tmp_path / "init", "init")
+    work, out = tmp_path / "work", tmp_path / "draft"
+    args = ["train-draft", str(engine.folder), "--work", str(work), "--out", str(out), "--prompts", "2",
+            "--heldout", "1", "--max-tokens", "8", "--gen-batch", "2", "--minutes", "0.02", "--eval-every", "2",
+            "--threads", "1", "--init", str(tmp_path / "init")]
+    assert cli(args + ["--feature-layers", "0"]) == 0
+    assert json.loads((out / "config.json").read_text())["feature_layers"] == [0]
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["fuse.weight"].shape == (64, 128) and "feature_norms.0.weight" in tensors
+    np.testing.assert_array_equal(tensors["token_ids"], HEAD_TOKENS)
+    assert list(work.glob("features-layers-0-train-*.pt"))
+    capsys.readouterr()
+    assert cli(args + ["--feature-layers", "none"]) == 2
+    assert "holds a draft of feature layers [0], not []" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers", ["1", "x", "-1"])
+def test_train_draft_refuses_feature_layers_the_target_lacks(eagle, tmp_path, capsys, layers):
+    from mlc_spec.cli import main as cli
+
+    engine, _ = eagle
+    assert cli(["train-draft", str(engine.folder), "--work", str(tmp_path), "--feature-layers", layers]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --feature-layers {layers}: give target layers from 0 to 0, "
+                                               "comma-separated, or auto or none")
