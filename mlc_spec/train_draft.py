@@ -239,6 +239,8 @@ def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, ste
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"[train] resuming at step {state['step']}, {state['seconds'] / 60:.1f} min trained")
+    if state["step"] == 0:  # where it starts: chance, or the acceptance of the draft it starts from
+        record(net, held, held_feats, steps, state, log)
     budget, rng = minutes * 60, random.Random(state["step"])
     bar = tqdm(desc="train", unit="step", initial=state["step"], mininterval=30)
     ema = None
