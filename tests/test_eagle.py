@@ -58,33 +58,20 @@ def eagle(artifacts, target_ckpt, tmp_path_factory):
     return compiled_draft(artifacts, target_ckpt, tmp_path_factory.mktemp("eagle-draft"))
 
 
-def test_target_exports_its_last_hidden_state(eagle, target_ckpt):
-    """The features the draft reads: transformers' last hidden state (after the final norm), per row."""
-    from transformers import AutoModelForCausalLM
-
-    engine, _ = eagle
-    ids = prompts(1, seed=3)[0][:40]
-    with engine.session() as session:
-        session.generate(token_ids=ids, max_tokens=1, speculative=False)
-        ours = engine.target.features[session.seq_id].rows(0, len(ids) - 1)
-    model = AutoModelForCausalLM.from_pretrained(target_ckpt, dtype=torch.float32)
-    with torch.no_grad():
-        want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1].numpy()
-    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
-
-
 @pytest.fixture(scope="session")
 def fused_eagle(artifacts, target_ckpt, tmp_path_factory):
     """EAGLE-3's fusion: the output of the target's layer 0 beside its last hidden state."""
     return compiled_draft(artifacts, target_ckpt, tmp_path_factory.mktemp("fused-draft"), feature_layers=(0,))
 
 
-def test_target_exports_the_outputs_of_a_fused_drafts_layers(fused_eagle, target_ckpt):
-    """[layer 0's output, the last hidden state] per row, as transformers computes them."""
+@pytest.mark.parametrize("draft, layers", [("eagle", ()), ("fused_eagle", (0,))])
+def test_target_exports_the_features_its_draft_reads(request, target_ckpt, draft, layers):
+    """Per row, the outputs of the draft's feature layers, then the last hidden state (after the final
+    norm), as transformers computes them."""
     from transformers import AutoModelForCausalLM
 
-    engine, _ = fused_eagle
-    assert engine.config.models["target"].feature_layers == (0,) == engine.config.models["draft"].feature_layers
+    engine, _ = request.getfixturevalue(draft)
+    assert engine.config.models["target"].feature_layers == layers == engine.config.models["draft"].feature_layers
     ids = prompts(1, seed=3)[0][:40]
     with engine.session() as session:
         session.generate(token_ids=ids, max_tokens=1, speculative=False)
@@ -92,7 +79,7 @@ def test_target_exports_the_outputs_of_a_fused_drafts_layers(fused_eagle, target
     model = AutoModelForCausalLM.from_pretrained(target_ckpt, dtype=torch.float32)
     with torch.no_grad():
         states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    want = torch.cat([states[1], states[-1]], -1)[0, :-1].numpy()
+    want = torch.cat([states[i + 1] for i in layers] + [states[-1]], -1)[0, :-1].numpy()
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
 
 
