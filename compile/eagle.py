@@ -78,21 +78,21 @@ class EagleDraft(CausalLM):
         super().__init__(c, target, c.vocab_size, layout)
         layout = dataclasses.replace(layout or WeightLayout(), dot=self.lm_head.dot)
         self.fc = layout.linear("fc", 2 * c.hidden_size, [c.hidden_size])
-        self.draft_features = tuple(feature_layers)
-        if self.draft_features:
+        self.fused_layers = tuple(feature_layers)
+        if self.fused_layers:
             self.feature_norms = nn.ModuleList([nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False)
-                                                for _ in self.draft_features])
+                                                for _ in self.fused_layers])
             self.fuse = layout.linear("fuse", self.feature_width, [c.hidden_size])
 
     @property
     def feature_width(self) -> int:
-        return (len(self.draft_features) + 1) * self.c.hidden_size
+        return (len(self.fused_layers) + 1) * self.c.hidden_size
 
     def _fused(self, features: Tensor, row_block: int) -> Tensor:
         """The target's features as the draft reads them (mlc_spec/eagle.py's DraftNet.target_feature)."""
-        if not self.draft_features:
+        if not self.fused_layers:
             return features
-        parts = op.split(features, len(self.draft_features) + 1, axis=-1)
+        parts = op.split(features, len(self.fused_layers) + 1, axis=-1)
         normed = [norm(x) for norm, x in zip(self.feature_norms, parts)]
         return self.fuse(op.concat(normed + [parts[-1]], dim=-1), row_block)
 

@@ -282,7 +282,6 @@ class CausalLM(nn.Module):
         feature draft (eagle.py) reads of its target."""
         self.c = c
         self.feature_layers = feature_layers
-        self.export_hidden = feature_layers is not None
         self.target = target
         self.output_vocab_size = output_vocab_size or c.vocab_size
         layout = dataclasses.replace(layout or WeightLayout(), dot=integer_dot(target))
@@ -420,7 +419,7 @@ class CausalLM(nn.Module):
         }
         for r in self.verify_row_blocks:
             setattr(self, f"verify_{r}", self._verify_rows(r))
-        if self.export_hidden:
+        if self.feature_layers is not None:
             spec.update(self._hidden_spec(ids, kv, packed))
         spec.update(self._kernel_spec(plain))
         return nn.spec.ModuleSpec.from_raw(spec, self)

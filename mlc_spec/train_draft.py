@@ -305,17 +305,22 @@ def export(net, target_config: dict, out: Path, note: str) -> None:
               "bos_token_id": target_config.get("bos_token_id"), "eos_token_id": target_config.get("eos_token_id")}
     if net.feature_layers:
         config["feature_layers"] = list(net.feature_layers)
-    tensors = {"fc.weight": net.fc.weight, "model.norm.weight": net.norm.weight,
-               **{f"model.layers.{i}.{k}": v for i, layer in enumerate(net.layers) for k, v in layer.state_dict().items()},
-               **({"fuse.weight": net.fuse.weight, **{f"feature_norms.{i}.weight": norm.weight
-                                                      for i, norm in enumerate(net.feature_norms)}}
-                  if net.feature_layers else {})}
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in folder_tensors(net).items()}
     tensors["token_ids"] = net.token_ids.to(torch.int32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "LICENSE-NOTE.md").write_text(note)
+
+
+def folder_tensors(net) -> dict:
+    """The draft's trained parameters by their names in a draft folder (Hugging Face layer names)."""
+    tensors = {"fc.weight": net.fc.weight, "model.norm.weight": net.norm.weight,
+               **{f"model.layers.{i}.{k}": v for i, layer in enumerate(net.layers) for k, v in layer.named_parameters()}}
+    if net.feature_layers:
+        tensors["fuse.weight"] = net.fuse.weight
+        tensors.update({f"feature_norms.{i}.weight": norm.weight for i, norm in enumerate(net.feature_norms)})
+    return tensors
 
 
 LICENSE_NOTE = """# EAGLE-style draft for {target}: licence and provenance
@@ -406,8 +411,8 @@ def parse_feature_layers(text: str, target_layers: int) -> tuple[int, ...]:
     try:
         layers = tuple(sorted({int(i) for i in text.split(",")}))
     except ValueError:
-        layers = (-1,)
-    if not all(0 <= i < target_layers - 1 for i in layers):
+        layers = None
+    if layers is None or not all(0 <= i < target_layers - 1 for i in layers):
         raise ValueError(f"--feature-layers {text}: give target layers from 0 to {target_layers - 2}, comma-separated, "
                          "or auto or none")
     return layers
@@ -494,16 +499,12 @@ def _start_from(net, tensors: dict, where: str) -> None:
     alone), so a draft with feature layers can start from one without."""
     import torch
 
-    own = {"fc.weight": "fc.weight", "model.norm.weight": "norm.weight",
-           **{f"model.layers.{i}.{k}": f"layers.{i}.{k}" for i, layer in enumerate(net.layers) for k in layer.state_dict()},
-           "fuse.weight": "fuse.weight", **{f"feature_norms.{i}.weight": f"feature_norms.{i}.weight"
-                                            for i in range(len(net.feature_layers))}}
-    params = net.state_dict()
+    params = folder_tensors(net)
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if name not in own or params[own[name]].shape != tensor.shape:
+            if name not in params or params[name].shape != tensor.shape:
                 raise ValueError(f"--init {where}: its {name} does not fit this draft (--layers, --feature-layers)")
-            params[own[name]].copy_(tensor.float())
+            params[name].copy_(tensor.float())
 
 
 def coverage(rows: list[dict], token_ids) -> float:
