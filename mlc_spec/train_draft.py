@@ -184,28 +184,39 @@ def draft_loss(net, ids, feats, masks):
 
 
 def acceptance(net, seqs, feats, steps: int, batch: int = 8) -> list[float]:
-    """Held-out greedy acceptance per draft position: the share of chain starts (every reply position)
-    whose first r drafted tokens all equal the target's greedy reply, drafting as the runtime does."""
+    """Held-out greedy acceptance per draft position, as the runtime drafts: chains of `steps` tokens, the
+    first from the first reply token on, each next one after the tokens the last accepted and the
+    target's own. Counting every reply position as a chain start read 0.579 at position 1 where the
+    runtime measured 0.534 on the same prompts (this count: 0.536): the runtime's chains mostly start
+    right after a token the draft missed, and those positions are harder."""
     import random
 
     import torch
 
-    hits, total = torch.zeros(steps), 0
+    hits, rounds = np.zeros(steps), 0
     with torch.inference_mode():
         for ids, f, starts, lengths in batches(seqs, feats, batch, random.Random(0)):
             outs = net.unroll(ids, f, steps)
-            masks = step_masks(starts, lengths, ids.shape[1], steps)
-            chain = masks[0].clone()
-            total += int(chain.sum())
-            for r, g in enumerate(outs):
-                pred = net.token_ids[net.logits(g).argmax(-1)]
-                ok = torch.zeros_like(chain)
-                # step r+1 of the chain that began at index i scores at index i + r
-                n = ids.shape[1] - 2 - r
-                ok[:, :n] = (pred[:, r:r + n] == ids[:, r + 2:r + 2 + n]) & masks[r][:, r:r + n]
-                chain &= ok
-                hits[r] += int(chain.sum())
-    return (hits / max(total, 1)).tolist()
+            preds = torch.stack([net.token_ids[net.logits(g).argmax(-1)] for g in outs], 1)  # [b, steps, s-1]
+            for b in range(len(ids)):
+                accepted = _rounds(preds[b].numpy(), ids[b].numpy(), int(starts[b]), int(lengths[b]))
+                rounds += len(accepted)
+                for a in accepted:
+                    hits[:a] += 1
+    return (hits / max(rounds, 1)).tolist()
+
+
+def _rounds(preds: np.ndarray, tokens: np.ndarray, start: int, length: int) -> list[int]:
+    """Tokens accepted in each round of a greedy runtime over one sequence: preds[r, i] is the token that
+    step r+1 of a chain, fed the token at position i+1, drafts for position i+2 (net.unroll's layout)."""
+    accepted, p = [], start
+    while p + 1 < length:
+        a = 0
+        while a < len(preds) and p + a + 1 < length and preds[a, p - 1 + a] == tokens[p + a + 1]:
+            a += 1
+        accepted.append(a)
+        p += a + 1  # the accepted tokens and the target's own
+    return accepted
 
 
 def train(net, seqs, feats, held, held_feats, work: Path, *, minutes: float, steps: int, batch: int, lr: float,
@@ -284,7 +295,7 @@ def record(net, held, held_feats, steps: int, state: dict, log) -> None:
     state["history"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
                              "acceptance": [round(a, 4) for a in acc]})
     log(f"[eval] step {state['step']} ({state['seconds'] / 60:.1f} min): held-out greedy acceptance per position "
-        + " ".join(f"{a:.3f}" for a in acc) + f", {1 + sum(acc):.2f} tokens per target call at k={steps}")
+        + " ".join(f"{a:.3f}" for a in acc) + f", {1 + sum(acc):.2f} tokens per target call, in rounds of k={steps}")
 
 
 # -- export ---------------------------------------------------------------------------------------------

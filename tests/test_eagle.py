@@ -244,6 +244,18 @@ def test_train_draft_runs_every_stage_and_resumes(eagle, tmp_path, capsys, monke
     assert shards[0].stat().st_mtime_ns == first_written
 
 
+def test_held_out_acceptance_counts_the_rounds_a_greedy_runtime_runs():
+    """Chains start where the runtime's do, after the tokens the last round accepted and the target's
+    own: a draft wrong only about the token at position 4 misses it once, and the target's token there
+    starts the next chain."""
+    from mlc_spec.train_draft import _rounds
+
+    tokens, steps = np.arange(100, 110), 2
+    preds = np.tile(tokens[2:], (steps, 1))  # preds[r, i]: step r+1's token for position i+2, fed the one at i+1
+    preds[:, 4 - 2] = -1
+    assert _rounds(preds, tokens, start=2, length=10) == [1, 2, 2]  # chains begun at 2, 4 and 7
+
+
 @pytest.mark.parametrize("layers", ["0", "3"])
 def test_train_draft_refuses_more_layers_than_the_target_has_before_any_work(eagle, tmp_path, capsys, layers):
     """The draft starts from the target's last layers: a count outside 1..its layers is one error line,
