@@ -15,7 +15,7 @@ min(127, round(x * -127 / m)) with m the input of largest magnitude (the positiv
 to even, a float32 scale d_x = 1 / (-127 / m), and the code sums of each group. A super-block then adds
 
     q4_k, q5_k: (d_w * d_x) * sum_g(sc_g * isum_g) - (dmin_w * d_x) * sum_g(m_g * sum_g(x codes))
-    q6_k: (d_w * d_x) * sum_g(sc_g * isum_g)
+    q6_k: (d_w * d_x) * sum_g(sc_g * (isum_g - 32 * sum_g(x codes)))
 
 with both sums exact in int32, as ggml's vec_dot_q4_K_q8_K and vec_dot_q6_K_q8_K compute them (on
 AVX2 the group's integer scale is the pmaddwd operand that widens the 16-bit pair sums). Each row
@@ -39,7 +39,7 @@ from tvm.target import codegen
 from tvm.tirx.op import fma
 from tvm.tirx.script import builder as T
 
-from .quantization import BITS, GROUP, INPUTS_PER_WORD, LAYOUTS, SUPER_BLOCK, packed_shapes, packed_tiles
+from .quantization import BITS, GROUP, HIGH_BITS, INPUTS_PER_WORD, LAYOUTS, SUPER_BLOCK, packed_shapes, packed_tiles
 
 INPUTS_PER_LANE = 4  # a dot product's byte operands cover four inputs per 32-bit lane
 
@@ -148,11 +148,16 @@ def _sum(terms: list):
 def activation_scales_shape(fmt: str, in_features: int) -> tuple[int, int]:
     """Per row, blocks of inputs and their float32 scales: per group of 32, d_x then (4-bit) the block
     sum term, Q4_0's -8 * sum(codes) or Q4_1's s_x; for K-quants, per super-block (Q8_K), d_x then
-    (with mins) the code sums of its groups."""
+    (with mins or an offset) the code sums of its groups."""
     layout = LAYOUTS[fmt]
     if layout.super_blocks:
-        return in_features // SUPER_BLOCK, 1 + (SUPER_BLOCK // layout.group if layout.has_min else 0)
+        return in_features // SUPER_BLOCK, 1 + (SUPER_BLOCK // layout.group if _group_sums(layout) else 0)
     return in_features // GROUP, 2 if layout.bits == 4 else 1
+
+
+def _group_sums(layout) -> bool:
+    """Whether a K-quant's terms need each group's sum of activation codes: for its mins, or its offset."""
+    return layout.has_min or layout.offset != 0
 
 
 # -- activations ------------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ def _quantize_super_block(fmt: str, inputs: _Inputs, scales, b) -> None:
             code = tirx.Min(tirx.nearbyint(vectors[v] * tirx.Broadcast(inverse, QUANTIZE_LANES)),
                             tirx.Broadcast(tirx.const(127, "float32"), QUANTIZE_LANES))
             values.append(inputs.store_codes(v * QUANTIZE_LANES, code))
-        if layout.has_min:
+        if _group_sums(layout):
             total = _horizontal(tirx.Add, _sum(values), "int32")
             T.buffer_store(scales, total.astype("float32"), [inputs.row, b, 1 + part])
     d = tirx.Select(inverse != 0, tirx.const(1, "float32") / inverse, tirx.const(0, "float32"))
@@ -323,12 +328,13 @@ def _rows_pass(fmt: str, dot: IntegerDot, xq, xs, stored: dict, y, j, tile: int,
 def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, stored: dict, y, j, tile: int,
                            rows: list) -> None:
     """_rows_pass for K-quants: per super-block, each row sums its groups' scaled integer dot products
-    (and min terms) exactly in int32, then adds them to its float accumulator (the module docstring)."""
+    (and min or offset terms) exactly in int32, then adds them to its float accumulator (the module
+    docstring)."""
     layout, lanes = LAYOUTS[fmt], dot.lanes
     weight, high, scales, sub = (stored.get(name) for name in ("weight", "high_bits", "scales", "sub_scales"))
     size, per_block = layout.group, layout.block // layout.group
-    # 16 products of 4-bit codes, or 8 of Q6_K's |code| <= 32, with |x| <= 127; not 16 of 5-bit codes
-    pairs_fit_int16 = layout.bits != 5
+    # 16 products of 4-bit codes with |x| <= 127; not 16 of 5-bit codes, nor 8 of 6-bit ones
+    pairs_fit_int16 = layout.bits == 4
     int_lanes, ramp = f"int32x{lanes}", tirx.Ramp(0, 1, lanes)
     with T.serial(0, tile // lanes) as c:
         lane0 = c * lanes
@@ -347,6 +353,9 @@ def _super_block_rows_pass(fmt: str, dot: IntegerDot, xq, xs, stored: dict, y, j
                 for i, row in enumerate(rows):
                     isum = dot.scaled_dot(*codes.operands(dot, xq, row, g * size), sc, pairs_fit_int16, codes.start,
                                           _chains(rows))
+                    if layout.offset:  # sc * (isum - offset * sum(x codes)), exact in int32
+                        x_sum = tirx.Broadcast(xs[row, block, 1 + part].astype("int32") * -layout.offset, lanes)
+                        isum = isum + sc * x_sum
                     T.buffer_store(sums, sums.vload([i, 0], int_lanes) + isum, [i, ramp])
                     if m is not None:
                         x_sum = tirx.Broadcast(xs[row, block, 1 + part].astype("int32"), lanes)
@@ -443,23 +452,25 @@ class _GroupCodes:
 
 
 def _unpack(dot: IntegerDot, bits: int, size: int, weight, j, g, lane0, high=None) -> _GroupCodes:
-    """Group g's codes (of `size` inputs) of one vector of outputs (_GroupCodes). high: 5-bit codes'
-    words of high bits (a group is one word)."""
+    """Group g's codes (of `size` inputs) of one vector of outputs (_GroupCodes). high: 5- and 6-bit
+    codes' words of high bits (a group is one word)."""
     words = size // INPUTS_PER_WORD[bits]
     if bits < 8:
         uint = f"uint32x{dot.lanes}"
         splat = lambda value: tirx.Broadcast(tirx.const(value, "uint32"), dot.lanes)  # noqa: E731
-        high_word = T.Bind(high.vload([j, g, lane0], uint)) if bits == 5 else None
+        high_word = T.Bind(high.vload([j, g, lane0], uint)) if bits in HIGH_BITS else None
+        width = bits - 4  # high bits per input
+        high_mask = ((1 << width) - 1) * 0x10101010  # bits 4.. of every byte
         unsigned = []
         for word in range(words):
             lanes = T.Bind(weight.vload([j, g * words + word, lane0], uint))
             for half, codes in enumerate((lanes, tirx.shift_right(lanes, splat(4)))):  # inputs 0-3, then 4-7
                 codes = tirx.bitwise_and(codes, splat(0x0F0F0F0F))
-                if high_word is not None:  # quantization.high_bit_offset: bit v of each byte, v = 2 word + half
-                    v = 2 * word + half
-                    shifted = (tirx.shift_left(high_word, splat(4 - v)) if v <= 4
-                               else tirx.shift_right(high_word, splat(v - 4)))
-                    codes = tirx.bitwise_or(codes, tirx.bitwise_and(shifted, splat(0x10101010)))
+                if high_word is not None:  # quantization.high_bit_offset: inputs 4 v .. 4 v + 3, v = 2 word + half
+                    at = width * (2 * word + half)
+                    shifted = (tirx.shift_left(high_word, splat(4 - at)) if at <= 4
+                               else tirx.shift_right(high_word, splat(at - 4)))
+                    codes = tirx.bitwise_or(codes, tirx.bitwise_and(shifted, splat(high_mask)))
                 unsigned.append(T.Bind(tirx.reinterpret(dot.byte_type, codes)))
         return _GroupCodes(size, unsigned)
     signed = [T.Bind(weight.vload([j, g * words + m, lane0, 0], dot.byte_type)) for m in range(words)]

@@ -23,7 +23,7 @@ from . import kernels, workarounds
 from .config import ModelConfig
 from .integer_matmul import (IntegerDot, activation_scales_shape, biased_activations, integer_dot, integer_matmul,
                              quantize_activations)
-from .quantization import BITS, CODE_TILE, LAYOUTS, format_runs, packed_shapes, packed_tiles
+from .quantization import CODE_TILE, LAYOUTS, format_runs, packed_shapes, packed_tiles
 from .quantized_matmul import code_at, group_scale_min, quantized_matmul
 from .swiglu import swiglu_cpu
 
@@ -98,8 +98,12 @@ class Linear(nn.Module):
         if self.quantization is None:
             return stored[0][j, k, t]
         named = dict(zip(packed_shapes(self.quantization, self.in_features, 1, 1), stored))
-        scale, low = group_scale_min(self.quantization, named, j, k // LAYOUTS[self.quantization].group, t)
-        w = code_at(named, BITS[self.quantization], j, k, t).astype("float32") * scale
+        layout = LAYOUTS[self.quantization]
+        scale, low = group_scale_min(self.quantization, named, j, k // layout.group, t)
+        code = code_at(named, layout.bits, j, k, t).astype("float32")
+        if layout.offset:  # exact, as Quantized.dequantize
+            return ((code - tirx.const(layout.offset, "float32")) * scale).astype(dtype)
+        w = code * scale
         return (w + low if low is not None else w).astype(dtype)
 
     def forward(self, x: Tensor, row_block: int = 1) -> Tensor:

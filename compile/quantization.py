@@ -6,7 +6,7 @@ d * code and 8d are exact in float32 (an 11-bit mantissa times a small integer),
 
 The K-quants group inputs twice: a super-block of 256 has float16 scales d (and dmin), and each of its
 groups (32 inputs for Q4_K and Q5_K, 16 for Q6_K) an integer scale sc (and min m), so that
-    Q4_K, Q5_K: w = (d * sc) * code - dmin * m,  code 0..15 or 0..31      Q6_K: w = (d * sc) * code,  code -32..31
+    Q4_K, Q5_K: w = (d * sc) * code - dmin * m,  code 0..15 or 0..31      Q6_K: w = (d * sc) * (code - 32),  code 0..63
 d * sc and dmin * m are exact in float32, so a group's float scale and min are as well.
 GGUF blocks are decoded bit for bit and the quantizers follow ggml's reference ones, so a block
 kept from a file and one made here from its float values are the same bytes. K-quants are only kept.
@@ -28,10 +28,12 @@ SUPER_BLOCK = 256  # inputs per float16 scale of a K-quant
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a format stores a weight: codes of `bits` (4: nibbles 0..15; 5: those and a high bit,
-    0..31; 8: int8), a float scale (and min) per `group` inputs, held as float16 per `block` inputs times, when block > group (K-quants),
-    an integer per group (int8 scales; uint8 scales and mins). Q4_0's min is not stored: it is
-    -offset * scale (w = scale * (code - 8)), and storing it made a decode read 11% more bytes."""
+    """How a format stores a weight: codes of `bits` (4: nibbles 0..15; 5 and 6: those and one or two
+    high bits, 0..31 or 0..63; 8: int8), a float scale (and min) per `group` inputs, held as float16 per
+    `block` inputs times, when block > group (K-quants), an integer per group (int8 scales; uint8 scales
+    and mins). An offset format's min is not stored: w = scale * (code - offset) (Q4_0's min stored
+    made a decode read 11% more bytes; Q6_K's codes held as int8 made the 1.5B-shaped Q4_0 model's
+    Q6_K head, a quarter of its bytes, read 6% more than the file's)."""
     bits: int
     group: int
     block: int
@@ -49,7 +51,7 @@ LAYOUTS = {
     "q8_0": Layout(8, GROUP, GROUP, False),
     "q4_k": Layout(4, 32, SUPER_BLOCK, True),
     "q5_k": Layout(5, 32, SUPER_BLOCK, True),
-    "q6_k": Layout(8, 16, SUPER_BLOCK, False),
+    "q6_k": Layout(6, 16, SUPER_BLOCK, False, offset=32),
 }
 FORMATS = ("q4_0", "q4_1", "q8_0")  # the formats --quantization makes
 KEPT = tuple(LAYOUTS)  # the GGUF types kept as blocks
@@ -61,7 +63,7 @@ class Quantized:
     """A weight [out, in] (Hugging Face orientation) as codes, float16 scales/mins per block and, for
     K-quants, integer scales/mins per group."""
     format: str
-    codes: np.ndarray  # [out, in]: uint8 0..15 (4-bit) or 0..31 (5-bit), or int8
+    codes: np.ndarray  # [out, in]: uint8 0..2^bits - 1 (4, 5 and 6 bits), or int8
     scale: np.ndarray  # [out, in / block] float16
     min: np.ndarray | None  # [out, in / block] float16: the mins, or a K-quant's dmin (None: Layout.offset)
     sub: np.ndarray | None = None  # K-quants: [out, in / group, 1 or 2] int8 scales, or uint8 scales and mins
@@ -88,15 +90,19 @@ class Quantized:
         per_block = self.layout.block // self.layout.group
         scale = np.repeat(self.scale.astype(np.float32), per_block, axis=1)
         low = None if self.min is None else np.repeat(self.min.astype(np.float32), per_block, axis=1)
+        if self.sub is not None:
+            scale = scale * self.sub[..., 0].astype(np.float32)
+            low = None if low is None else -(low * self.sub[..., 1].astype(np.float32))
         if self.layout.offset:
             low = scale * np.float32(-self.layout.offset)
-        if self.sub is None:
-            return scale, low
-        scale = scale * self.sub[..., 0].astype(np.float32)
-        return scale, None if low is None else -(low * self.sub[..., 1].astype(np.float32))
+        return scale, low
 
     def dequantize(self) -> np.ndarray:
+        """The float weights, exactly: an offset format's as scale * (code - offset), whose factors are
+        exact in float32 (scale * code is not for Q6_K's 6-bit codes and 19-bit scales)."""
         scale, low = (np.repeat(a, self.layout.group, axis=1) if a is not None else None for a in self.group_scales())
+        if self.layout.offset:
+            return scale * (self.codes.astype(np.float32) - np.float32(self.layout.offset))
         w = scale * self.codes.astype(np.float32)
         return w + low if low is not None else w
 
@@ -194,16 +200,16 @@ def _from_k_blocks(blocks: np.ndarray, fmt: str, out: int, k: int) -> Quantized:
         return Quantized(fmt, codes.reshape(out, k), half(blocks[:, :2]), half(blocks[:, 2:4]), sub)
     low = (blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
     high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
-    codes = (low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    codes = low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << 4)
     sub = blocks[:, 192:208].copy().view(np.int8).reshape(out, k // 16, 1)
     return Quantized(fmt, codes.reshape(out, k), half(blocks[:, 208:210]), None, sub)
 
 
 # -- the CPU layout (model.Linear) ------------------------------------------------------------------
-# Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output. 5-bit
-# codes are stored as their low nibbles in the 4-bit layout and a word of high bits per group (HIGH_BITS).
-INPUTS_PER_WORD = {4: 8, 5: 8, 8: 4}
-HIGH_BITS = 32  # inputs per word of 5-bit codes' high bits
+# Inputs per 32-bit lane of the packed codes: eight 4-bit codes or four int8 codes of one output. 5- and
+# 6-bit codes are stored as their low nibbles in the 4-bit layout and words of their high bits.
+INPUTS_PER_WORD = {4: 8, 5: 8, 6: 8, 8: 4}
+HIGH_BITS = {5: 32, 6: 16}  # inputs per word of high bits: a group of Q5_K, a group of Q6_K
 # Output features per tile of packed codes, whatever the float weights' tile: a word of a tile's 4-bit
 # codes is one 64-byte cache line, so each tile streams from memory in order (measured on AVX2 against
 # tiles of 64: 25% less time for a 1-row matmul over 18 MB of codes).
@@ -221,8 +227,8 @@ def packed_shapes(fmt: str, in_features: int, tiles: int, tile: int) -> dict[str
     codes = ((tiles, words, tile), "uint32") if layout.bits < 8 else ((tiles, words, tile, 4), "int8")
     pairs = 2 if layout.has_min else 1
     shapes = {"weight": codes}
-    if layout.bits == 5:
-        shapes["high_bits"] = ((tiles, in_features // HIGH_BITS, tile), "uint32")
+    if layout.bits in HIGH_BITS:
+        shapes["high_bits"] = ((tiles, in_features // HIGH_BITS[layout.bits], tile), "uint32")
     shapes["scales"] = ((tiles, in_features // layout.block, pairs, tile), "float16")
     if layout.super_blocks:
         shapes["sub_scales"] = ((tiles, in_features // layout.group, pairs, tile), "uint8" if layout.has_min else "int8")
@@ -236,11 +242,12 @@ def code_offset(bits: int, k: int):
     return 8 * (k % 4) + (4 * (k % 8 // 4) if bits < 8 else 0)
 
 
-def high_bit_offset(k: int):
-    """Where a 5-bit code's high bit sits in its group's word of high bits: byte k % 4 as in
-    code_offset, bit k % 32 // 4, so that shifting the word left by 4 - v (right by v - 4) and masking
-    it with 0x10101010 yields the high bits of inputs 4 v .. 4 v + 3 in place over their nibbles."""
-    return 8 * (k % 4) + k % HIGH_BITS // 4
+def high_bit_offset(bits: int, k: int):
+    """Where input k's high bits (bits - 4 of them) sit in their word: byte k % 4 as in code_offset,
+    bits from (bits - 4) * v, v = k % HIGH_BITS[bits] // 4, so that shifting the word left by
+    4 - (bits - 4) v (or right) and masking each byte's bits 4.. yields the high bits of inputs
+    4 v .. 4 v + 3 in place over their nibbles."""
+    return 8 * (k % 4) + (bits - 4) * (k % HIGH_BITS[bits] // 4)
 
 
 def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
@@ -257,8 +264,10 @@ def pack(q: Quantized, tile: int = CODE_TILE) -> dict[str, np.ndarray]:
         words = np.bitwise_or.reduce(nibbles.reshape(out, k // 8, 8) << shifts, axis=2)
         if q.bits == 4:
             return {"weight": tile_rows(words, tile), **packed}
-        high = (q.codes.astype(np.uint32) >> 4).reshape(out, k // HIGH_BITS, HIGH_BITS)
-        high_words = np.bitwise_or.reduce(high << high_bit_offset(np.arange(HIGH_BITS)).astype(np.uint32), axis=2)
+        per_word = HIGH_BITS[q.bits]
+        high = (q.codes.astype(np.uint32) >> 4).reshape(out, k // per_word, per_word)
+        offsets = high_bit_offset(q.bits, np.arange(per_word)).astype(np.uint32)
+        high_words = np.bitwise_or.reduce(high << offsets, axis=2)
         return {"weight": tile_rows(words, tile), "high_bits": tile_rows(high_words, tile), **packed}
     tiled = tile_rows(q.codes, tile).reshape(-1, k // 4, 4, tile).transpose(0, 1, 3, 2)
     return {"weight": np.ascontiguousarray(tiled), **packed}

@@ -22,7 +22,7 @@ from .quantization import HIGH_BITS, INPUTS_PER_WORD, LAYOUTS, code_offset, high
 
 def code_at(stored: dict, bits: int, j, k, t):
     """The integer code of input k, output lane t of tile j, from the stored tensors by their
-    quantization.packed_shapes names (5-bit codes: "weight" and "high_bits")."""
+    quantization.packed_shapes names (5- and 6-bit codes: "weight" and "high_bits")."""
     weight = stored["weight"]
     if bits == 8:
         return weight[j, k // INPUTS_PER_WORD[8], t, k % 4]
@@ -30,9 +30,10 @@ def code_at(stored: dict, bits: int, j, k, t):
                               tirx.const(15, "uint32"))
     if bits == 4:
         return nibble
-    bit = tirx.bitwise_and(tirx.shift_right(stored["high_bits"][j, k // HIGH_BITS, t], high_bit_offset(k).astype("uint32")),
-                           tirx.const(1, "uint32"))
-    return tirx.bitwise_or(nibble, tirx.shift_left(bit, tirx.const(4, "uint32")))
+    word = stored["high_bits"][j, k // HIGH_BITS[bits], t]
+    high = tirx.bitwise_and(tirx.shift_right(word, high_bit_offset(bits, k).astype("uint32")),
+                            tirx.const((1 << (bits - 4)) - 1, "uint32"))
+    return tirx.bitwise_or(nibble, tirx.shift_left(high, tirx.const(4, "uint32")))
 
 
 def group_scale_min(fmt: str, stored: dict, j, g, t):
@@ -42,13 +43,13 @@ def group_scale_min(fmt: str, stored: dict, j, g, t):
     scales, block = stored["scales"], g // (layout.block // layout.group)
     scale = scales[j, block, 0, t].astype("float32")
     low = scales[j, block, 1, t].astype("float32") if layout.has_min else None
+    if layout.super_blocks:
+        sub = stored["sub_scales"]
+        scale = scale * sub[j, g, 0, t].astype("float32")
+        low = None if low is None else -(low * sub[j, g, 1, t].astype("float32"))
     if layout.offset:
         low = scale * tirx.const(-layout.offset, "float32")
-    if not layout.super_blocks:
-        return scale, low
-    sub = stored["sub_scales"]
-    scale = scale * sub[j, g, 0, t].astype("float32")
-    return scale, None if low is None else -(low * sub[j, g, 1, t].astype("float32"))
+    return scale, low
 
 
 def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, row_block: int,

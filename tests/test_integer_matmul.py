@@ -52,7 +52,8 @@ def k_quant_numerics(x: np.ndarray, q: Quantized) -> np.ndarray:
     codes, d = q8_k_input(x)
     size = q.layout.group
     per_block = SUPER_BLOCK // size
-    isum = np.einsum("ogk,ngk->nog", q.codes.astype(np.int64).reshape(OUT, -1, size), codes.reshape(len(x), -1, size))
+    signed = q.codes.astype(np.int64) - q.layout.offset  # Q6_K's codes -32..31, as ggml multiplies them
+    isum = np.einsum("ogk,ngk->nog", signed.reshape(OUT, -1, size), codes.reshape(len(x), -1, size))
     scaled = isum * q.sub[None, :, :, 0].astype(np.int64)
     x_sums = codes.reshape(len(x), -1, size).sum(axis=2)
     y = np.zeros((len(x), OUT), np.float32)

@@ -79,9 +79,9 @@ def test_packed_layout_holds_every_code(fmt):
     if q.bits < 8:
         words = p["weight"][j[:, None], cols[None] // 8, t[:, None]]
         codes = (words >> code_offset(4, cols[None]).astype(np.uint32)) & 15
-        if q.bits == 5:
-            high = p["high_bits"][j[:, None], cols[None] // HIGH_BITS, t[:, None]]
-            codes |= ((high >> high_bit_offset(cols[None]).astype(np.uint32)) & 1) << 4
+        if q.bits in HIGH_BITS:
+            high = p["high_bits"][j[:, None], cols[None] // HIGH_BITS[q.bits], t[:, None]]
+            codes |= ((high >> high_bit_offset(q.bits, cols[None]).astype(np.uint32)) & ((1 << (q.bits - 4)) - 1)) << 4
     else:
         codes = p["weight"][j[:, None], cols[None] // 4, t[:, None], cols[None] % 4]
     layout = q.layout
@@ -91,10 +91,9 @@ def test_packed_layout_holds_every_code(fmt):
         sub = at(p["sub_scales"], layout.group)
         scales = np.stack([scales[..., 0] * sub[..., 0], -(scales[..., 1] * sub[..., 1])], -1) if layout.has_min \
             else scales * sub
-    got = codes.astype(np.float32) * scales[..., 0]
+    got = (codes.astype(np.float32) - np.float32(layout.offset)) * scales[..., 0]
     if layout.has_min:
         got += scales[..., 1]
-    got += scales[..., 0] * np.float32(-layout.offset)
     np.testing.assert_array_equal(got, q.dequantize())
     assert not p["weight"][-1, :, out % tile:].any()  # padding columns are zero
 
