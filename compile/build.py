@@ -255,7 +255,7 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
         output_vocab_size=output_vocab_size,
         quantization=dict(formats),
         verify_row_blocks=tuple(model.verify_row_blocks),
-        source=str(ck.source),
+        source=str(Path(ck.source).resolve()),  # reopened from anywhere (bench, train-draft)
         build_seconds=round(build_seconds, 1),
         param_bytes=int(sum(p.nbytes for p in params.values())),
         decode_bytes=int(sum(p.nbytes for name, p in params.items() if name != GATHERED_EMBEDDING)),

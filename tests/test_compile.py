@@ -222,10 +222,11 @@ def test_artifact_runs_on_runtime_only_tvm(artifacts, good_checkpoint, runtime_o
 
 # -- GGUF -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_1"])
-def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
+def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype, monkeypatch):
     """A tiny GGUF (written with gguf's writer) compiles with its blocks kept as they are; logits equal
     transformers' on the dequantized weights on the float path (a generic CPU target: this CPU's
-    integer path quantizes activations, tests/test_quantization.py)."""
+    integer path quantizes activations, tests/test_quantization.py). The artifact records the file's
+    absolute path, given a relative one (bench and train-draft reopen it from anywhere)."""
     import gguf
     from gguf_files import byte_level_vocab, tiny_llama, train_byte_level_tokenizer, write_gguf
     from transformers import LlamaForCausalLM
@@ -237,7 +238,8 @@ def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
     config, _, tensors = tiny_llama(tokenizer.get_vocab_size(with_added_tokens=True))
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_gguf(path, "llama", config, tensors, byte_level_vocab(tokenizer, "gpt-2"), qtype=gguf.GGMLQuantizationType[qtype])
-    artifact = compile_artifact(path, output=tmp_path / "out", options=CompileOptions(cpu_target={"kind": "llvm"}),
+    monkeypatch.chdir(tmp_path)
+    artifact = compile_artifact(Path(path.name), output=tmp_path / "out", options=CompileOptions(cpu_target={"kind": "llvm"}),
                                 log=lambda _m: None)
     model = LlamaForCausalLM(config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in read_gguf(path).tensors.items()}, strict=False)
@@ -250,7 +252,9 @@ def test_gguf_compiles_to_its_dequantized_weights(tmp_path, qtype):
     atol = 3e-4 if qtype.startswith("Q4") else 1e-4
     np.testing.assert_allclose(got["prefill"], ref[19], atol=atol, rtol=1e-5)
     np.testing.assert_allclose(got["verify"], ref[21:30], atol=atol, rtol=1e-5)
-    kept = json.loads((artifact / "mlc_spec_config.json").read_text())["models"]["target"]["quantization"]
+    target = json.loads((artifact / "mlc_spec_config.json").read_text())["models"]["target"]
+    assert target["source"] == str(path.resolve())
+    kept = target["quantization"]
     assert set(kept.values()) == (set() if qtype == "F32" else {qtype.lower()})
     assert len(kept) == (0 if qtype == "F32" else 4 * config.num_hidden_layers + 1)
 
