@@ -153,7 +153,10 @@ def _timed(fn) -> float:
 
 
 def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
-    """Median milliseconds of one decode and of verify forwards of k+1 tokens, on a live sequence."""
+    """Median milliseconds of one decode and of verify forwards of k+1 tokens, on a live sequence. Each
+    repeat times the decode and every verify in turn, so a machine that slows down during the run (its
+    clock, its neighbours) weighs on all of them alike: timed one size after another, the default
+    target's verify(4)/decode read 1.55 where interleaved it read 1.19 minutes apart."""
     costs = {}
     with engine.session() as session:
         session.tokens[:] = list(range(10, 10 + context))
@@ -163,30 +166,29 @@ def forward_costs(engine, context: int = 64, repeats: int = 9) -> dict:
             kv, lib, seq = model.kv, model.lib, session.seq_id
             forward = _feature_forward(engine) if lib.kind == "eagle" else lib.forward_last
             forward(kv, [seq], [session.tokens])
-
-            decode = _median_forward(model, seq, 1, repeats, forward)
+            sizes = [1] + ([k + 1 for k in range(1, 9)] if role == "target" else [])
+            seconds = {n: [] for n in sizes}
+            for _ in range(repeats):
+                for n in sizes:
+                    seconds[n].append(_forward_seconds(model, seq, n, forward))
+            decode = statistics.median(seconds[1])
             costs[f"{role}_decode_ms"] = decode * 1e3
             if role == "target":
-                costs["verify_over_decode"] = {k: _median_forward(model, seq, k + 1, repeats) / decode
-                                               for k in range(1, 9)}
+                costs["verify_over_decode"] = {n - 1: statistics.median(seconds[n]) / decode for n in sizes[1:]}
     if "draft_decode_ms" in costs:
         costs["draft_over_target"] = costs["draft_decode_ms"] / costs["target_decode_ms"]
     return costs
 
 
-def _median_forward(model, seq: int, n: int, repeats: int, forward_last=None) -> float:
-    """Median seconds of a forward of n tokens (a decode when n is 1, by forward_last: the library's
-    own, or a feature draft's) on seq, undone after each."""
+def _forward_seconds(model, seq: int, n: int, forward_last=None) -> float:
+    """Seconds of a forward of n tokens (a decode when n is 1, by forward_last: the library's own, or a
+    feature draft's) on seq, undone after it."""
     tokens = list(range(200, 200 + n))
     forward_last = forward_last or model.lib.forward_last
-
-    def step() -> float:
-        t = _timed(lambda: (model.lib.forward_all(model.kv, [seq], [tokens]) if n > 1
-                            else forward_last(model.kv, [seq], [tokens])).numpy())
-        model.kv.popn(seq, n)
-        return t
-
-    return statistics.median(step() for _ in range(repeats))
+    seconds = _timed(lambda: (model.lib.forward_all(model.kv, [seq], [tokens]) if n > 1
+                              else forward_last(model.kv, [seq], [tokens])).numpy())
+    model.kv.popn(seq, n)
+    return seconds
 
 
 def _feature_forward(engine):
@@ -218,7 +220,7 @@ def prefill_costs(engine, lengths: list[int], repeats: int = 5) -> dict:
             chunks = [_timed(lambda lo=lo: model.lib.forward_last(model.kv, [session.seq_id],
                                                                   [tokens[lo:lo + chunk]]).numpy())
                       for lo in range(0, n, chunk)]
-            decode = _median_forward(model, session.seq_id, 1, repeats)
+            decode = statistics.median(_forward_seconds(model, session.seq_id, 1) for _ in range(repeats))
         costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks,
                     "decode_ms_after": decode * 1e3}
     return costs
