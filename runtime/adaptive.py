@@ -15,7 +15,10 @@ twice the average (a round slowed by a pause of the process must not hand the ro
 draft). Acceptance per position is counted (hits over tries, older rounds weighing less) plus one
 pseudo-try at the previous position's rate (0.5 for the first), so one probe that agrees moves it
 most of the way and a position never offered is expected to do as well as the one before it.
-k = 0 and k = 1 are measured first. While k = 0 wins, a round still drafts one token now and then, so a
+k = 0 and k = 1 are measured first, alternately, FIRST_SAMPLES rounds each, and a k's first
+FIRST_SAMPLES rounds count alike (their mean starts its running average): decided on one round of each,
+a 1% difference between two single rounds sent the default pair to the target alone for its first
+16 rounds. While k = 0 wins, a round still drafts one token now and then, so a
 draft that starts agreeing is noticed: after PROBE_EVERY rounds, then twice as many after each probe
 whose drafts were all rejected (a probe costs a verify and the draft's catch-up), back to PROBE_EVERY
 after one that agreed. While drafting wins, every PROBE_EVERY-th round runs the target alone, so the
@@ -29,6 +32,7 @@ import numpy as np
 from .speculative import RoundStats
 
 PROBE_EVERY = 16
+FIRST_SAMPLES = 3
 _MAX_PROBE_EVERY = 64
 _DECAY = 0.9  # weight of the past in the running averages of costs
 # ... and in the acceptance counts: a window of about 100 drafting rounds. The default pair's acceptance
@@ -44,6 +48,7 @@ class AdaptiveDraftLength:
         self.hits = np.zeros(max_k)  # rounds that accepted draft j+1 ...
         self.tries = np.zeros(max_k)  # ... of those offered it that accepted the first j
         self.round_cost: dict[int, float] = {}  # k offered -> seconds of a round
+        self.samples: dict[int, int] = {}  # k offered -> rounds measured
         self.rounds_at_zero = 0
         self.rounds_drafting = 0
         self.probe_every = PROBE_EVERY
@@ -54,9 +59,9 @@ class AdaptiveDraftLength:
         limit = min(limit, self.max_k)
         if limit == 0:
             return 0
-        for k in (0, 1):  # measure the plain step and one draft step before modelling anything
-            if k not in self.round_cost:
-                return k
+        first = [k for k in (0, 1) if self.samples.get(k, 0) < FIRST_SAMPLES]
+        if first:  # the plain step and one draft step, alternately, before modelling anything
+            return min(first, key=lambda k: self.samples.get(k, 0))
         self.probing = False
         # tokens a round of k drafts yields on average: 1 + sum over j < k of P(first j+1 accepted)
         expected = np.concatenate([[1.0], 1.0 + np.cumsum(np.cumprod(self.reach()))])
@@ -87,7 +92,9 @@ class AdaptiveDraftLength:
         if self.probing and any(r.drafted):  # a probe the draft cut short found nothing either way
             self.probe_every = PROBE_EVERY if any(r.accepted) else min(2 * self.probe_every, _MAX_PROBE_EVERY)
         k = max(r.offered)
-        self.round_cost[k] = _average(self.round_cost.get(k), max(r.seconds - r.catch_up_seconds, 0.0))
+        self.samples[k] = self.samples.get(k, 0) + 1
+        self.round_cost[k] = _average(self.round_cost.get(k), max(r.seconds - r.catch_up_seconds, 0.0),
+                                      self.samples[k])
         if k == 0:
             return
         position = np.arange(self.max_k)
@@ -96,7 +103,8 @@ class AdaptiveDraftLength:
         self.tries = _ACCEPTANCE_DECAY * self.tries + ((offered > position) & (accepted >= position)).sum(axis=0)
 
 
-def _average(old: float | None, new: float) -> float:
-    # a sample counts at most twice the average: one round slowed by a pause of the process or the
-    # machine must not make a k look costly (and, k = 0 above all, hand the rounds to a useless draft)
-    return new if old is None else _DECAY * old + (1 - _DECAY) * min(new, 2 * old)
+def _average(old: float | None, new: float, n: int) -> float:
+    # the nth sample; it counts at most twice the average: one round slowed by a pause of the process
+    # or the machine must not make a k look costly (and, k = 0 above all, hand the rounds to a useless draft)
+    weight = 1 / n if n <= FIRST_SAMPLES else 1 - _DECAY
+    return new if old is None else (1 - weight) * old + weight * min(new, 2 * old)
