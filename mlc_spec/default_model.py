@@ -60,12 +60,30 @@ def default_artifact(device: str = "cpu", log: Callable[[str], None] = print) ->
     log(f"compiling the default pair into {out} (once; later runs reuse it)")
     from .compile.build import CompileOptions, compile_artifact
 
-    # On CPU the target keeps the file's Q4_1/Q8_0 blocks, and the draft (its layer and its cut of the
-    # target's Q8_0 head) becomes Q8_0: Q4_1 lost the shipped draft 0.02-0.03 of acceptance at every
-    # position (held-out, k=3: 0.531 0.296 0.177 against 0.554 0.326 0.204, float32's), and its
-    # cheaper steps did not make up for it (side by side, k=2: 1.03x against 1.09x the target alone).
-    options = CompileOptions(device=device, dtype=dtype, draft_quantization="q8_0" if device == "cpu" else None)
+    options = CompileOptions(device=device, dtype=dtype, draft_quantization=draft_quantization(device))
     return compile_artifact(gguf, draft, out, options, log=log)
+
+
+def draft_quantization(device: str) -> str | None:
+    """The default draft's weight format on this device. On CPU the target keeps the file's Q4_1/Q8_0
+    blocks, and the draft (its layer and its cut of the target's Q8_0 head) is quantized after the
+    CPU's integer dot product, because int8 weights cost it more per row than 4-bit ones:
+    - VNNI (int8 weights meet activations + 128 in vpdpbusd alone): Q8_0. Q4_1 lost the shipped draft
+      0.02-0.03 of held-out acceptance at every position (k=3: 0.531 0.296 0.177 against 0.554 0.326
+      0.204) and ran slower (Zen 4, side by side, k=2: 1.03x against 1.09x the target alone).
+    - AVX2 (int8 weights need psignb and pmaddwd per product word, 4-bit ones sum pairs in int16) and
+      the float path: Q4_1. On a Zen 3, side by side over 3 rounds, the best row ran 1.14-1.17x
+      (k=3, c=0.2) against Q8_0's 1.06-1.07x (k=1, c=0.2), at the same acceptance (0.542 and 0.545 at
+      position 1 on bench's prompts)."""
+    if device != "cpu":
+        return None
+    import tvm
+
+    from .compile.integer_matmul import integer_dot
+    from .compile.targets import host_target
+
+    dot = integer_dot(tvm.target.Target(host_target()))
+    return "q8_0" if dot is not None and dot.biases_int8_activations else "q4_1"
 
 
 def default_sources(log: Callable[[str], None] = print) -> tuple[Path, Path | None]:

@@ -122,3 +122,15 @@ def test_a_damaged_or_outdated_cached_default_is_compiled_again(copy):
     _edit_config(copy, format=FORMAT_VERSION - 1)
     assert not default_model._usable(copy, notes.append)
     assert len(notes) == 2 and all("compiling it again" in n for n in notes)
+
+
+@pytest.mark.parametrize("mcpu,fmt", [("znver4", "q8_0"), ("alderlake", "q8_0"), ("znver3", "q4_1"), ("x86-64", "q4_1")])
+def test_default_draft_is_quantized_after_the_cpus_integer_dot_product(monkeypatch, mcpu, fmt):
+    """int8 weights cost no more per row than 4-bit ones only with VNNI (AVX-512's on Zen 4, AVX-VNNI
+    on Alder Lake): the default draft is Q8_0 there and Q4_1 on AVX2 (Zen 3) and the float path."""
+    from mlc_spec import default_model
+    from mlc_spec.compile import targets
+
+    monkeypatch.setattr(targets, "host_target", lambda: {"kind": "llvm", "mcpu": mcpu})
+    assert default_model.draft_quantization("cpu") == fmt
+    assert default_model.draft_quantization("cuda") is None
