@@ -55,7 +55,7 @@ def group_scale_min(fmt: str, stored: dict, j, g, t):
 def quantized_matmul(fmt: str, in_features: int, out_features: int, tile: int, row_block: int,
                      dtype: str) -> tirx.PrimFunc:
     """y[n, out] = x[n, in] @ W for n rows (symbolic), as a scheduled PrimFunc (x, weight, scales,
-    [sub_scales,] y), with 5-bit codes' high_bits after the weight: packed_shapes' order."""
+    [sub_scales,] y), with 5- and 6-bit codes' high_bits after the weight: packed_shapes' order."""
     layout = LAYOUTS[fmt]
     k_dim, size, r = in_features, layout.group, row_block
     groups, bits = k_dim // size, layout.bits
