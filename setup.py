@@ -15,7 +15,8 @@ setup(
         "mlc_spec.runtime": "runtime",
     },
     packages=["mlc_spec", "mlc_spec.compile", "mlc_spec.compile.kernels", "mlc_spec.interface", "mlc_spec.runtime"],
-    package_data={"mlc_spec": ["default/*", "default/draft/*"]},
+    # cpu_attention.c: compiled into every CPU library the compiler builds
+    package_data={"mlc_spec": ["default/*", "default/draft/*"], "mlc_spec.compile": ["cpu_attention.c"]},
     install_requires=[
         "apache-tvm==0.27.0.post1",
         "numpy>=2",

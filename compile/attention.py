@@ -7,8 +7,8 @@ int8-quantized activations such a rounding moves an input across a rounding boun
 the logits move by tenths, and a speculative verify picks a token the target alone would not have.
 So both kinds of forward run one kernel here over the same page-aligned blocks of keys, and a token's
 attention is bit for bit the same whether it is decoded or verified: paged_decode_cpu takes TVM's decode
-slot (workarounds.CPUPagedKVCache installs it); chunk_attention_cpu is run by runtime/cpu_attention.py
-in place of TVM's two prefill parts, which cannot see each other's keys.
+slot (workarounds.CPUPagedKVCache installs it); chunk_attention_cpu is run by cpu_attention.c, linked
+into the library, in place of TVM's two prefill parts, which cannot see each other's keys.
 
 Each parallel task takes one KV head, the query heads that share it and a tile of QUERIES queries
 (`rows` in all; a decode's tile is its one query), and walks the keys a block of KEYS at a time (a
@@ -20,12 +20,29 @@ they are in log2 units (queries scaled by sm_scale * log2(e)), as in TVM's kerne
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import tvm_ffi.libinfo
 from tvm.script import tirx as T
 
-from ..interface.artifact import CPU_PAGE_SIZE, EMPTY_LSE
+from ..interface.artifact import CPU_PAGE_SIZE
+from .config import CompileError
 from .vector_math import LOG2E, exp2
 
 KEYS = CPU_PAGE_SIZE  # keys per block: one page of the cache
+EMPTY_LSE = -5e4  # the log2-sum-exp of a row with no keys, as TVM's kernels report it: its merge weighs it zero
+# The library's chunk kernels: the first for prefill chunks, the second, in small tiles of queries, when
+# no sequence has more than FEW_QUERIES new tokens (verifies, token trees).
+CHUNK_ATTENTION_KERNELS = ("mlc_spec_chunk_attention", "mlc_spec_chunk_attention_few")
+FEW_QUERIES = 8
+# cpu_attention.c's functions for TVM's two parts of a multi-token forward's attention: the new tokens'
+# own (of a chain, of a token tree), then the cached pages'
+ATTENTION_NEW_TOKENS = "mlc_spec_attention_new_tokens"
+ATTENTION_NEW_TREE = "mlc_spec_attention_new_tree"
+ATTENTION_CACHED_PAGES = "mlc_spec_attention_cached_pages"
+GLUE_SOURCE = Path(__file__).with_name("cpu_attention.c")
 QUERIES = 8  # queries per prefill task
 KEY_PASS = 4  # score rows computed together: each query vector loaded serves four keys
 LANES = 8  # float32 lanes of an AVX2 register
@@ -76,8 +93,7 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, queries: int = 
     """Each sequence's new queries against all its keys in one pass: first those cached in its pages,
     then its new ones (rows kv_rows[kv_indptr[b]..] of k and v), causal with the last query seeing every key.
     TVM splits a multi-token forward's attention into these two parts and merges them in float, a
-    rounding apart from a decode's single pass; runtime/cpu_attention.py runs this kernel in their
-    place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
+    rounding apart from a decode's single pass; cpu_attention.c runs this kernel in their place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
     blocks of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'.
     Tiles of `queries` queries; few_queries(h_kv, h_q) fills one vector of rows, for verifies."""
     attend_sequence = _sequence_attention(h_kv, h_q, d, queries)
@@ -120,6 +136,23 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, queries: int = 
                             sm_scale * LOG2E, output, lse)
 
     return chunk_attention_cpu
+
+
+def glue_object(directory: Path) -> Path:
+    """cpu_attention.c compiled, with this module's constants, for linking into a CPU library."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise CompileError("--device cpu needs a C compiler (cc) to link its library; install gcc or clang")
+    defines = {"FEW_QUERIES": FEW_QUERIES, "PAGE_SIZE": KEYS, "EMPTY_LSE": EMPTY_LSE,
+               "CHUNK_KERNEL": f"__tvm_ffi_{CHUNK_ATTENTION_KERNELS[0]}",
+               "CHUNK_KERNEL_FEW": f"__tvm_ffi_{CHUNK_ATTENTION_KERNELS[1]}"}
+    out = directory / "cpu_attention.o"
+    command = [compiler, "-std=c11", "-O2", "-fPIC", "-c", str(GLUE_SOURCE), "-o", str(out),
+               f"-I{tvm_ffi.libinfo.find_include_path()}", *(f"-D{k}={v}" for k, v in defines.items())]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CompileError(f"{GLUE_SOURCE.name} did not compile: {done.stderr.strip().splitlines()[-1:]}")
+    return out
 
 
 def few_queries(h_kv: int, h_q: int) -> int:

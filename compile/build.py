@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from ..interface.artifact import CONFIG_FILE, ArtifactConfig, BuildOptions, ModelEntry, with_files, write_config
 from ..runtime import options as check
-from . import kernels, workarounds
+from . import attention, kernels, workarounds
 from .checkpoint import GATHERED_EMBEDDING, QUANTIZATIONS, Checkpoint, convert_weights, load_checkpoint
 from .config import CompileError, ModelConfig
 from .eagle import KIND, TOKEN_IDS, EagleDraft, eagle_checkpoint, feature_layers, is_eagle_folder
@@ -243,7 +243,7 @@ def _build_model(role: str, ck: Checkpoint, cfg: ModelConfig, output_vocab_size:
 
         check_device_code(executable.mod)
     library = f"{role}-{opts.device}.so"
-    executable.export_library(str(staging / library))
+    _export(executable, staging / library, target)
     build_seconds = time.perf_counter() - start
     save_file({**params, **extra_params}, str(staging / f"{role}.safetensors"))
     return ModelEntry(
@@ -278,6 +278,18 @@ def _count(formats: dict[str, str]) -> str:
         key = fmt if isinstance(fmt, str) else "+".join(fmt)  # a fused linear's parts in different formats
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n} linears {fmt}" for fmt, n in sorted(counts.items()))
+
+
+def _export(executable, path: Path, target) -> None:
+    """The library at path. A CPU one links in cpu_attention.c, the functions its KV cache calls for the
+    attention of multi-token forwards; -Bsymbolic binds their calls of the chunk kernels to this library's
+    own, which a draft's library, loaded beside it, also defines."""
+    if target.kind.name != "llvm":
+        executable.export_library(str(path))
+        return
+    with tempfile.TemporaryDirectory() as work:
+        executable.export_library(str(path), addons=[str(attention.glue_object(Path(work)))],
+                                  options=["-Wl,-Bsymbolic"])
 
 
 def _check_shapes(params: dict[str, np.ndarray], named_params, role: str) -> None:

@@ -16,8 +16,6 @@ from tvm.ir.expr import TensorLoad
 from tvm.ir.prim.expr import Let, Max, Min
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, TIRPagedKVCache
 
-from ..interface.artifact import (CHUNK_ATTENTION_KERNELS, CPU_ATTENTION_CACHED_PAGES, CPU_ATTENTION_NEW_TOKENS,
-                                  CPU_ATTENTION_NEW_TREE)
 from . import attention, rope
 
 C_TIR_PIPELINE = "mlc_spec_c_source"
@@ -125,12 +123,12 @@ class _SwapCPUTreeKernels(PagedKVCache):
 
 CPU_ATTENTION_KERNELS = {"tir_attention_decode_cpu": attention.paged_decode_cpu}
 # TVM's two parts of a multi-token forward's attention (the new tokens' own part of a chain or of a
-# token tree, then the cached pages') -> the runtime's functions that run attention.chunk_attention_cpu
-# over both at once (runtime/cpu_attention.py says how).
+# token tree, then the cached pages') -> the functions of attention.GLUE_SOURCE, linked into the library,
+# that run attention.chunk_attention_cpu over both at once (cpu_attention.c says how).
 CPU_PREFILL_ATTENTION = {
-    "tir_attention_prefill_ragged_cpu": CPU_ATTENTION_NEW_TOKENS,
-    "tir_attention_prefill_with_tree_mask_cpu": CPU_ATTENTION_NEW_TREE,
-    "tir_attention_prefill_cpu": CPU_ATTENTION_CACHED_PAGES,
+    "tir_attention_prefill_ragged_cpu": attention.ATTENTION_NEW_TOKENS,
+    "tir_attention_prefill_with_tree_mask_cpu": attention.ATTENTION_NEW_TREE,
+    "tir_attention_prefill_cpu": attention.ATTENTION_CACHED_PAGES,
 }
 
 
@@ -138,8 +136,9 @@ class _FastCPUAttention(PagedKVCache):
     """TVM 0.27's CPU attention kernels are scalar loop nests on one thread, and its multi-token
     forwards merge two partial attentions in float, a rounding apart from a decode (see
     compile/attention.py). This receives the create call like _SwapCPUTreeKernels: the decode kernel
-    becomes attention.py's under TVM's name, the two prefill slots the runtime's functions, and the
-    chunk kernels those call are added to the module as CHUNK_ATTENTION_KERNELS."""
+    becomes attention.py's under TVM's name, the two prefill slots cpu_attention.c's functions (the
+    build links it into the library), and the chunk kernels those call are added to the module as
+    attention.CHUNK_ATTENTION_KERNELS."""
 
     def __init__(self, _expr: relax.Call, _name: str):
         bb = relax.BlockBuilder.current()
@@ -153,7 +152,7 @@ class _FastCPUAttention(PagedKVCache):
             elif name in CPU_PREFILL_ATTENTION:
                 args[i] = relax.Tuple([args[i].fields[0], relax.ExternFunc(CPU_PREFILL_ATTENTION[name])])
         h_kv, h_q, _, _ = self.attention_shape
-        for name, queries in zip(CHUNK_ATTENTION_KERNELS, (attention.QUERIES, attention.few_queries(h_kv, h_q))):
+        for name, queries in zip(attention.CHUNK_ATTENTION_KERNELS, (attention.QUERIES, attention.few_queries(h_kv, h_q))):
             kernel = attention.chunk_attention_cpu(*self.attention_shape, queries)
             bb.add_func(kernel.with_attr("global_symbol", name), name)
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)

@@ -22,20 +22,12 @@ CONFIG_FILE = "mlc_spec_config.json"
 # 4: CPU libraries attend multi-token forwards through the runtime's CPU_ATTENTION_* functions.
 # 5: an eagle draft's batch_decode_target reads the target's features (fused over feature_layers), its
 #    batch_decode only its own.
-FORMAT_VERSION = 5
+# 6: CPU libraries carry their multi-token attention (compile/cpu_attention.c), which the runtime no
+#    longer registers.
+FORMAT_VERSION = 6
 DEVICES = ("cpu", "cuda", "vulkan", "metal", "opencl", "webgpu")
 VOCAB = "vocab"  # the dimension of a kernel tensor that is the model's output vocabulary
-# A CPU library's paged KV cache calls these global functions (runtime/cpu_attention.py registers them)
-# for the two parts of a multi-token forward's attention, and they call its CHUNK_ATTENTION_KERNELS: the
-# first for prefill chunks, the second, in small tiles of queries, when no sequence has more than
-# FEW_QUERIES new tokens (verifies, token trees).
-CPU_ATTENTION_NEW_TOKENS = "mlc_spec.cpu_attention.new_tokens"
-CPU_ATTENTION_NEW_TREE = "mlc_spec.cpu_attention.new_tree"
-CPU_ATTENTION_CACHED_PAGES = "mlc_spec.cpu_attention.cached_pages"
-CHUNK_ATTENTION_KERNELS = ("mlc_spec_chunk_attention", "mlc_spec_chunk_attention_few")
-FEW_QUERIES = 8
 CPU_PAGE_SIZE = 16  # TVM's CPU attention kernels fix the page size, and the chunk kernels' block is one page
-EMPTY_LSE = -5e4  # the log2-sum-exp of a row with no keys, as TVM's kernels report it: its merge weighs it zero
 
 
 class ArtifactError(ValueError):

@@ -110,7 +110,8 @@ def _fingerprint(draft_dir: Path | None) -> str:
     included) and this file's recipe, so an updated draft, compiler or recipe is compiled afresh."""
     from . import compile as compiler, interface
 
-    sources = [p for package in (compiler, interface) for p in sorted(Path(package.__file__).parent.rglob("*.py"))]
+    sources = [p for package in (compiler, interface) for suffix in ("*.py", "*.c")
+               for p in sorted(Path(package.__file__).parent.rglob(suffix))]
     sources.append(Path(__file__))
     return _digest(sources + _files(draft_dir))
 

@@ -16,8 +16,7 @@ from safetensors.numpy import load_file
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from ..interface.artifact import CHUNK_ATTENTION_KERNELS, DEVICES, ArtifactError, KernelSignature, ModelEntry
-from . import cpu_attention
+from ..interface.artifact import DEVICES, ArtifactError, KernelSignature, ModelEntry
 from .arrays import to_device, to_host
 from .kv_cache import PagedKVCache
 
@@ -100,8 +99,6 @@ class ModelLibrary:
         self.token_ids = weights["token_ids"].astype(np.int64) if "token_ids" in weights else None
         self.kernels = Kernels(self, kernels)
         self._functions: dict = {}
-        chunk_kernels = [self.vm.module.get_function(name, query_imports=True) for name in CHUNK_ATTENTION_KERNELS]
-        self.chunk_attention = cpu_attention.ChunkAttention(*chunk_kernels) if chunk_kernels[0] is not None else None
         # Time spent inside compiled calls, for the share of a run spent elsewhere (bench's host share).
         self.compiled_seconds = 0.0
         # the target of a feature draft exports its hidden states (compile/model.py's *_hidden forwards)
@@ -111,8 +108,7 @@ class ModelLibrary:
         function = self._functions.get(name) or self._functions.setdefault(name, self.vm[name])
         start = time.perf_counter()
         try:
-            with cpu_attention.current(self.chunk_attention):
-                return function(*args)
+            return function(*args)
         finally:
             self.compiled_seconds += time.perf_counter() - start
 

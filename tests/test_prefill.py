@@ -72,7 +72,7 @@ def decoded_logits(lib, tokens: list[int]) -> np.ndarray:
 def test_verified_rows_are_decoded_rows_bit_for_bit(artifacts, name):
     """FM 8: TVM computes a multi-token forward's attention in two parts merged in float, a rounding
     away from a decode's one pass, which an int8-quantized next layer can turn into another token.
-    runtime/cpu_attention.py runs one pass instead: chains starting and ending anywhere in a page,
+    compile/cpu_attention.c runs one pass instead: chains starting and ending anywhere in a page,
     two sequences in one forward, and a prefill all give each token its decode's logits exactly."""
     _, lib, _, vocab = _compiled(artifacts, name)
     rng = np.random.default_rng(5)

@@ -181,7 +181,7 @@ def assert_verify_and_batch_are_decode(artifact, vocab: int):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_token_gets_the_same_logits_alone_in_a_verify_or_in_a_batch(artifacts, tmp_path, fmt):
     """FM 8. Integer sums are exact and each row sums its groups alike whatever the row block, and a
-    verify's attention is one pass like a decode's (runtime/cpu_attention.py), so decode, verify_2..
+    verify's attention is one pass like a decode's (compile/cpu_attention.c), so decode, verify_2..
     verify_4, verify in blocks of 5 and batched decode give bit-identical logits: an 8-bit activation
     turns the smallest difference upstream into a different code now and then, and a different token."""
     quantized, _ = quantized_pair(artifacts, tmp_path, fmt)
