@@ -21,7 +21,8 @@ a 1% difference between two single rounds sent the default pair to the target al
 16 rounds. While k = 0 wins, a round still drafts one token now and then, so a
 draft that starts agreeing is noticed: after PROBE_EVERY rounds, then twice as many after each probe
 whose drafts were all rejected (a probe costs a verify and the draft's catch-up), back to PROBE_EVERY
-after one that agreed. While drafting wins, every PROBE_EVERY-th round runs the target alone, so the
+after one that agreed; but every PROBE_SOON rounds while the draft would still win at an acceptance
+two standard errors above the counted one (a few unlucky first rounds must not decide for good). While drafting wins, every PROBE_EVERY-th round runs the target alone, so the
 cost that drafting is weighed against stays current.
 """
 
@@ -32,6 +33,10 @@ import numpy as np
 from .speculative import RoundStats
 
 PROBE_EVERY = 16
+# ... or this often while too few tries rule the draft out: the default pair's draft, unlucky on its
+# first rounds of a hard prompt (2 of 17 accepted, where 0.45 is its rate), kept auto on the target
+# alone for 490 rounds, probes growing rarer
+PROBE_SOON = 4
 FIRST_SAMPLES = 3
 _MAX_PROBE_EVERY = 64
 _DECAY = 0.9  # weight of the past in the running averages of costs
@@ -70,7 +75,7 @@ class AdaptiveDraftLength:
             return best + 1
         if best == 0:
             self.rounds_at_zero += 1
-            if self.rounds_at_zero >= self.probe_every:
+            if self.rounds_at_zero >= (PROBE_SOON if self._might_pay(expected) else self.probe_every):
                 self.rounds_at_zero, self.probing = 0, True
                 return 1
         else:  # the plain step's cost is what drafting must beat: keep it measured
@@ -79,6 +84,15 @@ class AdaptiveDraftLength:
                 self.rounds_drafting = 0
                 return 0
         return best
+
+    def _might_pay(self, expected: np.ndarray) -> bool:
+        """Whether one draft would beat the target alone at an optimistic acceptance, two standard
+        errors above the counted one: too few tries to rule the draft out."""
+        if 1 not in self.round_cost:
+            return False
+        p, n = self.reach()[0], self.tries[0] + 1
+        optimistic = min(1.0, p + 2 * np.sqrt(p * (1 - p) / n))
+        return (1 + optimistic) / self.round_cost[1] > expected[0] / self.round_cost[0]
 
     def reach(self) -> np.ndarray:
         """P(draft j+1 accepted | the first j were), for each position j."""

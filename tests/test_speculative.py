@@ -491,6 +491,29 @@ def test_adaptive_controller_is_not_fooled_by_one_slow_round():
     assert choices.count(0) == 2 and choices[PROBE_EVERY - 1] == choices[-1] == 0
 
 
+def test_adaptive_controller_probes_an_unlucky_draft_soon():
+    """A draft rejected on its first three rounds (1 token in 12.5 ms against 10 ms plain) looks useless,
+    but three tries cannot rule out the rate at which it agrees later (half the time: 1.5 tokens in
+    12.5 ms beats the plain 1 in 10): it is probed every PROBE_SOON rounds, not every PROBE_EVERY and
+    ever more rarely, and is drafting by the end of a hundred rounds."""
+    from mlc_spec.runtime.adaptive import FIRST_SAMPLES, PROBE_EVERY, PROBE_SOON, AdaptiveDraftLength
+
+    ctl = AdaptiveDraftLength(1)
+    _measure_plain(ctl, 0.010)
+    for _ in range(FIRST_SAMPLES):
+        ctl.update(_round([1], [0], 0.002, 0.0105))
+    chosen, probes = [], 0
+    for _ in range(100):
+        chosen.append(ctl.choose(1))
+        if chosen[-1]:
+            probes += 1
+            ctl.update(_round([1], [probes % 2], 0.002, 0.0105))
+        else:
+            ctl.update(_round([0], [0], 0.0, 0.010))
+    assert PROBE_SOON < PROBE_EVERY and chosen[:PROBE_SOON] == [0] * (PROBE_SOON - 1) + [1]
+    assert sum(chosen[-2 * PROBE_EVERY:]) >= 2 * PROBE_EVERY - 2, chosen  # the target alone only to re-measure it
+
+
 def test_adaptive_controller_drafts_deeper_once_its_first_drafts_agree():
     """Acceptance is counted (not a slow running average), and positions never drafted are expected to
     do as well as the one before: a cheap draft whose first rounds all agreed is given more than one
