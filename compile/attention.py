@@ -93,8 +93,9 @@ def chunk_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, queries: int = 
     """Each sequence's new queries against all its keys in one pass: first those cached in its pages,
     then its new ones (rows kv_rows[kv_indptr[b]..] of k and v), causal with the last query seeing every key.
     TVM splits a multi-token forward's attention into these two parts and merges them in float, a
-    rounding apart from a decode's single pass; cpu_attention.c runs this kernel in their place, so that each new token's attention is bit for bit a decode's (both walk the same page-aligned
-    blocks of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'.
+    rounding apart from a decode's single pass; cpu_attention.c runs this kernel in their place, so
+    that each new token's attention is bit for bit a decode's (both walk the same page-aligned blocks
+    of keys). A token tree's node is a sequence of one query whose new keys are its ancestors'.
     Tiles of `queries` queries; few_queries(h_kv, h_q) fills one vector of rows, for verifies."""
     attend_sequence = _sequence_attention(h_kv, h_q, d, queries)
 

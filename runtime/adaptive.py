@@ -22,8 +22,9 @@ a 1% difference between two single rounds sent the default pair to the target al
 draft that starts agreeing is noticed: after PROBE_EVERY rounds, then twice as many after each probe
 whose drafts were all rejected (a probe costs a verify and the draft's catch-up), back to PROBE_EVERY
 after one that agreed; but every PROBE_SOON rounds while the draft would still win at an acceptance
-two standard errors above the counted one (a few unlucky first rounds must not decide for good). While drafting wins, every PROBE_EVERY-th round runs the target alone, so the
-cost that drafting is weighed against stays current.
+two standard errors above the counted one (a few unlucky first rounds must not decide for good).
+While drafting wins, every PROBE_EVERY-th round runs the target alone, so the cost that drafting is
+weighed against stays current.
 """
 
 from __future__ import annotations
