@@ -283,8 +283,9 @@ def _count(formats: dict[str, str]) -> str:
 def _export(executable, path: Path, target) -> None:
     """The library at path. A CPU one links in cpu_attention.c, the functions its KV cache calls for the
     attention of multi-token forwards; -Bsymbolic binds their calls of the chunk kernels to this library's
-    own, which a draft's library, loaded beside it, also defines."""
-    if target.kind.name != "llvm":
+    own, which a draft's library, loaded beside it, also defines. A C source library is a CPU one too: its
+    model is built for LLVM (model_target), KV cache included."""
+    if model_target(target).kind.name != "llvm":
         executable.export_library(str(path))
         return
     with tempfile.TemporaryDirectory() as work:
