@@ -152,7 +152,8 @@ def glue_object(directory: Path) -> Path:
                f"-I{tvm_ffi.libinfo.find_include_path()}", *(f"-D{k}={v}" for k, v in defines.items())]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise CompileError(f"{GLUE_SOURCE.name} did not compile: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or [f"{compiler} exited with {done.returncode}"])[-1]
+        raise CompileError(f"{GLUE_SOURCE.name} did not compile: {last}")
     return out
 
 

@@ -273,7 +273,6 @@ static int page_tables_per_node(const TVMFFIAny* page_indptr_arg, const TVMFFIAn
     }
   }
   values[at] = 0;
-  node_page_values.shape[0] = total + 1;
   out[0] = pass(&node_page_indptr.tensor);
   out[1] = pass(&node_page_values.tensor);
   out[2] = pass(&node_length_info.tensor);

@@ -171,6 +171,20 @@ def test_output_not_writable(tmp_path, capsys, good_checkpoint):
     assert "choose a writable --output" in err
 
 
+def test_c_compiler_failure_is_one_line(tmp_path, capsys, good_checkpoint, monkeypatch):
+    """The attention glue that every CPU library links (compile/cpu_attention.c) failing to compile: the
+    compiler's last line, as text, and no artifact."""
+    from mlc_spec.compile import attention
+
+    broken = tmp_path / "cpu_attention.c"
+    broken.write_text("int broken(void) { return }\n")
+    monkeypatch.setattr(attention, "GLUE_SOURCE", broken)
+    out = tmp_path / "a"
+    err = compile_error(capsys, [str(good_checkpoint), "--output", str(out)])
+    assert "cpu_attention.c did not compile:" in err and "error" in err and "['" not in err, err
+    assert_empty(out)
+
+
 def test_interrupted_compile_leaves_nothing(tmp_path, good_checkpoint, monkeypatch):
     from mlc_spec.compile import build
 

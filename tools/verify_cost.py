@@ -47,7 +47,8 @@ def _stepper(engine, context: int):
     with engine.session() as session:
         session.tokens[:] = list(range(10, 10 + context))
         kv, lib, seq = engine.target.kv, engine.target.lib, session.seq_id
-        lib.forward_last(kv, [seq], [session.tokens])
+        for lo in range(0, context, engine.prefill_chunk):  # one forward takes at most a chunk
+            lib.forward_last(kv, [seq], [session.tokens[lo:lo + engine.prefill_chunk]])
 
         def step(n: int) -> float:
             tokens = list(range(200, 200 + n))
