@@ -310,7 +310,8 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_lengths: list[int]) -> dict:
     """llama.cpp's plain decode of the same GGUF file with the same thread count, and its prefill of
-    the prompts prefill_costs timed (in its default batches of 512 tokens, as ours are chunked)."""
+    the prompts prefill_costs timed (in its default batches of 512 tokens, as ours are chunked) with
+    the decode after it (attention over the whole prompt: a long chat's decode)."""
     import os
 
     from llama_cpp import Llama
@@ -319,11 +320,15 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_
     if not source.endswith(".gguf"):
         return {"skipped": "the target was not compiled from a GGUF file"}
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
-    llm = Llama(model_path=source, n_threads=threads, n_ctx=max([2048, *prefill_lengths]), verbose=False)
-    prefill = {}
+    decodes = 5  # timed after each prefill, as prefill_costs times ours
+    llm = Llama(model_path=source, n_threads=threads, n_ctx=max([2048, *(n + decodes for n in prefill_lengths)]),
+                verbose=False)
+    prefill, decode_after = {}, {}
     for n in prefill_lengths:
         llm.reset()
-        prefill[n] = _timed(lambda n=n: llm.eval(_prefill_prompt(engine, n)))
+        prompt = _prefill_prompt(engine, n)
+        prefill[n] = _timed(lambda: llm.eval(prompt))
+        decode_after[n] = 1e3 * statistics.median(_timed(lambda: llm.eval(prompt[-1:])) for _ in range(decodes))
     tokens, decode_seconds, start = 0, 0.0, time.perf_counter()
     for ids in prompts:
         llm.reset()
@@ -337,7 +342,7 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_
     # end to end (prompt included) compares with target_only's tok/s, decode with the target's decode cost
     return {"threads": threads, "tokens_per_second": tokens / (time.perf_counter() - start),
             "decode_tokens_per_second": len(prompts) * (max_tokens - 1) / decode_seconds,
-            "prefill_seconds": prefill}
+            "prefill_seconds": prefill, "decode_ms_after": decode_after}
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -354,12 +359,11 @@ def format_table(r: dict) -> str:
     ]
     if "draft_over_target" in c:
         lines.append(f"draft decode: {c['draft_decode_ms']:.2f} ms/token = {c['draft_over_target']:.2f} of the target's")
-    llamacpp = r.get("llamacpp", {}).get("prefill_seconds", {})
+    llamacpp = r.get("llamacpp", {})
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n} tokens: {p['seconds']:.2f} s, {p['tokens_per_second']:.0f} tok/s "
                      f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s), "
-                     f"then decode {p['decode_ms_after']:.2f} ms/token"
-                     + (f"; llama.cpp {llamacpp[n]:.2f} s, {int(n) / llamacpp[n]:.0f} tok/s" if n in llamacpp else ""))
+                     f"then decode {p['decode_ms_after']:.2f} ms/token" + _llamacpp_prefill(llamacpp, n))
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
@@ -368,5 +372,15 @@ def format_table(r: dict) -> str:
     for name in ("hf", "llamacpp"):
         if name in r:
             lines.append(f"{name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in r[name].items() if k != "prefill_seconds"))
+                                                   for k, v in r[name].items() if k not in LONG_CONTEXT))
     return "\n".join(lines)
+
+
+LONG_CONTEXT = ("prefill_seconds", "decode_ms_after")  # llama.cpp's figures printed beside ours, per prompt length
+
+
+def _llamacpp_prefill(llamacpp: dict, n) -> str:
+    seconds, decode = llamacpp.get("prefill_seconds", {}), llamacpp.get("decode_ms_after", {})
+    if n not in seconds:
+        return ""
+    return f"; llama.cpp {seconds[n]:.2f} s, {int(n) / seconds[n]:.0f} tok/s, then decode {decode[n]:.2f} ms/token"

@@ -106,18 +106,26 @@ def test_ctrl_c_inside_tvm_is_interrupted_not_an_error(capsys, monkeypatch):
     assert capsys.readouterr().err == "interrupted\n"
 
 
+# what format_table needs of a bench run, no end-to-end rows
+TABLE = {"artifact": "a", "prompts": 1, "workload": "chat", "max_tokens": 4, "formats": {}, "memory_bandwidth_gbs": 10.0,
+         "decode_bandwidth_gbs": 5.0, "costs": {"target_decode_ms": 1.0, "verify_over_decode": {}}, "prefill": {},
+         "end_to_end": {}}
+PREFILL = {"seconds": 1.0, "tokens_per_second": 2000.0, "chunk_seconds": [1.0], "decode_ms_after": 3.0}
+
+
 def test_llamacpp_prefill_is_timed_on_the_same_prompts(monkeypatch):
-    """compare_llamacpp feeds llama.cpp the prompts prefill_costs times, from an empty cache each."""
+    """compare_llamacpp feeds llama.cpp the prompts prefill_costs times, from an empty cache each, then
+    times single-token decodes after each, which the table prints beside ours."""
     import sys
     import types
 
-    from mlc_spec.bench import _prefill_prompt, compare_llamacpp
+    from mlc_spec.bench import _prefill_prompt, compare_llamacpp, format_table
 
     evaluated = []
 
     class Llama:
         def __init__(self, model_path, n_threads, n_ctx, verbose):
-            assert n_ctx >= 2000
+            assert n_ctx >= 2005  # the longest prompt and the decodes after it
 
         def reset(self):
             evaluated.append("reset")
@@ -132,5 +140,10 @@ def test_llamacpp_prefill_is_timed_on_the_same_prompts(monkeypatch):
     target = types.SimpleNamespace(source="model.gguf")
     engine = types.SimpleNamespace(config=types.SimpleNamespace(models={"target": target}, vocab_size=320))
     out = compare_llamacpp(engine, [[1, 2, 3]], 4, [40, 2000])
-    assert set(out["prefill_seconds"]) == {40, 2000}
-    assert evaluated[:4] == ["reset", _prefill_prompt(engine, 40), "reset", _prefill_prompt(engine, 2000)]
+    assert set(out["prefill_seconds"]) == set(out["decode_ms_after"]) == {40, 2000}
+    short, long = _prefill_prompt(engine, 40), _prefill_prompt(engine, 2000)
+    assert evaluated[:14] == ["reset", short, *[short[-1:]] * 5, "reset", long, *[long[-1:]] * 5]
+    line = next(l for l in format_table({**TABLE, "prefill": {2000: PREFILL}, "llamacpp": out}).splitlines()
+                if l.startswith("prefill 2000 tokens:"))
+    assert line.count("then decode") == 2, line
+    assert "decode_ms_after" not in format_table({**TABLE, "llamacpp": out})
