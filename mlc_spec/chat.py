@@ -79,13 +79,13 @@ def add_parser(subparsers) -> None:
 
 @dataclasses.dataclass
 class Settings:
-    """The chat's options: the API's defaults (GenerateOptions) but for longer replies and draft length auto."""
+    """The chat's options: the API's defaults (GenerateOptions) but for longer replies."""
     temperature: float = SamplingParams.temperature
     top_p: float = SamplingParams.top_p
     top_k: int = SamplingParams.top_k
     seed: int | None = None
     max_tokens: int = 512
-    draft_length: int | str = "auto"
+    draft_length: int | str = GenerateOptions.draft_length
     draft: bool = True
     system: str | None = None
     draft_shape: str = "chain"

@@ -254,7 +254,7 @@ def test_piped_reset_and_set(tiny_pair, engine):
     done = run_piped(lines, "--model", str(tiny_pair), "--max-tokens", str(MAX_TOKENS), "--draft-length", "4")
     assert done.returncode == 0, done.stderr
     sampled = engine.generate(token_ids=ChatTemplate.of(engine).encode(engine, [{"role": "user", "content": "hello there"}]),
-                              max_tokens=5, temperature=0.7, top_k=50, seed=3)
+                              max_tokens=5, temperature=0.7, top_k=50, seed=3, draft_length=4)
     want = [greedy_replies(engine, ["hello there"])[0], greedy_replies(engine, ["hello there"], max_tokens=5)[0], sampled.text]
     assert done.stdout == "".join(f"{reply}\n" for reply in want)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
