@@ -363,7 +363,8 @@ def format_table(r: dict) -> str:
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n} tokens: {p['seconds']:.2f} s, {p['tokens_per_second']:.0f} tok/s "
                      f"(chunks: {' '.join(f'{s:.2f}' for s in p['chunk_seconds'])} s), "
-                     f"then decode {p['decode_ms_after']:.2f} ms/token" + _llamacpp_prefill(llamacpp, n))
+                     f"then decode {p['decode_ms_after']:.2f} ms/token"
+                     + _llamacpp_long_context(llamacpp, n))
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
     for name, e in r["end_to_end"].items():
         per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
@@ -379,7 +380,7 @@ def format_table(r: dict) -> str:
 LONG_CONTEXT = ("prefill_seconds", "decode_ms_after")  # llama.cpp's figures printed beside ours, per prompt length
 
 
-def _llamacpp_prefill(llamacpp: dict, n) -> str:
+def _llamacpp_long_context(llamacpp: dict, n) -> str:
     seconds, decode = llamacpp.get("prefill_seconds", {}), llamacpp.get("decode_ms_after", {})
     if n not in seconds:
         return ""

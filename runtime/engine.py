@@ -195,7 +195,7 @@ class GenerateOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     speculative: bool | str = True
-    # auto, not a fixed k: on the default pair k = 4 ran 0.87-0.95x the target alone, auto 1.08-1.17x
+    # auto, not a fixed k: on the default pair k = 4 ran 0.84-0.97x the target alone, auto 1.08-1.17x
     draft_length: int | str = "auto"
     draft_confidence: float | None = None
     stop_at_eos: bool = True
@@ -219,12 +219,12 @@ class GenerateOptions:
         target alone). draft_length: k, or "auto" (the default) to choose k each round from measured
         acceptance and costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early,
         before the first draft where the product of the draft's top probabilities falls below it
-        (runtime/speculative.py's ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE with draft_length="auto",
-        which leaves how much to draft to the runtime, else 0. Sampled tokens depend on k, the chains'
-        stops and the tree's shape (the uniforms are drawn per round), so a seed reproduces a sampled
-        output with a fixed k, confidence or shape; greedy output never depends on them. observer:
-        called with every round's RoundStats (each sequence's drafts, acceptances and committed tokens,
-        and the round's timing)."""
+        (runtime/speculative.py's ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE
+        with draft_length="auto", which leaves how much to draft to the runtime, else 0. Sampled tokens
+        depend on k, the chains' stops and the tree's shape (the uniforms are drawn per round), so a seed
+        reproduces a sampled output with a fixed k, confidence or shape; greedy output never depends on
+        them. observer: called with every round's RoundStats (each sequence's drafts, acceptances and
+        committed tokens, and the round's timing)."""
         sampling = SamplingParams(
             check.real("temperature", temperature, 0.0, hint=" (0 is greedy)"),
             check.real("top_p", top_p, 0.0, 1.0, low_open=True),

@@ -107,9 +107,9 @@ def test_ctrl_c_inside_tvm_is_interrupted_not_an_error(capsys, monkeypatch):
 
 
 # what format_table needs of a bench run, no end-to-end rows
-TABLE = {"artifact": "a", "prompts": 1, "workload": "chat", "max_tokens": 4, "formats": {}, "memory_bandwidth_gbs": 10.0,
-         "decode_bandwidth_gbs": 5.0, "costs": {"target_decode_ms": 1.0, "verify_over_decode": {}}, "prefill": {},
-         "end_to_end": {}}
+TABLE = {"artifact": "a", "prompts": 1, "workload": "chat", "max_tokens": 4, "formats": {},
+         "memory_bandwidth_gbs": 10.0, "decode_bandwidth_gbs": 5.0,
+         "costs": {"target_decode_ms": 1.0, "verify_over_decode": {}}, "prefill": {}, "end_to_end": {}}
 PREFILL = {"seconds": 1.0, "tokens_per_second": 2000.0, "chunk_seconds": [1.0], "decode_ms_after": 3.0}
 
 
