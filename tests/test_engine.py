@@ -65,6 +65,16 @@ def test_a_bad_option_is_one_clear_error(engine, options, message):
     assert engine.cache_usage() == before
 
 
+def test_the_default_draft_length_is_auto(partial_artifact):
+    """A request that names no draft_length runs auto (runtime/adaptive.py), which opens by alternating
+    the target alone and one draft; the fixed default k = 4 had offered 4 every round."""
+    from mlc_spec.runtime.adaptive import FIRST_SAMPLES
+
+    rounds = []
+    Engine(partial_artifact).generate(token_ids=[5, 6, 7], max_tokens=20, stop_at_eos=False, observer=rounds.append)
+    assert [max(r.offered) for r in rounds[:2 * FIRST_SAMPLES]] == [0, 1] * FIRST_SAMPLES
+
+
 @pytest.mark.parametrize("request_", [
     dict(token_ids=["1", "2"]),
     dict(token_ids="12"),
