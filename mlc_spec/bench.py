@@ -209,7 +209,10 @@ def _feature_forward(engine):
     return forward
 
 
-def prefill_costs(engine, lengths: list[int], repeats: int = 5) -> dict:
+DECODES_AFTER_PREFILL = 5  # timed after each prefill, ours and llama.cpp's; their median is reported
+
+
+def prefill_costs(engine, lengths: list[int]) -> dict:
     """Seconds the target takes to prefill a prompt of n tokens, fed in the artifact's chunks as generate
     feeds them, with each chunk's seconds: a later chunk also attends to every token cached before it.
     Then the milliseconds of a decode after those n tokens, whose attention reads all of them."""
@@ -220,7 +223,8 @@ def prefill_costs(engine, lengths: list[int], repeats: int = 5) -> dict:
             chunks = [_timed(lambda lo=lo: model.lib.forward_last(model.kv, [session.seq_id],
                                                                   [tokens[lo:lo + chunk]]).numpy())
                       for lo in range(0, n, chunk)]
-            decode = statistics.median(_forward_seconds(model, session.seq_id, 1) for _ in range(repeats))
+            decode = statistics.median(_forward_seconds(model, session.seq_id, 1)
+                                       for _ in range(DECODES_AFTER_PREFILL))
         costs[n] = {"seconds": sum(chunks), "tokens_per_second": n / sum(chunks), "chunk_seconds": chunks,
                     "decode_ms_after": decode * 1e3}
     return costs
@@ -320,15 +324,15 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_
     if not source.endswith(".gguf"):
         return {"skipped": "the target was not compiled from a GGUF file"}
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
-    decodes = 5  # timed after each prefill, as prefill_costs times ours
-    llm = Llama(model_path=source, n_threads=threads, n_ctx=max([2048, *(n + decodes for n in prefill_lengths)]),
-                verbose=False)
+    llm = Llama(model_path=source, n_threads=threads,
+                n_ctx=max([2048, *(n + DECODES_AFTER_PREFILL for n in prefill_lengths)]), verbose=False)
     prefill, decode_after = {}, {}
     for n in prefill_lengths:
         llm.reset()
         prompt = _prefill_prompt(engine, n)
         prefill[n] = _timed(lambda: llm.eval(prompt))
-        decode_after[n] = 1e3 * statistics.median(_timed(lambda: llm.eval(prompt[-1:])) for _ in range(decodes))
+        decode_after[n] = 1e3 * statistics.median(_timed(lambda: llm.eval(prompt[-1:]))
+                                                  for _ in range(DECODES_AFTER_PREFILL))
     tokens, decode_seconds, start = 0, 0.0, time.perf_counter()
     for ids in prompts:
         llm.reset()
