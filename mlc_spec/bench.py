@@ -1,10 +1,11 @@
 """mlc_spec bench: the figures that decide whether speculation pays, measured side by side in one run.
 
-Everything is measured in the same process, one after another, so ratios hold on a noisy machine:
-memory bandwidth (a large numpy copy), target decode cost and the bandwidth it achieves, the cost of a
-verify forward of k+1 tokens against one decode, the draft's decode cost, acceptance per draft
-position, end-to-end greedy tokens per second with and without speculation (draft chains, draft token
-trees and n-gram lookup side by side), the share of time spent outside the compiled code (Python
+Everything is measured in the same process, and what is compared takes turns (forward sizes repeat by
+repeat, end-to-end runs prompt by prompt), so ratios hold on a noisy machine: memory bandwidth (a large
+numpy copy), target decode cost and the bandwidth it achieves, the cost of a verify forward of k+1
+tokens against one decode, the draft's decode cost, acceptance per draft position, end-to-end greedy
+tokens per second with and without speculation (draft chains, draft token trees and n-gram lookup side
+by side, and llama.cpp's on the same GGUF), the share of time spent outside the compiled code (Python
 and the host side of TVM calls), and the target's prefill of long prompts, chunk by chunk. The
 repetitive workload asks for a passage repeated or lightly edited, where n-gram lookup and deep
 acceptance pay most.
@@ -67,7 +68,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers plain and assisted generation")
     p.add_argument("--compare-llamacpp", action="store_true",
-                   help="also time llama-cpp-python's plain decode and prefill")
+                   help="also time llama-cpp-python's plain generation (taking turns with ours), prefill and decode")
     p.set_defaults(run=run)
 
 
@@ -86,12 +87,13 @@ def run(args) -> int:
     results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["prefill"] = prefill_costs(engine, args.prefill_tokens)
+    llm = open_llamacpp(engine, list(results["prefill"])) if args.compare_llamacpp else None
+    if args.compare_llamacpp:
+        results["llamacpp"] = compare_llamacpp(llm, engine, list(results["prefill"]))
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.draft_confidence,
-                                       args.tree_width)
+                                       args.tree_width, llm)
     if args.compare_hf:
         results["hf"] = compare_hf(engine, prompts, args.max_tokens)
-    if args.compare_llamacpp:
-        results["llamacpp"] = compare_llamacpp(engine, prompts, args.max_tokens, list(results["prefill"]))
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -236,51 +238,76 @@ def _prefill_prompt(engine, n: int) -> list[int]:
 
 
 def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths: list[int],
-               confidences: list[float], tree_width: int) -> dict:
+               confidences: list[float], tree_width: int, llm=None) -> dict:
     """Per k: the draft's chain at each confidence threshold, its tree of depth k (where it fits TVM's
-    tree size) and n-gram lookup."""
+    tree size) and n-gram lookup; with llm, llama.cpp's plain generation too.
+
+    The runs take turns: each prompt goes through every run before the next prompt. Run one after
+    another, rows drifted 10-20% apart on a noisy machine (one such bench put the default pair's k = 1
+    at 1.39x the target alone, which runs taking turns measured at 1.17-1.22x); taking turns spreads
+    the drift over every row alike."""
+    runs = _settings(engine, draft_lengths, confidences, tree_width)
+    parts = {name: [] for name in runs}
+    for ids in prompts:
+        for name, opts in runs.items():
+            parts[name].append(_generate(engine, ids, max_tokens, **opts))
+        if llm is not None:
+            parts.setdefault("llama.cpp", []).append(_llamacpp_generate(llm, ids, max_tokens))
+    totals = {name: _totals(p, runs.get(name, {})) for name, p in parts.items()}
+    base = totals["target_only"]["tokens_per_second"]
+    for r in totals.values():
+        r["speedup"] = r["tokens_per_second"] / base
+    return totals
+
+
+def _settings(engine, draft_lengths: list[int], confidences: list[float], tree_width: int) -> dict[str, dict]:
+    """Each run's name and generate options."""
     from .runtime.speculative import MAX_TREE_NODES, tree_size
 
-    runs = {"target_only": _generate(engine, prompts, max_tokens, speculative=False, draft_length=0)}
+    runs = {"target_only": dict(speculative=False, draft_length=0)}
     for k in draft_lengths:
         if engine.has_draft:
             for c in confidences:
-                runs[f"draft k={k}" + (f" c={c:g}" if c else "")] = _generate(
-                    engine, prompts, max_tokens, speculative="draft", draft_length=k, draft_confidence=c)
+                runs[f"draft k={k}" + (f" c={c:g}" if c else "")] = dict(speculative="draft", draft_length=k,
+                                                                          draft_confidence=c)
             if engine.drafts_trees and tree_size(tree_width, k) <= MAX_TREE_NODES:
-                runs[f"tree w={tree_width} d={k}"] = _generate(engine, prompts, max_tokens, speculative="tree",
-                                                              tree_width=tree_width, tree_depth=k)
-        runs[f"ngram k={k}"] = _generate(engine, prompts, max_tokens, speculative="ngram", draft_length=k)
+                runs[f"tree w={tree_width} d={k}"] = dict(speculative="tree", tree_width=tree_width, tree_depth=k)
+        runs[f"ngram k={k}"] = dict(speculative="ngram", draft_length=k)
     if engine.has_draft:
-        runs["draft auto"] = _generate(engine, prompts, max_tokens, speculative="draft", draft_length="auto")
-    base = runs["target_only"]["tokens_per_second"]
-    for r in runs.values():
-        r["speedup"] = r["tokens_per_second"] / base
+        runs["draft auto"] = dict(speculative="draft", draft_length="auto")
     return runs
 
 
-def _generate(engine, prompts, max_tokens: int, **opts) -> dict:
-    """Greedy generation, one prompt at a time; time inside compiled calls is counted apart."""
+def _generate(engine, ids: list[int], max_tokens: int, **opts) -> dict:
+    """One greedy generation: its tokens, rounds, acceptance counts and seconds, inside compiled calls
+    and in all."""
     libs = [engine.target.lib] + ([engine.draft.lib] if engine.draft is not None else [])
-    compiled_before = sum(lib.compiled_seconds for lib in libs)
-    tokens, acc, drafted, rounds, start = 0, None, None, 0, time.perf_counter()
-    for ids in prompts:
-        out = engine.generate(token_ids=ids, max_tokens=max_tokens, stop_at_eos=False, **opts)
-        tokens += len(out.token_ids)
-        rounds += out.stats["rounds"]
-        a, d = np.array(out.stats["accepted_per_position"]), np.array(out.stats["drafted_per_position"])
-        acc, drafted = (a, d) if acc is None else (acc + a, drafted + d)
-    total = time.perf_counter() - start
-    compiled = sum(lib.compiled_seconds for lib in libs) - compiled_before
+    compiled_before, start = sum(lib.compiled_seconds for lib in libs), time.perf_counter()
+    out = engine.generate(token_ids=ids, max_tokens=max_tokens, stop_at_eos=False, **opts)
+    seconds = time.perf_counter() - start
+    return {"tokens": len(out.token_ids), "rounds": out.stats["rounds"], "seconds": seconds,
+            "compiled_seconds": sum(lib.compiled_seconds for lib in libs) - compiled_before,
+            "accepted": np.array(out.stats["accepted_per_position"]),
+            "drafted": np.array(out.stats["drafted_per_position"])}
+
+
+def _totals(parts: list[dict], opts: dict) -> dict:
+    """A run's figures over all its prompts."""
+    tokens, seconds = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
+    if "rounds" not in parts[0]:  # llama.cpp
+        decode = sum(p["decode_seconds"] for p in parts)
+        return {"tokens": tokens, "tokens_per_second": tokens / seconds,
+                "decode_tokens_per_second": sum(p["tokens"] - 1 for p in parts) / decode}
+    acc, drafted = sum(p["accepted"] for p in parts), sum(p["drafted"] for p in parts)
     k = opts.get("tree_depth", opts.get("draft_length"))
     k = int((drafted > 0).sum()) if k == "auto" else k
     return {
         "tokens": tokens,
-        "tokens_per_second": tokens / total,
-        "tokens_per_target_call": tokens / rounds,
+        "tokens_per_second": tokens / seconds,
+        "tokens_per_target_call": tokens / sum(p["rounds"] for p in parts),
         "acceptance_rate": float(acc.sum() / drafted.sum()) if drafted.sum() else 0.0,
         "acceptance_per_position": [float(x / y) if y else 0.0 for x, y in zip(acc[:k], drafted[:k])],
-        "host_share": (total - compiled) / total,
+        "host_share": (seconds - sum(p["compiled_seconds"] for p in parts)) / seconds,
     }
 
 
@@ -312,20 +339,30 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     return out
 
 
-def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_lengths: list[int]) -> dict:
-    """llama.cpp's plain decode of the same GGUF file with the same thread count, and its prefill of
-    the prompts prefill_costs timed (in its default batches of 512 tokens, as ours are chunked) with
-    the decode after it (attention over the whole prompt: a long chat's decode)."""
-    import os
-
+def open_llamacpp(engine, prefill_lengths: list[int]):
+    """llama-cpp-python's model of the target's GGUF file, with our thread count and room for the
+    longest prefill and the decodes after it; None where the target was not compiled from a GGUF file."""
     from llama_cpp import Llama
 
     source = engine.config.models["target"].source
     if not source.endswith(".gguf"):
+        return None
+    return Llama(model_path=source, n_threads=llamacpp_threads(),
+                 n_ctx=max([2048, *(n + DECODES_AFTER_PREFILL for n in prefill_lengths)]), verbose=False)
+
+
+def llamacpp_threads() -> int:
+    import os
+
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
+
+
+def compare_llamacpp(llm, engine, prefill_lengths: list[int]) -> dict:
+    """llama.cpp's prefill of the prompts prefill_costs timed (in its default batches of 512 tokens, as
+    ours are chunked), each from an empty cache, with the decode after it (attention over the whole
+    prompt: a long chat's decode). Its end-to-end generation takes turns with ours in end_to_end."""
+    if llm is None:
         return {"skipped": "the target was not compiled from a GGUF file"}
-    threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
-    llm = Llama(model_path=source, n_threads=threads,
-                n_ctx=max([2048, *(n + DECODES_AFTER_PREFILL for n in prefill_lengths)]), verbose=False)
     prefill, decode_after = {}, {}
     for n in prefill_lengths:
         llm.reset()
@@ -333,20 +370,21 @@ def compare_llamacpp(engine, prompts: list[list[int]], max_tokens: int, prefill_
         prefill[n] = _timed(lambda: llm.eval(prompt))
         decode_after[n] = 1e3 * statistics.median(_timed(lambda: llm.eval(prompt[-1:]))
                                                   for _ in range(DECODES_AFTER_PREFILL))
-    tokens, decode_seconds, start = 0, 0.0, time.perf_counter()
-    for ids in prompts:
-        llm.reset()
-        for i, token in enumerate(llm.generate(ids, temp=0.0, top_k=1)):
-            if i == 0:  # the prompt is processed: from here on, one decode per token
-                first = time.perf_counter()
-            if i + 1 >= max_tokens:
-                break
-        decode_seconds += time.perf_counter() - first
-        tokens += max_tokens
-    # end to end (prompt included) compares with target_only's tok/s, decode with the target's decode cost
-    return {"threads": threads, "tokens_per_second": tokens / (time.perf_counter() - start),
-            "decode_tokens_per_second": len(prompts) * (max_tokens - 1) / decode_seconds,
-            "prefill_seconds": prefill, "decode_ms_after": decode_after}
+    return {"threads": llamacpp_threads(), "prefill_seconds": prefill, "decode_ms_after": decode_after}
+
+
+def _llamacpp_generate(llm, ids: list[int], max_tokens: int) -> dict:
+    """One greedy generation by llama.cpp from an empty cache: its seconds in all (prompt included, as
+    ours) and after its first token (one decode per token from there)."""
+    llm.reset()
+    start = time.perf_counter()
+    for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1)):
+        if i == 0:
+            first = time.perf_counter()
+        if i + 1 >= max_tokens:
+            break
+    end = time.perf_counter()
+    return {"tokens": max_tokens, "seconds": end - start, "decode_seconds": end - first}
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -370,15 +408,33 @@ def format_table(r: dict) -> str:
                      f"then decode {p['decode_ms_after']:.2f} ms/token"
                      + _llamacpp_long_context(llamacpp, n))
     lines.append(f"{'run':<16}{'tok/s':>8}{'speedup':>9}{'accept':>8}{'tok/call':>10}{'host':>7}  acceptance per position")
-    for name, e in r["end_to_end"].items():
-        per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-        lines.append(f"{name:<16}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x{e['acceptance_rate']:>8.2f}"
-                     f"{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}")
+    lines += [_row(name, e) for name, e in r["end_to_end"].items()] + _fastest(r["end_to_end"])
     for name in ("hf", "llamacpp"):
         if name in r:
             lines.append(f"{name}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in r[name].items() if k not in LONG_CONTEXT))
     return "\n".join(lines)
+
+
+def _row(name: str, e: dict) -> str:
+    head = f"{name:<16}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x"
+    if "tokens_per_target_call" not in e:  # llama.cpp's
+        return f"{head}{'':>25}  decode {e['decode_tokens_per_second']:.1f} tok/s"
+    per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
+    return f"{head}{e['acceptance_rate']:>8.2f}{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}"
+
+
+def _fastest(runs: dict) -> list[str]:
+    """The fastest speculative run, against the target alone and llama.cpp."""
+    spec = [n for n, e in runs.items() if n != "target_only" and "tokens_per_target_call" in e]
+    if not spec:
+        return []
+    best = max(spec, key=lambda n: runs[n]["tokens_per_second"])
+    line = f"fastest speculative run: {best}, {runs[best]['speedup']:.2f}x the target alone"
+    if "llama.cpp" in runs:
+        ratio = runs[best]["tokens_per_second"] / runs["llama.cpp"]["tokens_per_second"]
+        line += f", {ratio:.2f}x llama.cpp end to end"
+    return [line]
 
 
 LONG_CONTEXT = ("prefill_seconds", "decode_ms_after")  # llama.cpp's figures printed beside ours, per prompt length

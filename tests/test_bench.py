@@ -116,34 +116,70 @@ PREFILL = {"seconds": 1.0, "tokens_per_second": 2000.0, "chunk_seconds": [1.0], 
 def test_llamacpp_prefill_is_timed_on_the_same_prompts(monkeypatch):
     """compare_llamacpp feeds llama.cpp the prompts prefill_costs times, from an empty cache each, then
     times single-token decodes after each, which the table prints beside ours."""
+    from mlc_spec.bench import _prefill_prompt, compare_llamacpp, format_table, open_llamacpp
+
+    llama, engine = _fake_llamacpp(monkeypatch)
+    out = compare_llamacpp(open_llamacpp(engine, [40, 2000]), engine, [40, 2000])
+    assert set(out["prefill_seconds"]) == set(out["decode_ms_after"]) == {40, 2000}
+    short, long = _prefill_prompt(engine, 40), _prefill_prompt(engine, 2000)
+    assert llama.calls[:14] == ["reset", short, *[short[-1:]] * 5, "reset", long, *[long[-1:]] * 5]
+    line = next(l for l in format_table({**TABLE, "prefill": {2000: PREFILL}, "llamacpp": out}).splitlines()
+                if l.startswith("prefill 2000 tokens:"))
+    assert line.count("then decode") == 2, line
+    assert "decode_ms_after" not in format_table({**TABLE, "llamacpp": out})
+
+
+def test_end_to_end_runs_take_turns_prompt_by_prompt(monkeypatch):
+    """Every prompt goes through every run, llama.cpp's included, before the next prompt: run one after
+    another, rows drifted 10-20% apart on a noisy machine. The table names the fastest speculative run
+    against the target alone and llama.cpp."""
+    import types
+
+    from mlc_spec import bench
+
+    llama, engine = _fake_llamacpp(monkeypatch)
+    order = []
+
+    def generate(token_ids, max_tokens, stop_at_eos, speculative, draft_length=0, **opts):
+        order.append((token_ids[0], "target_only" if not speculative else f"{speculative} {draft_length}"))
+        llama.calls.append(None)  # llama.cpp's turn comes after every run of ours on that prompt
+        stats = {"rounds": max_tokens, "accepted_per_position": [0] * 4, "drafted_per_position": [0] * 4}
+        return types.SimpleNamespace(token_ids=[0] * max_tokens, stats=stats)
+
+    engine.generate, engine.has_draft, engine.drafts_trees = generate, False, False
+    engine.target, engine.draft = types.SimpleNamespace(lib=types.SimpleNamespace(compiled_seconds=0.0)), None
+    runs = bench.end_to_end(engine, [[1], [2]], 4, [1, 2], [0.0], 2, llm=bench.open_llamacpp(engine, []))
+    assert order == [(p, run) for p in (1, 2) for run in ("target_only", "ngram 1", "ngram 2")]
+    assert [c for c in llama.calls if c != "reset"] == [None] * 3 + [[1]] + [None] * 3 + [[2]]
+    assert list(runs) == ["target_only", "ngram k=1", "ngram k=2", "llama.cpp"]
+    assert runs["llama.cpp"]["tokens"] == 8 and runs["llama.cpp"]["decode_tokens_per_second"] > 0
+    table = bench.format_table({**TABLE, "end_to_end": runs}).splitlines()
+    assert table[-1].startswith("fastest speculative run: ngram k=") and table[-1].endswith("x llama.cpp end to end")
+    assert next(l for l in table if l.startswith("llama.cpp")).endswith("tok/s")
+
+
+def _fake_llamacpp(monkeypatch):
+    """llama_cpp with a Llama that records what it is asked, and an engine of a GGUF target for it."""
     import sys
     import types
 
-    from mlc_spec.bench import _prefill_prompt, compare_llamacpp, format_table
-
-    evaluated = []
+    calls = []
 
     class Llama:
         def __init__(self, model_path, n_threads, n_ctx, verbose):
-            assert n_ctx >= 2005  # the longest prompt and the decodes after it
+            assert n_ctx >= 2048
 
         def reset(self):
-            evaluated.append("reset")
+            calls.append("reset")
 
         def eval(self, tokens):
-            evaluated.append(list(tokens))
+            calls.append(list(tokens))
 
         def generate(self, ids, temp, top_k):
+            calls.append(list(ids))
             yield from range(100)
 
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
     target = types.SimpleNamespace(source="model.gguf")
     engine = types.SimpleNamespace(config=types.SimpleNamespace(models={"target": target}, vocab_size=320))
-    out = compare_llamacpp(engine, [[1, 2, 3]], 4, [40, 2000])
-    assert set(out["prefill_seconds"]) == set(out["decode_ms_after"]) == {40, 2000}
-    short, long = _prefill_prompt(engine, 40), _prefill_prompt(engine, 2000)
-    assert evaluated[:14] == ["reset", short, *[short[-1:]] * 5, "reset", long, *[long[-1:]] * 5]
-    line = next(l for l in format_table({**TABLE, "prefill": {2000: PREFILL}, "llamacpp": out}).splitlines()
-                if l.startswith("prefill 2000 tokens:"))
-    assert line.count("then decode") == 2, line
-    assert "decode_ms_after" not in format_table({**TABLE, "llamacpp": out})
+    return types.SimpleNamespace(calls=calls), engine
