@@ -245,3 +245,12 @@ def test_memory_stays_bounded_over_mixed_calls(artifacts, tmp_path):
     result = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout
     assert result["growth"] <= 0.2 and result["sequences_left"] == 0, result
+
+
+def test_importing_mlc_spec_leaves_torch_unloaded():
+    """tvm_ffi imports torch wherever it is installed (2.5 of the 4.3 s `import mlc_spec` took), for
+    torch tensors mlc_spec never hands TVM; torch still imports afterwards, as train-draft needs."""
+    pytest.importorskip("torch", reason="torch is not installed: nothing could load it")
+    script = "import sys, mlc_spec; assert 'torch' not in sys.modules; import torch; print(torch.ones(2).sum().item())"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
