@@ -87,8 +87,9 @@ def run(args) -> int:
     results["decode_bandwidth_gbs"] = (engine.config.models["target"].decode_bytes
                                        / results["costs"]["target_decode_ms"] / 1e6)
     results["prefill"] = prefill_costs(engine, args.prefill_tokens)
-    llm = open_llamacpp(engine, list(results["prefill"])) if args.compare_llamacpp else None
+    llm = None
     if args.compare_llamacpp:
+        llm = open_llamacpp(engine, list(results["prefill"]))
         results["llamacpp"] = compare_llamacpp(llm, engine, list(results["prefill"]))
     results["end_to_end"] = end_to_end(engine, prompts, args.max_tokens, args.draft_length, args.draft_confidence,
                                        args.tree_width, llm)
@@ -347,11 +348,11 @@ def open_llamacpp(engine, prefill_lengths: list[int]):
     source = engine.config.models["target"].source
     if not source.endswith(".gguf"):
         return None
-    return Llama(model_path=source, n_threads=llamacpp_threads(),
+    return Llama(model_path=source, n_threads=_llamacpp_threads(),
                  n_ctx=max([2048, *(n + DECODES_AFTER_PREFILL for n in prefill_lengths)]), verbose=False)
 
 
-def llamacpp_threads() -> int:
+def _llamacpp_threads() -> int:
     import os
 
     return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count()))
@@ -370,7 +371,7 @@ def compare_llamacpp(llm, engine, prefill_lengths: list[int]) -> dict:
         prefill[n] = _timed(lambda: llm.eval(prompt))
         decode_after[n] = 1e3 * statistics.median(_timed(lambda: llm.eval(prompt[-1:]))
                                                   for _ in range(DECODES_AFTER_PREFILL))
-    return {"threads": llamacpp_threads(), "prefill_seconds": prefill, "decode_ms_after": decode_after}
+    return {"threads": _llamacpp_threads(), "prefill_seconds": prefill, "decode_ms_after": decode_after}
 
 
 def _llamacpp_generate(llm, ids: list[int], max_tokens: int) -> dict:
