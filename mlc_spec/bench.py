@@ -248,13 +248,15 @@ def end_to_end(engine, prompts: list[list[int]], max_tokens: int, draft_lengths:
     at 1.39x the target alone, which runs taking turns measured at 1.17-1.22x); taking turns spreads
     the drift over every row alike."""
     runs = _settings(engine, draft_lengths, confidences, tree_width)
-    parts = {name: [] for name in runs}
+    parts, llamacpp = {name: [] for name in runs}, []
     for ids in prompts:
         for name, opts in runs.items():
             parts[name].append(_generate(engine, ids, max_tokens, **opts))
         if llm is not None:
-            parts.setdefault("llama.cpp", []).append(_llamacpp_generate(llm, ids, max_tokens))
-    totals = {name: _totals(p, runs.get(name, {})) for name, p in parts.items()}
+            llamacpp.append(_llamacpp_generate(llm, ids, max_tokens))
+    totals = {name: _totals(parts[name], opts) for name, opts in runs.items()}
+    if llamacpp:
+        totals[LLAMACPP] = _llamacpp_totals(llamacpp)
     base = totals["target_only"]["tokens_per_second"]
     for r in totals.values():
         r["speedup"] = r["tokens_per_second"] / base
@@ -295,10 +297,6 @@ def _generate(engine, ids: list[int], max_tokens: int, **opts) -> dict:
 def _totals(parts: list[dict], opts: dict) -> dict:
     """A run's figures over all its prompts."""
     tokens, seconds = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
-    if "rounds" not in parts[0]:  # llama.cpp
-        decode = sum(p["decode_seconds"] for p in parts)
-        return {"tokens": tokens, "tokens_per_second": tokens / seconds,
-                "decode_tokens_per_second": sum(p["tokens"] - 1 for p in parts) / decode}
     acc, drafted = sum(p["accepted"] for p in parts), sum(p["drafted"] for p in parts)
     k = opts.get("tree_depth", opts.get("draft_length"))
     k = int((drafted > 0).sum()) if k == "auto" else k
@@ -338,6 +336,17 @@ def compare_hf(engine, prompts: list[list[int]], max_tokens: int) -> dict:
             tokens += gen.shape[1] - len(ids)
         out[f"{name}_tokens_per_second"] = tokens / (time.perf_counter() - start)
     return out
+
+
+LLAMACPP = "llama.cpp"  # its row among the end-to-end runs
+
+
+def _llamacpp_totals(parts: list[dict]) -> dict:
+    """llama.cpp's figures over all the prompts: end to end, and its decode alone."""
+    tokens, seconds = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
+    decode = sum(p["decode_seconds"] for p in parts)
+    return {"tokens": tokens, "tokens_per_second": tokens / seconds,
+            "decode_tokens_per_second": sum(p["tokens"] - 1 for p in parts) / decode}
 
 
 def open_llamacpp(engine, prefill_lengths: list[int]):
@@ -419,7 +428,7 @@ def format_table(r: dict) -> str:
 
 def _row(name: str, e: dict) -> str:
     head = f"{name:<16}{e['tokens_per_second']:>8.1f}{e['speedup']:>8.2f}x"
-    if "tokens_per_target_call" not in e:  # llama.cpp's
+    if name == LLAMACPP:
         return f"{head}{'':>25}  decode {e['decode_tokens_per_second']:.1f} tok/s"
     per = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
     return f"{head}{e['acceptance_rate']:>8.2f}{e['tokens_per_target_call']:>10.2f}{e['host_share']:>7.1%}  {per}"
@@ -427,13 +436,13 @@ def _row(name: str, e: dict) -> str:
 
 def _fastest(runs: dict) -> list[str]:
     """The fastest speculative run, against the target alone and llama.cpp."""
-    spec = [n for n, e in runs.items() if n != "target_only" and "tokens_per_target_call" in e]
+    spec = [n for n in runs if n not in ("target_only", LLAMACPP)]
     if not spec:
         return []
     best = max(spec, key=lambda n: runs[n]["tokens_per_second"])
     line = f"fastest speculative run: {best}, {runs[best]['speedup']:.2f}x the target alone"
-    if "llama.cpp" in runs:
-        ratio = runs[best]["tokens_per_second"] / runs["llama.cpp"]["tokens_per_second"]
+    if LLAMACPP in runs:
+        ratio = runs[best]["tokens_per_second"] / runs[LLAMACPP]["tokens_per_second"]
         line += f", {ratio:.2f}x llama.cpp end to end"
     return [line]
 
