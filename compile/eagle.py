@@ -5,7 +5,8 @@ over the draft_vocab_size tokens of token_ids, the target's most frequent.
 The draft reads the target: the token embeddings come from the target library's embed_tokens (shared,
 never copied) and the features from its *_hidden forwards; its head is the target's output head cut to
 token_ids at compile time. Its functions take embeddings and features, and return the logits over the
-head's tokens with the draft's own feature (the input of its next step), at each sequence's last row.
+head's tokens with the draft's own feature (the input of its next step), at each sequence's last row
+(prefill_own, which feeds a token tree's levels: at the rows asked for).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def feature_layers(draft: Checkpoint) -> tuple[int, ...]:
 
 class EagleDraft(CausalLM):
     """prefill and batch_decode_target read the target's features (and fuse them, with feature_layers),
-    batch_decode the draft's own from its step before."""
+    batch_decode and prefill_own the draft's own from its step before."""
 
     def __init__(self, c: ModelConfig, target: tvm.target.Target, layout: WeightLayout | None = None,
                  feature_layers: tuple[int, ...] = ()):
@@ -111,6 +112,11 @@ class EagleDraft(CausalLM):
         g = self._step(embeds, features, paged_kv_cache, 1)
         return self._logits(g), g, paged_kv_cache
 
+    def prefill_own(self, embeds: Tensor, features: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        """Rows fed the draft's own features (a token tree's nodes, each its parent's), logits at any rows."""
+        g = op.take(self._step(embeds, features, paged_kv_cache, VERIFY_ROW_BLOCK), logit_positions, axis=0)
+        return self._logits(g), g, paged_kv_cache
+
     def batch_decode_target(self, embeds: Tensor, features: Tensor, paged_kv_cache: PagedKVCache):
         return self.batch_decode(embeds, self._fused(features, 1), paged_kv_cache)
 
@@ -130,6 +136,8 @@ class EagleDraft(CausalLM):
             "prefill": {"embeds": rows, "features": target_rows, "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
                         "paged_kv_cache": kv, "$": packed},
             "batch_decode": {"embeds": batch, "features": batch, "paged_kv_cache": kv, "$": packed},
+            "prefill_own": {"embeds": rows, "features": rows, "logit_positions": nn.spec.Tensor(["n_logits"], "int32"),
+                            "paged_kv_cache": kv, "$": packed},
             "batch_decode_target": {"embeds": batch, "features": target_batch, "paged_kv_cache": kv, "$": packed},
             "create_paged_kv_cache": {**KV_CACHE_SPEC, "$": plain},
             **self._kernel_spec(plain),

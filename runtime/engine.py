@@ -97,8 +97,8 @@ class Engine:
 
     @property
     def drafts_trees(self) -> bool:
-        """Whether its draft proposes token trees: a model draft does, a feature draft chains only."""
-        return self.has_draft and not isinstance(self.draft, FeatureModel)
+        """Whether its draft proposes token trees (a feature draft compiled before it could does not)."""
+        return self.has_draft and self.draft.lib.drafts_trees
 
     # -- sessions -------------------------------------------------------------------------------------
     def session(self) -> "Session":

@@ -174,6 +174,21 @@ class ModelLibrary:
             logits, g, _ = self.call("batch_decode", embeds, g, kv.handle, self.params)
         return logits, g
 
+    def forward_own_tree(self, kv: PagedKVCache, seq_ids: list[int], token_lists: list[list[int]],
+                         tree_parents: list[int], embeds, g, positions: list[int]):
+        """Each sequence's token tree (rows flat), every row fed (embedding, the draft's own feature of its
+        parent); logits and features at the flat rows of positions. The tree stays in the cache,
+        uncommitted, for the caller to discard."""
+        with kv.forward(seq_ids, [len(t) for t in token_lists], tree_parents):
+            logits, g, _ = self.call("prefill_own", embeds, to_device(g, self.dev),
+                                     to_device(np.asarray(positions, np.int32), self.dev), kv.handle, self.params)
+        return logits, g
+
+    @property
+    def drafts_trees(self) -> bool:
+        """Whether it can draft token trees: a model draft can, a feature draft compiled with prefill_own."""
+        return self.kind != "eagle" or self.vm.module.implements_function("prefill_own")
+
 
 def last_line(err: BaseException) -> str:
     """The gist of a library's message (TVM's carry a C++ backtrace before it)."""

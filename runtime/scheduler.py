@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 
 from .kv_cache import CacheFullError
 from .library import last_line
-from .speculative import (DraftModel, DraftTree, FeatureDraft, FeatureModel, NGramDraft, RoundStats, Sequence,
-                          SpeculativeDecoder, tree_size)
+from .speculative import (DraftModel, DraftTree, FeatureDraft, FeatureModel, FeatureTree, NGramDraft, RoundStats,
+                          Sequence, SpeculativeDecoder, tree_size)
 
 MAX_DRAFT_LENGTH = 32  # the longest chain a request may ask for; Stats counts that many positions
 
@@ -103,8 +103,8 @@ def proposer_key(engine, opts) -> tuple | None:
     if opts.speculative is False:
         return None
     if opts.speculative == "tree" and not engine.drafts_trees:
-        raise ValueError(f"{engine.folder}'s draft is a feature draft (eagle), which proposes chains only; "
-                         "use speculative='draft'")
+        raise ValueError(f"{engine.folder}'s feature draft was compiled before feature drafts proposed trees; "
+                         "recompile it with `mlc_spec compile`, or use speculative='draft'")
     if opts.speculative == "tree":
         return ("tree", opts.tree_width, opts.tree_depth, opts.sampling)
     if opts.speculative == "ngram" or engine.draft is None:
@@ -266,6 +266,8 @@ class Batch:
             engine = self.engine
             if key is None:
                 proposer = None
+            elif key[0] == "tree" and isinstance(engine.draft, FeatureModel):
+                proposer = FeatureTree(engine.draft, engine.target, engine.prefill_chunk, key[1])
             elif key[0] == "tree":
                 proposer = DraftTree(engine.draft, engine.prefill_chunk, key[1])
             elif key[0] == "ngram":

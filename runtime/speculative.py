@@ -10,9 +10,9 @@ Invariant between rounds: each cache holds a prefix of the sequence's committed 
 than all but the last; the target holds exactly all but the last. With k = 0 the same code is plain
 target decoding, so speculative and target-only runs share every kernel that decides a token.
 
-A token tree (DraftTree) replaces the chain with a tree of depth k rooted at the last committed token;
-the target verifies it in one tree-attention forward, the tree kernels pick the accepted root->leaf
-path, and commit_tree keeps exactly that path in the target's cache.
+A token tree (DraftTree, FeatureTree) replaces the chain with a tree of depth k rooted at the last
+committed token; the target verifies it in one tree-attention forward, the tree kernels pick the
+accepted root->leaf path, and commit_tree keeps exactly that path in the target's cache.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class Model:
         self.lib = lib
         self.kv = kv
         self.features: dict[int, FeatureRows] | None = {} if lib.exports_hidden else None
+        self._tree_features: np.ndarray | None = None  # a tree forward's, until its commit keeps a path
 
     def cached(self, seq: Sequence) -> int:
         return self.kv.length(seq.seq_id)
@@ -135,6 +136,26 @@ class Model:
         for i, seq_id in enumerate(seq_ids):
             self.features.setdefault(seq_id, FeatureRows()).append(rows[offsets[i]:offsets[i + 1]])
         return logits
+
+    def forward_tree(self, seq_ids: list[int], trees: list[Tree]):
+        """One tree-attention forward over each sequence's tree, left in the cache until commit_tree (or
+        the cache's discard_tree); logits at every node."""
+        tokens, parents = [t.tokens for t in trees], [p for t in trees for p in t.parents]
+        if self.features is None:
+            return self.lib.forward_all(self.kv, seq_ids, tokens, parents)
+        logits, hidden = self.lib.forward_all(self.kv, seq_ids, tokens, parents, hidden=True)
+        self._tree_features = to_host(hidden)
+        return logits
+
+    def commit_tree(self, seq_ids: list[int], trees: list[Tree], leaves: list[int]) -> None:
+        """Keep each sequence's root->leaf path of the tree forward in the cache, and its features."""
+        self.kv.commit_tree(seq_ids, leaves)
+        if self.features is not None:
+            offset = 0
+            for seq_id, tree, leaf in zip(seq_ids, trees, leaves):
+                path = [offset + n for n in tree.nodes_to(leaf)]
+                self.features.setdefault(seq_id, FeatureRows()).append(self._tree_features[path])
+                offset += len(tree.tokens)
 
 
 class FeatureRows:
@@ -263,39 +284,37 @@ class Tree:
 
     def path(self, leaf: int) -> list[int]:
         """The tokens below the root down to leaf."""
-        tokens = []
-        while leaf > 0:
-            tokens.append(self.tokens[leaf])
-            leaf = self.parents[leaf]
-        return tokens[::-1]
+        return [self.tokens[n] for n in self.nodes_to(leaf)[1:]]
+
+    def nodes_to(self, leaf: int) -> list[int]:
+        """The nodes from the root down to leaf."""
+        nodes = [leaf]
+        while nodes[-1] > 0:
+            nodes.append(self.parents[nodes[-1]])
+        return nodes[::-1]
 
 
-class DraftTree(_ModelDraft):
+class TreeProposer:
     """Proposes a tree of the given depth: each node of the newest level gets `width` children, the
     draft's likeliest tokens when greedy, drawn without replacement from its q when sampling (as the
     recursive rejection sampling of tree_verify_sampling requires), fewer where q has fewer tokens.
+    The tree grows a level per draft forward; a subclass gives the draft's logits on the host at the
+    root (_root_logits; None where it cannot draft yet) and at the newest level (_newest_logits), and head, the target token id of each of
+    the draft's logit columns (None: the draft's columns are the target's vocabulary)."""
 
-    The tree grows a level per draft forward. TVM's cache appends a tree forward's tokens in place until
-    they are committed, so a later forward cannot attach to an uncommitted tree: each level re-feeds the
-    tree below the root as one tree forward (the draft is small), reads the newest level's logits and
-    drops those tokens again. The root goes in once (catch_up fed the committed tokens before it), so
-    its cache ends each round as the chain draft's does.
-    """
-
-    def __init__(self, model: Model, prefill_chunk: int, width: int):
-        super().__init__(model, prefill_chunk)
-        self.width = width
+    width: int
+    target_vocab_size: int
+    head: np.ndarray | None = None
 
     def propose(self, seqs: list[Sequence], depth: int, params: SamplingParams, u_draft: np.ndarray | None):
         """The trees, and when sampling each node's q row ([nodes of all trees, V], zero at leaves)."""
-        model, ids = self.model, [s.seq_id for s in seqs]
         trees = [Tree([s.tokens[-1]], [-1]) for s in seqs]
         newest = [(b, 0) for b in range(len(seqs))]  # (sequence, node) of the newest level, one per row
-        logits = to_host(model.lib.forward_last(model.kv, ids, [s.tokens[model.cached(s):] for s in seqs]))
+        logits = self._root_logits(seqs)
         q_rows = {}
-        for level in range(depth):
+        for level in range(depth if logits is not None else 0):
             if level:
-                logits = self._newest_logits(ids, trees, newest)
+                logits = self._newest_logits(seqs, trees, newest)
             weights = logits if params.greedy else self._probs(logits, params)
             if not params.greedy:
                 q_rows.update(zip(newest, weights))
@@ -303,22 +322,11 @@ class DraftTree(_ModelDraft):
         if params.greedy:
             return trees, None
         offsets = np.cumsum([0] + [len(t.tokens) for t in trees])
-        q = np.zeros((offsets[-1], model.lib.vocab_size), np.float32)
+        q = np.zeros((offsets[-1], self.target_vocab_size), np.float32)
+        columns = slice(None) if self.head is None else self.head
         for (b, node), row in q_rows.items():
-            q[offsets[b] + node] = row
+            q[offsets[b] + node, columns] = row
         return trees, q
-
-    def _newest_logits(self, ids: list[int], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
-        """The draft's logits at the newest nodes: each tree below its (cached) root fed, then dropped."""
-        kv = self.model.kv
-        below_root = [t.tokens[1:] for t in trees]
-        parents = [p - 1 for t in trees for p in t.parents[1:]]  # the first level hangs off the cached root
-        try:
-            logits = self.model.lib.forward_all(kv, ids, below_root, parents)
-        finally:
-            kv.discard_tree()
-        offsets = np.cumsum([0] + [len(t) for t in below_root])
-        return to_host(logits)[[offsets[b] + node - 1 for b, node in newest]]
 
     def _probs(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         lib = self.model.lib
@@ -346,10 +354,47 @@ class DraftTree(_ModelDraft):
                 picks = lib.kernels.argmax(weights[rows])
             else:  # a node's draw uses the node's own uniform, so it is fixed whatever the batch
                 picks = lib.kernels.sample_from_probs(weights[rows], [u_draft[b, n - 1] for b, n in children])
-            for (b, n), token in zip(children, picks):
+            tokens = picks if self.head is None else self.head[np.asarray(picks, np.int64)]
+            for (b, n), token in zip(children, tokens):
                 trees[b].tokens[n] = int(token)
             weights[rows, picks] = removed
         return [(b, first_child[r] + i) for r, (b, _) in enumerate(parents) for i in range(counts[r])]
+
+
+class DraftTree(TreeProposer, _ModelDraft):
+    """A draft model's token trees. TVM's cache appends a tree forward's tokens in place until they are
+    committed, so a later forward cannot attach to an uncommitted tree: each level re-feeds the tree
+    below the root as one tree forward (the draft is small), reads the newest level's logits and drops
+    those tokens again. The root goes in once (catch_up fed the committed tokens before it), so its
+    cache ends each round as the chain draft's does.
+    """
+
+    def __init__(self, model: Model, prefill_chunk: int, width: int):
+        super().__init__(model, prefill_chunk)
+        self.width = width
+        self.target_vocab_size = model.lib.vocab_size
+
+    def _root_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        model = self.model
+        return to_host(model.lib.forward_last(model.kv, [s.seq_id for s in seqs],
+                                              [s.tokens[model.cached(s):] for s in seqs]))
+
+    def _newest_logits(self, seqs: list[Sequence], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
+        """The draft's logits at the newest nodes: each tree below its (cached) root fed, then dropped."""
+        kv = self.model.kv
+        below_root, parents = _below_root(trees)
+        try:
+            logits = self.model.lib.forward_all(kv, [s.seq_id for s in seqs], below_root, parents)
+        finally:
+            kv.discard_tree()
+        offsets = np.cumsum([0] + [len(t) for t in below_root])
+        return to_host(logits)[[offsets[b] + node - 1 for b, node in newest]]
+
+
+def _below_root(trees: list[Tree]) -> tuple[list[list[int]], list[int]]:
+    """Each tree's nodes below its root, and their parents as a tree forward on the cached root takes
+    them (the first level hangs off the cached root: -1)."""
+    return [t.tokens[1:] for t in trees], [p - 1 for t in trees for p in t.parents[1:]]
 
 
 class NGramDraft:
@@ -448,13 +493,23 @@ class FeatureDraft:
         return self.model.lib.forward_features(self.model.kv, [s.seq_id for s, _, _ in spans],
                                                [hi - lo for _, lo, hi in spans], self.target.lib.embed(tokens), features)
 
-    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
-        if k == 0 or min(len(s.tokens) for s in seqs) < 2:  # position 0 has no feature before it
-            return [[] for _ in seqs], None
-        lib = self.model.lib
-        logits, g = self._feed([(s, len(s.tokens) - max(1, self._unfed(s)), len(s.tokens)) for s in seqs])
+    def _feed_latest(self, seqs: list[Sequence]):
+        """Feed the positions up to N-1 it lacks with the target's features (the latest round's, in a run
+        of drafting rounds); the draft's logits and feature at N-1. None where a sequence has no
+        position 1 yet (position 0 has no feature before it)."""
+        if min(len(s.tokens) for s in seqs) < 2:
+            return None
+        out = self._feed([(s, len(s.tokens) - max(1, self._unfed(s)), len(s.tokens)) for s in seqs])
         for s in seqs:
             self._true_entries[s.seq_id] = self.model.cached(s)
+        return out
+
+    def propose(self, seqs: list[Sequence], k: int, params: SamplingParams, u_draft: np.ndarray):
+        fed = self._feed_latest(seqs) if k else None
+        if fed is None:
+            return [[] for _ in seqs], None
+        lib = self.model.lib
+        logits, g = fed
         ids, stop, steps, q_rows = [s.seq_id for s in seqs], ChainStop(seqs), [], []
         for j in range(k):
             if j:
@@ -477,6 +532,42 @@ class FeatureDraft:
         return drafts, q
 
 
+class FeatureTree(TreeProposer, FeatureDraft):
+    """A feature draft's token trees (EAGLE-2's): as DraftTree's, each level re-fed as one tree forward of
+    the draft over the tree below the root and dropped again; every node is fed its token's embedding and
+    its parent's draft feature (a first-level node, the root's: the draft's feature at the last committed
+    position, which read the target's)."""
+
+    def __init__(self, model: FeatureModel, target: Model, prefill_chunk: int, width: int):
+        super().__init__(model, target, prefill_chunk)
+        self.width = width
+        self.head = model.lib.token_ids
+        self.target_vocab_size = target.lib.vocab_size
+        self._node_features: dict[tuple[int, int], np.ndarray] = {}  # (sequence, node): the draft's feature there
+
+    def _root_logits(self, seqs: list[Sequence]) -> np.ndarray | None:
+        fed = self._feed_latest(seqs)
+        if fed is None:
+            return None
+        logits, g = fed
+        self._node_features = {(b, 0): row for b, row in enumerate(to_host(g))}
+        return to_host(logits)
+
+    def _newest_logits(self, seqs: list[Sequence], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
+        kv, lib = self.model.kv, self.model.lib
+        below_root, parents = _below_root(trees)
+        features = np.stack([self._node_features[b, p] for b, t in enumerate(trees) for p in t.parents[1:]])
+        offsets = np.cumsum([0] + [len(t) for t in below_root])
+        try:
+            logits, g = lib.forward_own_tree(kv, [s.seq_id for s in seqs], below_root, parents,
+                                             self.target.lib.embed([t for nodes in below_root for t in nodes]),
+                                             features, [offsets[b] + node - 1 for b, node in newest])
+        finally:
+            kv.discard_tree()
+        self._node_features.update(zip(newest, to_host(g)))
+        return to_host(logits)
+
+
 class SpeculativeDecoder:
     def __init__(self, target: Model, proposer: Proposer | None,
                  observer: Callable[[RoundStats], None] | None = None):
@@ -495,7 +586,7 @@ class SpeculativeDecoder:
         if self.proposer is None:
             ks = [0] * len(seqs)
         start = time.perf_counter()
-        if isinstance(self.proposer, DraftTree) and max(ks, default=0):
+        if isinstance(self.proposer, TreeProposer) and max(ks, default=0):
             stats = self._tree_round(seqs, max(ks))
         else:
             stats = self._chain_round(seqs, ks)
@@ -616,12 +707,12 @@ class SpeculativeDecoder:
     def _verify_tree(self, seqs, trees: list[Tree], q, params: SamplingParams, uniforms, nodes: int):
         """One tree-attention forward of the target over every tree, the tree kernel's walk, and the
         commit that keeps only each accepted root->leaf path in the target's cache."""
-        kv, lib, ids = self.target.kv, self.target.lib, [s.seq_id for s in seqs]
+        target, lib, ids = self.target, self.target.lib, [s.seq_id for s in seqs]
         tokens = [t for tree in trees for t in tree.tokens]
         parents = [p for tree in trees for p in tree.parents]
         indptr = np.cumsum([0] + [len(tree.tokens) for tree in trees])
         try:
-            logits = lib.forward_all(kv, ids, [tree.tokens for tree in trees], parents)
+            logits = target.forward_tree(ids, trees)
             if params.greedy:
                 leaves, next_tokens = lib.kernels.tree_verify_greedy(logits, tokens, parents, indptr)
             else:
@@ -632,9 +723,9 @@ class SpeculativeDecoder:
                 u_sample = np.array([u[2 * nodes] for u in uniforms], np.float32)
                 leaves, next_tokens = lib.kernels.tree_verify_sampling(p, q, tokens, parents, indptr,
                                                                        node_u, u_sample)
-            kv.commit_tree(ids, leaves)
+            target.commit_tree(ids, trees, leaves)
         finally:
-            kv.discard_tree()  # after a failure: an uncommitted tree blocks every later forward
+            target.kv.discard_tree()  # after a failure: an uncommitted tree blocks every later forward
         return leaves, next_tokens
 
 

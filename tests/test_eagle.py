@@ -181,8 +181,11 @@ def test_multi_turn_with_a_feature_draft_equals_target_alone(eagle):
     assert outs[False] == outs["draft"]
 
 
-def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt):
-    """FM4/FM5 with q zero outside the head's tokens: the target's distribution holds (chi-square)."""
+@pytest.mark.parametrize("shape", [dict(speculative="draft", draft_length=3),
+                                   dict(speculative="tree", tree_width=3, tree_depth=2)])
+def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt, shape):
+    """FM4/FM5 with q zero outside the head's tokens, for chains and for trees whose siblings are drawn
+    without replacement: the target's distribution holds (chi-square)."""
     from scipy.stats import chisquare
 
     engine, _ = eagle
@@ -193,7 +196,7 @@ def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt):
     batch, draws = 16, 8000
     for call in range(draws // batch):
         outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
-                               speculative="draft", draft_length=3, stop_at_eos=False)
+                               stop_at_eos=False, **shape)
         for o in outs:
             counts[tuple(o.token_ids[:2])] += 1
     keys = sorted(exact)
@@ -202,9 +205,67 @@ def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt):
     assert chisquare(observed, expected).pvalue > 1e-3
 
 
-def test_trees_are_refused_with_a_feature_draft(eagle):
+# -- token trees (EAGLE-2's) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width, depth", [(2, 3), (4, 1)])
+def test_greedy_feature_tree_equals_target_alone(eagle, reference, width, depth):
     engine, _ = eagle
-    with pytest.raises(ValueError, match="feature draft"):
+    got = generate_all(engine, prompts(100), max_tokens=40, stop_at_eos=False, speculative="tree",
+                       tree_width=width, tree_depth=depth)
+    mismatched = [i for i, (a, b) in enumerate(zip(got, reference)) if a != b]
+    assert not mismatched, f"{len(mismatched)} of 100 prompts differ, first {mismatched[:5]}"
+
+
+def test_width_one_feature_tree_is_the_chain(eagle):
+    """The tree's levels (rows fed their parents' draft features in a tree forward) propose what the
+    chain's steps do: the same tokens and the same acceptance at every position."""
+    engine, _ = eagle
+    batch = prompts(16, seed=4)
+    chain = engine.generate(token_ids=batch, max_tokens=40, stop_at_eos=False, speculative="draft", draft_length=4)
+    tree = engine.generate(token_ids=batch, max_tokens=40, stop_at_eos=False, speculative="tree",
+                           tree_width=1, tree_depth=4)
+    assert [o.token_ids for o in tree] == [o.token_ids for o in chain]
+    assert tree[0].stats["accepted_per_position"] == chain[0].stats["accepted_per_position"]
+    assert sum(chain[0].stats["accepted_per_position"]) > 0
+
+
+def test_wider_feature_trees_accept_more_per_target_forward(eagle):
+    engine, _ = eagle
+    lengths = [engine.generate(token_ids=prompts(8, seed=6), max_tokens=40, stop_at_eos=False, speculative="tree",
+                               tree_width=width, tree_depth=2)[0].stats["mean_accepted_length"] for width in (1, 3)]
+    assert lengths[0] < lengths[1], lengths
+
+
+def test_a_feature_tree_round_keeps_the_accepted_paths_features(eagle):
+    """After each tree round the target holds one feature row per cached token, each the one a fresh
+    prefill of the committed tokens computes: the next round's draft reads the accepted path's."""
+    from mlc_spec.runtime.speculative import FeatureTree, SamplingParams, Sequence, SpeculativeDecoder
+
+    engine, _ = eagle
+    target = engine.target
+    decoder = SpeculativeDecoder(target, FeatureTree(engine.draft, target, engine.prefill_chunk, width=3))
+    params = SamplingParams()
+    with engine.session() as session, engine.session() as fresh:
+        session.tokens[:] = prompts(100)[2]  # one where this random draft's trees are accepted, two levels once
+        seq = Sequence(session.seq_id, session.tokens, np.random.default_rng(0), params)
+        target.prefill(seq, 64)
+        accepted = []
+        for _ in range(28):
+            accepted += decoder.round([seq], 2).accepted
+            assert target.features[seq.seq_id].n == target.cached(seq) == len(seq.tokens) - 1
+        assert 2 in accepted and sum(accepted) < 2 * len(accepted)  # partial acceptance, where rollback bugs live
+        fresh.tokens[:] = list(seq.tokens)
+        fseq = Sequence(fresh.seq_id, fresh.tokens, np.random.default_rng(0), params)
+        target.prefill(fseq, 64)
+        n = len(seq.tokens) - 1
+        np.testing.assert_allclose(target.features[seq.seq_id].rows(0, n), target.features[fseq.seq_id].rows(0, n),
+                                   atol=1e-4)
+
+
+def test_trees_of_a_feature_draft_compiled_without_them_are_refused(eagle, monkeypatch):
+    engine, _ = eagle
+    monkeypatch.setattr(engine.draft.lib.vm.module, "implements_function", lambda name: name != "prefill_own")
+    with pytest.raises(ValueError, match="recompile it with `mlc_spec compile`"):
         engine.generate(token_ids=[5, 6, 7], max_tokens=4, speculative="tree")
 
 
