@@ -533,10 +533,10 @@ class FeatureDraft:
 
 
 class FeatureTree(TreeProposer, FeatureDraft):
-    """A feature draft's token trees (EAGLE-2's): as DraftTree's, each level re-fed as one tree forward of
-    the draft over the tree below the root and dropped again; every node is fed its token's embedding and
-    its parent's draft feature (a first-level node, the root's: the draft's feature at the last committed
-    position, which read the target's)."""
+    """A feature draft's token trees, in DraftTree's fixed shape (not EAGLE-2's dynamic one): as there,
+    each level is re-fed as one tree forward of the draft over the tree below the root and dropped
+    again; every node is fed its token's embedding and its parent's draft feature (a first-level node,
+    the root's: the draft's feature at the last committed position, which read the target's)."""
 
     def __init__(self, model: FeatureModel, target: Model, prefill_chunk: int, width: int):
         super().__init__(model, target, prefill_chunk)
