@@ -62,8 +62,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--draft-length", type=draft_length, default=Settings.draft_length,
                    help="tokens drafted per round, or auto: chosen from measured acceptance and costs (default auto)")
     p.add_argument("--draft", dest="draft_shape", type=draft_shape, default=Settings.draft_shape,
-                   help="chain: the draft proposes --draft-length tokens; tree: a token tree of --tree-width children "
-                        "under every node of its first --tree-depth levels, verified in one forward (default chain)")
+                   help="chain: the draft proposes --draft-length tokens; tree: a token tree of --tree-depth levels, "
+                        "--tree-width children under the root and under each level's --tree-width likeliest "
+                        "nodes, verified in one forward (default chain)")
     p.add_argument("--tree-width", type=int, default=Settings.tree_width, help="children per tree node (default %(default)s)")
     p.add_argument("--tree-depth", type=int, default=Settings.tree_depth,
                    help="levels of the tree below its root (default %(default)s)")

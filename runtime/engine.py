@@ -214,8 +214,9 @@ class GenerateOptions:
              tree_width: int = tree_width, tree_depth: int = tree_depth,
              observer: Callable[[RoundStats], None] | None = observer) -> "GenerateOptions":
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
-        "ngram", "tree" (the draft model proposes a token tree: tree_width children under every node of
-        the first tree_depth levels, verified in one forward; draft_length does not apply), or False (the
+        "ngram", "tree" (the draft proposes a token tree of tree_depth levels: tree_width children under
+        the root and under each level's tree_width likeliest nodes, verified in one forward; draft_length
+        does not apply), or False (the
         target alone). draft_length: k, or "auto" (the default) to choose k each round from measured
         acceptance and costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early,
         before the first draft where the product of the draft's top probabilities falls below it

@@ -36,8 +36,9 @@ DRAFT_CONFIDENCE = 0.2
 
 
 def tree_size(width: int, depth: int) -> int:
-    """Nodes of the tree DraftTree grows, root included: width children under every node above depth."""
-    return sum(width ** level for level in range(depth + 1))
+    """The most nodes of a tree TreeProposer grows, root included: width under the root, then width^2 a
+    level (width children under each of the width nodes it expands)."""
+    return 1 + width + (depth - 1) * width * width if depth else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,12 +296,19 @@ class Tree:
 
 
 class TreeProposer:
-    """Proposes a tree of the given depth: each node of the newest level gets `width` children, the
+    """Proposes a tree of the given depth, growing it a level per draft forward as EAGLE-2's expansion
+    does: the root gets `width` children, and each later level expands the `width` likeliest nodes of
+    the level before (by the product of the draft's probabilities along their paths) with `width`
+    children each, so a tree grows by width^2 nodes a level, not by a power of width. Children are the
     draft's likeliest tokens when greedy, drawn without replacement from its q when sampling (as the
     recursive rejection sampling of tree_verify_sampling requires), fewer where q has fewer tokens.
-    The tree grows a level per draft forward; a subclass gives the draft's logits on the host at the
-    root (_root_logits; None where it cannot draft yet) and at the newest level (_newest_logits), and head, the target token id of each of
-    the draft's logit columns (None: the draft's columns are the target's vocabulary)."""
+    Which nodes get children is decided from the tokens drafted before them, never from the children's
+    own draws, so sampling stays exact; EAGLE-2's last step, verifying only the likeliest of all the
+    drafted nodes, would decide from those draws, and is not taken.
+
+    A subclass gives the draft's logits on the host at the root (_root_logits; None where it cannot
+    draft yet) and at the nodes to expand (_newest_logits), and head, the target token id of each of the
+    draft's logit columns (None: the draft's columns are the target's vocabulary)."""
 
     width: int
     target_vocab_size: int
@@ -309,16 +317,20 @@ class TreeProposer:
     def propose(self, seqs: list[Sequence], depth: int, params: SamplingParams, u_draft: np.ndarray | None):
         """The trees, and when sampling each node's q row ([nodes of all trees, V], zero at leaves)."""
         trees = [Tree([s.tokens[-1]], [-1]) for s in seqs]
-        newest = [(b, 0) for b in range(len(seqs))]  # (sequence, node) of the newest level, one per row
+        expand = [(b, 0) for b in range(len(seqs))]  # (sequence, node) of the nodes to expand, one per row
+        path_probability = dict.fromkeys(expand, 1.0)
         logits = self._root_logits(seqs)
         q_rows = {}
         for level in range(depth if logits is not None else 0):
             if level:
-                logits = self._newest_logits(seqs, trees, newest)
-            weights = logits if params.greedy else self._probs(logits, params)
+                logits = self._newest_logits(seqs, trees, expand)
+            probs = _softmax(logits) if params.greedy else self._probs(logits, params)
             if not params.greedy:
-                q_rows.update(zip(newest, weights))
-            newest = self._add_children(trees, newest, weights, params, u_draft)
+                q_rows.update(zip(expand, probs))
+            children = self._add_children(trees, expand, logits if params.greedy else probs, params, u_draft)
+            for child, row, column in children:
+                path_probability[child] = path_probability[expand[row]] * probs[row, column]
+            expand = self._likeliest([child for child, _, _ in children], path_probability)
         if params.greedy:
             return trees, None
         offsets = np.cumsum([0] + [len(t.tokens) for t in trees])
@@ -328,19 +340,28 @@ class TreeProposer:
             q[offsets[b] + node, columns] = row
         return trees, q
 
+    def _likeliest(self, nodes: list[tuple[int, int]], path_probability: dict) -> list[tuple[int, int]]:
+        """Each sequence's `width` nodes of the highest path probability, in node order."""
+        kept = []
+        for b in dict.fromkeys(b for b, _ in nodes):
+            mine = [node for node in nodes if node[0] == b]
+            kept += sorted(sorted(mine, key=lambda node: -path_probability[node])[:self.width])
+        return kept
+
     def _probs(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         lib = self.model.lib
         return to_host(lib.kernels.sampling_probs(logits, *_row_params(params, len(logits))))
 
     def _add_children(self, trees: list[Tree], parents: list[tuple[int, int]], weights: np.ndarray,
-                      params: SamplingParams, u_draft: np.ndarray | None) -> list[tuple[int, int]]:
+                      params: SamplingParams, u_draft: np.ndarray | None) -> list[tuple[tuple[int, int], int, int]]:
         """Give each parent up to width children picked from its row of weights without replacement (the
-        argmax, or a draw in proportion to q, of what earlier siblings left); returns them, row order."""
+        argmax, or a draw in proportion to q, of what earlier siblings left); returns them in node order,
+        each as ((sequence, node), its parent's row, its column of weights)."""
         lib = self.model.lib
         removed = -np.inf if params.greedy else 0.0
         weights = weights.copy()
         counts = np.minimum(self.width, (weights > removed).sum(axis=1))
-        first_child = []
+        first_child, picked = [], {}
         for (b, node), count in zip(parents, counts):  # a parent's children are adjacent
             first_child.append(len(trees[b].tokens))
             trees[b].tokens += [-1] * count
@@ -354,17 +375,25 @@ class TreeProposer:
                 picks = lib.kernels.argmax(weights[rows])
             else:  # a node's draw uses the node's own uniform, so it is fixed whatever the batch
                 picks = lib.kernels.sample_from_probs(weights[rows], [u_draft[b, n - 1] for b, n in children])
-            tokens = picks if self.head is None else self.head[np.asarray(picks, np.int64)]
-            for (b, n), token in zip(children, tokens):
+            picks = np.asarray(picks, np.int64)
+            tokens = picks if self.head is None else self.head[picks]
+            for (b, n), r, column, token in zip(children, rows, picks, tokens):
                 trees[b].tokens[n] = int(token)
+                picked[b, n] = (r, column)
             weights[rows, picks] = removed
-        return [(b, first_child[r] + i) for r, (b, _) in enumerate(parents) for i in range(counts[r])]
+        return [((b, n), *picked[b, n]) for r, (b, _) in enumerate(parents)
+                for n in range(first_child[r], first_child[r] + counts[r])]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 class DraftTree(TreeProposer, _ModelDraft):
     """A draft model's token trees. TVM's cache appends a tree forward's tokens in place until they are
     committed, so a later forward cannot attach to an uncommitted tree: each level re-feeds the tree
-    below the root as one tree forward (the draft is small), reads the newest level's logits and drops
+    below the root as one tree forward (the draft is small), reads the logits of the nodes it expands and drops
     those tokens again. The root goes in once (catch_up fed the committed tokens before it), so its
     cache ends each round as the chain draft's does.
     """

@@ -328,7 +328,7 @@ def test_terminal_chat(tiny_pair, engine, draft):
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--draft-length", "99"], "draft_length must be between 0 and 32"),
     (["--max-tokens", "0"], "max_tokens must be >= 1"),
-    (["--draft", "tree", "--tree-depth", "8"], "a tree of width 2 and depth 8 has 511 nodes"),
+    (["--draft", "tree", "--tree-width", "8", "--tree-depth", "5"], "a tree of width 8 and depth 5 has 265 nodes"),
     (["--model", "/no/such/model"], "/no/such/model: no such file or folder"),
 ])
 def test_bad_options_are_one_line_errors(capsys, args, message):

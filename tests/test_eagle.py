@@ -181,24 +181,26 @@ def test_multi_turn_with_a_feature_draft_equals_target_alone(eagle):
     assert outs[False] == outs["draft"]
 
 
-@pytest.mark.parametrize("shape", [dict(speculative="draft", draft_length=3),
-                                   dict(speculative="tree", tree_width=3, tree_depth=2)])
-def test_sampled_first_two_tokens_follow_the_target(eagle, target_ckpt, shape):
+@pytest.mark.parametrize("n, shape", [(2, dict(speculative="draft", draft_length=3)),
+                                      (3, dict(speculative="tree", tree_width=2, tree_depth=3))])
+def test_sampled_first_tokens_follow_the_target(eagle, target_ckpt, n, shape):
     """FM4/FM5 with q zero outside the head's tokens, for chains and for trees whose siblings are drawn
-    without replacement: the target's distribution holds (chi-square)."""
+    without replacement and whose third level hangs under the two likeliest of the four second-level
+    nodes (chosen from what was drawn there): the target's distribution of its first n tokens holds
+    (chi-square)."""
     from scipy.stats import chisquare
 
     engine, _ = eagle
     prompt = prompts(1, seed=11)[0][:12]
-    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4)
-    assert any(a not in HEAD_TOKENS or b not in HEAD_TOKENS for a, b in exact), "the test needs tokens outside the head"
+    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4, n=n)
+    assert any(t not in HEAD_TOKENS for key in exact for t in key), "the test needs tokens outside the head"
     counts = dict.fromkeys(exact, 0)
     batch, draws = 16, 8000
-    for call in range(draws // batch):
-        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
+    for call in range(draws // batch):  # one token more than counted: a round drafts no deeper than max_tokens
+        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=n + 1, temperature=1.0, top_k=4, seed=call,
                                stop_at_eos=False, **shape)
         for o in outs:
-            counts[tuple(o.token_ids[:2])] += 1
+            counts[tuple(o.token_ids[:n])] += 1
     keys = sorted(exact)
     observed = np.array([counts[key] for key in keys])
     expected = np.array([exact[key] for key in keys]) * observed.sum()

@@ -172,24 +172,26 @@ def test_same_seed_same_output(engines):
 
 
 @pytest.mark.parametrize("speculative", [False, True, "ngram", "tree"])
-def test_sampled_first_two_tokens_follow_the_target(engines, target_ckpt, speculative):
+def test_sampled_first_tokens_follow_the_target(engines, target_ckpt, speculative):
     """FM4/FM5 end to end: speculative sampling keeps the target's distribution (chi-square, 20k draws).
     The n-gram case drafts from a prompt that repeats itself, with a one-hot q; the tree case drafts
-    three levels of two siblings drawn without replacement."""
+    three levels of two siblings drawn without replacement, the third under the two likeliest of the
+    four second-level nodes (chosen from what was drawn there), and counts the first three tokens."""
     from scipy.stats import chisquare
 
     engine = engines["partial"]
     prompt = prompts(1, seed=11)[0][:12]
     if speculative == "ngram":
         prompt = prompt[:6] * 2
-    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4)
+    n = 3 if speculative == "tree" else 2
+    exact = exact_first(target_ckpt, prompt, temperature=1.0, top_k=4, n=n)
     counts = dict.fromkeys(exact, 0)
     batch = 16
-    for call in range(20000 // batch):
-        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=2, temperature=1.0, top_k=4, seed=call,
+    for call in range(20000 // batch):  # one token more than counted: a round drafts no deeper than max_tokens
+        outs = engine.generate(token_ids=[prompt] * batch, max_tokens=n + 1, temperature=1.0, top_k=4, seed=call,
                                speculative=speculative, draft_length=3, tree_width=2, tree_depth=3, stop_at_eos=False)
         for o in outs:
-            counts[tuple(o.token_ids[:2])] += 1
+            counts[tuple(o.token_ids[:n])] += 1
     keys = sorted(exact)
     observed = np.array([counts[key] for key in keys])
     expected = np.array([exact[key] for key in keys]) * observed.sum()
@@ -544,11 +546,14 @@ def test_greedy_tree_equals_target_alone(engines, reference, width, depth):
 
 
 def test_greedy_tree_with_an_always_agreeing_draft(engines, reference):
-    """FM2 for trees: every level accepted, so the draft never saw the deepest node before the next round."""
+    """FM2 for trees: every level accepted, so the draft never saw the deepest node before the next round.
+    Each level expands the likeliest paths, which need not hold the target's own when the draft is
+    unsure, so most rounds, not all, accept every level."""
     outs = engines["self"].generate(token_ids=prompts(100)[:8], max_tokens=40, stop_at_eos=False,
                                     speculative="tree", tree_width=2, tree_depth=4)
     assert [o.token_ids for o in outs] == reference[:8]
-    assert outs[0].stats["acceptance_rate"] == 1.0
+    stats = outs[0].stats
+    assert stats["accepted_per_position"][3] >= 0.8 * stats["drafted_per_position"][3] > 0
 
 
 def test_width_one_tree_is_the_chain(engines):
@@ -565,7 +570,7 @@ def test_width_one_tree_is_the_chain(engines):
 def test_wider_trees_accept_more_per_target_forward(engines):
     batch = prompts(16, seed=6)
 
-    def mean_accepted(width):  # batches of 4: four trees of 85 nodes fit one forward
+    def mean_accepted(width):  # batches of 4: four trees of 37 nodes fit one forward
         return np.mean([engines["partial"].generate(token_ids=batch[i:i + 4], max_tokens=40, stop_at_eos=False,
                                                     speculative="tree", tree_width=width, tree_depth=3)[0]
                         .stats["mean_accepted_length"] for i in range(0, len(batch), 4)])
@@ -634,12 +639,12 @@ def test_tree_options_are_validated(engines):
                          (dict(tree_width=1, tree_depth=33), "tree_depth must be between 1 and 32")):
         with pytest.raises(ValueError, match=message):
             engine.generate(token_ids=[5], speculative="tree", **bad)
-    with pytest.raises(ValueError, match="has 511 nodes; TVM's tree attention takes at most 256"):
-        engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=8)
-    engine.generate(token_ids=[5], speculative="tree", tree_width=2, tree_depth=7, max_tokens=2)  # 255 nodes fit
-    # three trees of 255 nodes overflow one 512-token forward: the batch verifies them in two, still exact
+    with pytest.raises(ValueError, match="has 265 nodes; TVM's tree attention takes at most 256"):
+        engine.generate(token_ids=[5], speculative="tree", tree_width=8, tree_depth=5)
+    engine.generate(token_ids=[5], speculative="tree", tree_width=8, tree_depth=4, max_tokens=2)  # 201 nodes fit
+    # three trees of 201 nodes overflow one 512-token forward: the batch verifies them in two, still exact
     batch = prompts(3, seed=4)
-    outs = engine.generate(token_ids=batch, speculative="tree", tree_width=2, tree_depth=7, max_tokens=12,
+    outs = engine.generate(token_ids=batch, speculative="tree", tree_width=8, tree_depth=4, max_tokens=12,
                            stop_at_eos=False)
     alone = engine.generate(token_ids=batch, speculative=False, max_tokens=12, stop_at_eos=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
