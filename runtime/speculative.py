@@ -393,9 +393,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class DraftTree(TreeProposer, _ModelDraft):
     """A draft model's token trees. TVM's cache appends a tree forward's tokens in place until they are
     committed, so a later forward cannot attach to an uncommitted tree: each level re-feeds the tree
-    below the root as one tree forward (the draft is small), reads the logits of the nodes it expands and drops
-    those tokens again. The root goes in once (catch_up fed the committed tokens before it), so its
-    cache ends each round as the chain draft's does.
+    below the root as one tree forward (the draft is small), reads the logits of the nodes it expands
+    and drops those tokens again. The root goes in once (catch_up fed the committed tokens before it),
+    so its cache ends each round as the chain draft's does.
     """
 
     def __init__(self, model: Model, prefill_chunk: int, width: int):
