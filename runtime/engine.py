@@ -216,9 +216,8 @@ class GenerateOptions:
         """speculative: True (the draft model, or n-gram lookup when the artifact has none), "draft",
         "ngram", "tree" (the draft proposes a token tree of tree_depth levels: tree_width children under
         the root and under each level's tree_width likeliest nodes, verified in one forward; draft_length
-        does not apply), or False (the
-        target alone). draft_length: k, or "auto" (the default) to choose k each round from measured
-        acceptance and costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early,
+        does not apply), or False (the target alone). draft_length: k, or "auto" (the default) to choose
+        k each round from measured acceptance and costs (runtime/adaptive.py). draft_confidence: a draft model's chain stops early,
         before the first draft where the product of the draft's top probabilities falls below it
         (runtime/speculative.py's ChainStop); 0 always drafts k; None (the default): DRAFT_CONFIDENCE
         with draft_length="auto", which leaves how much to draft to the runtime, else 0. Sampled tokens

@@ -307,7 +307,7 @@ class TreeProposer:
     drafted nodes, would decide from those draws, and is not taken.
 
     A subclass gives the draft's logits on the host at the root (_root_logits; None where it cannot
-    draft yet) and at the nodes to expand (_newest_logits), and head, the target token id of each of the
+    draft yet) and at the nodes to expand (_logits_at), and head, the target token id of each of the
     draft's logit columns (None: the draft's columns are the target's vocabulary)."""
 
     width: int
@@ -323,7 +323,7 @@ class TreeProposer:
         q_rows = {}
         for level in range(depth if logits is not None else 0):
             if level:
-                logits = self._newest_logits(seqs, trees, expand)
+                logits = self._logits_at(seqs, trees, expand)
             probs = _softmax(logits) if params.greedy else self._probs(logits, params)
             if not params.greedy:
                 q_rows.update(zip(expand, probs))
@@ -408,22 +408,24 @@ class DraftTree(TreeProposer, _ModelDraft):
         return to_host(model.lib.forward_last(model.kv, [s.seq_id for s in seqs],
                                               [s.tokens[model.cached(s):] for s in seqs]))
 
-    def _newest_logits(self, seqs: list[Sequence], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
-        """The draft's logits at the newest nodes: each tree below its (cached) root fed, then dropped."""
+    def _logits_at(self, seqs: list[Sequence], trees: list[Tree], nodes: list[tuple[int, int]]) -> np.ndarray:
+        """The draft's logits at the nodes to expand: each tree below its (cached) root fed, then dropped."""
         kv = self.model.kv
-        below_root, parents = _below_root(trees)
+        below_root, parents, rows = _below_root(trees, nodes)
         try:
             logits = self.model.lib.forward_all(kv, [s.seq_id for s in seqs], below_root, parents)
         finally:
             kv.discard_tree()
-        offsets = np.cumsum([0] + [len(t) for t in below_root])
-        return to_host(logits)[[offsets[b] + node - 1 for b, node in newest]]
+        return to_host(logits)[rows]
 
 
-def _below_root(trees: list[Tree]) -> tuple[list[list[int]], list[int]]:
-    """Each tree's nodes below its root, and their parents as a tree forward on the cached root takes
-    them (the first level hangs off the cached root: -1)."""
-    return [t.tokens[1:] for t in trees], [p - 1 for t in trees for p in t.parents[1:]]
+def _below_root(trees: list[Tree], nodes: list[tuple[int, int]]) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each tree's nodes below its root, their parents as a tree forward on the cached root takes them
+    (the first level hangs off the cached root: -1), and the rows of that forward holding nodes."""
+    below_root = [t.tokens[1:] for t in trees]
+    offsets = np.cumsum([0] + [len(t) for t in below_root])
+    return (below_root, [p - 1 for t in trees for p in t.parents[1:]],
+            [int(offsets[b]) + node - 1 for b, node in nodes])
 
 
 class NGramDraft:
@@ -562,10 +564,10 @@ class FeatureDraft:
 
 
 class FeatureTree(TreeProposer, FeatureDraft):
-    """A feature draft's token trees, in DraftTree's fixed shape (not EAGLE-2's dynamic one): as there,
-    each level is re-fed as one tree forward of the draft over the tree below the root and dropped
-    again; every node is fed its token's embedding and its parent's draft feature (a first-level node,
-    the root's: the draft's feature at the last committed position, which read the target's)."""
+    """A feature draft's token trees: as DraftTree's, each level is re-fed as one tree forward of the
+    draft over the tree below the root and dropped again; every node is fed its token's embedding and
+    its parent's draft feature (a first-level node, the root's: the draft's feature at the last
+    committed position, which read the target's)."""
 
     def __init__(self, model: FeatureModel, target: Model, prefill_chunk: int, width: int):
         super().__init__(model, target, prefill_chunk)
@@ -582,18 +584,17 @@ class FeatureTree(TreeProposer, FeatureDraft):
         self._node_features = {(b, 0): row for b, row in enumerate(to_host(g))}
         return to_host(logits)
 
-    def _newest_logits(self, seqs: list[Sequence], trees: list[Tree], newest: list[tuple[int, int]]) -> np.ndarray:
+    def _logits_at(self, seqs: list[Sequence], trees: list[Tree], nodes: list[tuple[int, int]]) -> np.ndarray:
         kv, lib = self.model.kv, self.model.lib
-        below_root, parents = _below_root(trees)
+        below_root, parents, rows = _below_root(trees, nodes)
         features = np.stack([self._node_features[b, p] for b, t in enumerate(trees) for p in t.parents[1:]])
-        offsets = np.cumsum([0] + [len(t) for t in below_root])
         try:
             logits, g = lib.forward_own_tree(kv, [s.seq_id for s in seqs], below_root, parents,
-                                             self.target.lib.embed([t for nodes in below_root for t in nodes]),
-                                             features, [offsets[b] + node - 1 for b, node in newest])
+                                             self.target.lib.embed([t for tokens in below_root for t in tokens]),
+                                             features, rows)
         finally:
             kv.discard_tree()
-        self._node_features.update(zip(newest, to_host(g)))
+        self._node_features.update(zip(nodes, to_host(g)))
         return to_host(logits)
 
 
